@@ -1,0 +1,95 @@
+"""Geometric merges mergekit users expect: SLERP and Model Stock.
+
+* SLERP (Shoemake 1985; as used for LLM merging by mergekit): per tensor,
+  spherical interpolation between two models, falling back to linear
+  interpolation when they are nearly colinear.
+* Model Stock (Jang et al. 2024, "Model Stock: All we need is just a few
+  fine-tuned models"): per tensor, `t = N cos / (1 + (N - 1) cos)` with cos
+  the mean pairwise cosine between task vectors, then
+  `theta = t * mean_t theta_t + (1 - t) * theta_0`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtmerge import task_vectors
+from mtmerge.methods import registry
+from mtmerge.methods import validate as v
+
+Tree = Any
+
+_DOT_THRESHOLD = 0.9995
+
+
+def slerp_tensors(a: jax.Array, b: jax.Array, t: Any, epsilon: float = 1e-8
+                  ) -> jax.Array:
+  """Spherical interpolation from `a` (t=0) to `b` (t=1), float32.
+
+  The angle is measured between the flattened, normalized tensors; when
+  `|cos| > 0.9995` it returns the linear interpolation (mergekit's rule).
+  """
+  a = a.astype(jnp.float32)
+  b = b.astype(jnp.float32)
+  na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
+  an = jnp.where(na > epsilon, a / jnp.where(na > epsilon, na, 1.0), a)
+  bn = jnp.where(nb > epsilon, b / jnp.where(nb > epsilon, nb, 1.0), b)
+  dot = jnp.sum(an * bn)
+  lerp = (1.0 - t) * a + t * b
+  theta0 = jnp.arccos(jnp.clip(dot, -1.0, 1.0))
+  sin0 = jnp.sin(theta0)
+  safe = jnp.where(jnp.abs(dot) > _DOT_THRESHOLD, 1.0, sin0)
+  s0 = jnp.sin(theta0 - theta0 * t) / safe
+  s1 = jnp.sin(theta0 * t) / safe
+  return jnp.where(jnp.abs(dot) > _DOT_THRESHOLD, lerp, s0 * a + s1 * b)
+
+
+@registry.register("slerp", min_tasks=1, max_tasks=2,
+                   validators={"t": v.number("t", 0.0, 1.0),
+                               "epsilon": v.number("epsilon", 0.0)})
+def slerp(base: Tree, tvs: Tree, t: Any = 0.5, epsilon: float = 1e-8) -> Tree:
+  """SLERP per tensor: base -> model (one model) or model 1 -> model 2 (two).
+
+  With one fine-tuned model this is mergekit's `slerp` (t=0 gives the base);
+  with two it interpolates between them (t=0 gives the first).
+  """
+  T = task_vectors.num_tasks(tvs)
+
+  def one(b, x):
+    b32 = b.astype(jnp.float32)
+    if T == 1:
+      a, c = b32, b32 + x[0].astype(jnp.float32)
+    else:
+      a, c = (b32 + x[0].astype(jnp.float32), b32 + x[1].astype(jnp.float32))
+    return slerp_tensors(a, c, t, epsilon).astype(b.dtype)
+  return jax.tree.map(one, base, tvs)
+
+
+def _pairwise_mean_cos(x: jax.Array, eps: float) -> jax.Array:
+  """Mean cosine over task pairs i < j of the flattened rows of `x` [T, n]."""
+  T = x.shape[0]
+  norms = jnp.maximum(jnp.linalg.norm(x, axis=1), eps)
+  gram = (x @ x.T) / (norms[:, None] * norms[None, :])
+  iu = jnp.triu_indices(T, k=1)
+  return jnp.mean(gram[iu])
+
+
+@registry.register("model_stock", min_tasks=2,
+                   validators={"epsilon": v.number("epsilon", 0.0)})
+def model_stock(base: Tree, tvs: Tree, epsilon: float = 1e-8) -> Tree:
+  """Model Stock per tensor: `theta_0 + t * mean_t tau_t`.
+
+  `t = N cos / (1 + (N - 1) cos)`, cos = mean pairwise cosine similarity of
+  the flattened task vectors of that tensor (norms floored at `epsilon`).
+  """
+  def one(b, x):
+    xf = x.astype(jnp.float32).reshape(x.shape[0], -1)
+    n = x.shape[0]
+    cos = _pairwise_mean_cos(xf, epsilon)
+    t = n * cos / (1.0 + (n - 1) * cos)
+    out = b.astype(jnp.float32) + t * jnp.mean(x.astype(jnp.float32), axis=0)
+    return out.astype(b.dtype)
+  return jax.tree.map(one, base, tvs)

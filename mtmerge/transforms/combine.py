@@ -1,0 +1,120 @@
+"""Sign election and reductions over the task axis.
+
+* `elect_sign` — TIES' sign consensus (Yadav et al. 2023): the elected sign
+  of an entry is sign(sum_t tau_t) ("sum", the paper) or the sign of the
+  count of positive minus negative tasks ("count", mergekit option); entries
+  of each task that disagree with it are zeroed.
+* `disjoint_merge` — TIES' disjoint mean / sum / max over agreeing tasks.
+* `sum_tasks` / `mean_tasks` — task arithmetic and weight averaging.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from mtmerge import tree as tree_lib
+from mtmerge.transforms import base
+
+Tree = Any
+
+
+def elected_signs(tvs: Tree, method: str = "sum",
+                  zero_sign: str = "majority") -> Tree:
+  """The elected sign (+1/-1) of every entry, a tree without the task axis.
+
+  Args:
+    tvs: stacked task vectors `[T, ...]` (usually already trimmed).
+    method: `sum` = sign of the sum over tasks (TIES paper); `count` = sign
+      of (#positive - #negative).
+    zero_sign: where the vote is 0: `majority` = the sign of the sum of all
+      elected signs over the whole tree (official TIES code's
+      `resolve_zero_signs`), `positive` = +1 (mergekit).
+  """
+  if method not in ("sum", "count"):
+    raise ValueError(f"sign method must be 'sum' or 'count', got {method!r}")
+  if zero_sign not in ("majority", "positive"):
+    raise ValueError(f"zero_sign must be 'majority' or 'positive', got "
+                     f"{zero_sign!r}")
+
+  def vote(x):
+    x = x.astype(jnp.float32)
+    return jnp.sign(jnp.sum(x if method == "sum" else jnp.sign(x), axis=0))
+
+  votes = jax.tree.map(vote, tvs)
+  if zero_sign == "positive":
+    fill = jnp.ones((), jnp.float32)
+  else:
+    fill = jnp.sign(tree_lib.tree_sum(votes))
+    fill = jnp.where(fill == 0, 1.0, fill)
+  return jax.tree.map(lambda s: jnp.where(s == 0, fill, s), votes)
+
+
+def elect_sign(method: str = "sum", zero_sign: str = "majority"
+               ) -> base.MergeTransform:
+  """Zeroes each task's entries whose sign disagrees with the elected sign."""
+  def fn(tvs):
+    signs = elected_signs(tvs, method, zero_sign)
+    return jax.tree.map(
+        lambda x, s: jnp.where(jnp.sign(x) == s.astype(x.dtype), x, 0),
+        tvs, signs)
+  return base.stateless(fn)
+
+
+def _weights(weights, T):
+  if weights is None:
+    return None
+  w = jnp.asarray(weights, jnp.float32)
+  if w.shape != (T,):
+    raise ValueError(f"weights must have shape ({T},), got {w.shape}")
+  return w
+
+
+def disjoint_merge(merge_func: Literal["mean", "sum", "max"] = "mean",
+                   weights: Sequence[float] | None = None
+                   ) -> base.MergeTransform:
+  """Reduces the task axis over nonzero (sign-agreeing) entries.
+
+  Args:
+    merge_func: `mean` = sum of nonzero entries / number of them (0 where
+      none), `sum`, or `max` = the entry of largest magnitude (with its sign).
+    weights: optional per-task weights for the `mean` denominator
+      (mergekit's `sum_t w_t tau_t m_t / sum_t w_t m_t`; the numerator is
+      expected to be weighted already, e.g. by `scale_per_task`).
+  """
+  if merge_func not in ("mean", "sum", "max"):
+    raise ValueError(f"merge_func must be mean, sum or max, got "
+                     f"{merge_func!r}")
+
+  def fn(tvs):
+    def one(x):
+      xf = x.astype(jnp.float32)
+      if merge_func == "sum":
+        out = jnp.sum(xf, axis=0)
+      elif merge_func == "max":
+        idx = jnp.argmax(jnp.abs(xf), axis=0)
+        out = jnp.take_along_axis(xf, idx[None], axis=0)[0]
+      else:
+        nz = (xf != 0).astype(jnp.float32)
+        w = _weights(weights, x.shape[0])
+        if w is not None:
+          nz = nz * w.reshape((-1,) + (1,) * (x.ndim - 1))
+        den = jnp.sum(nz, axis=0)
+        out = jnp.sum(xf, axis=0) / jnp.where(den == 0, 1.0, den)
+      return out.astype(x.dtype)
+    return jax.tree.map(one, tvs)
+  return base.stateless(fn)
+
+
+def sum_tasks() -> base.MergeTransform:
+  """`sum_t tau_t` (task arithmetic's tau_MTL), accumulated in float32."""
+  return base.stateless(lambda tvs: jax.tree.map(
+      lambda x: jnp.sum(x.astype(jnp.float32), axis=0).astype(x.dtype), tvs))
+
+
+def mean_tasks() -> base.MergeTransform:
+  """`mean_t tau_t` (weight averaging expressed on task vectors)."""
+  return base.stateless(lambda tvs: jax.tree.map(
+      lambda x: jnp.mean(x.astype(jnp.float32), axis=0).astype(x.dtype), tvs))

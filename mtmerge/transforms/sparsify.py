@@ -1,0 +1,165 @@
+"""Sparsifying transforms over stacked task vectors `[T, ...]`.
+
+* `trim_by_magnitude` — keep the top-k fraction by |tau| (TIES, Yadav et al.
+  2023, "Resolving Interference When Merging Models"; global, per-tensor or
+  per-row scope, exact k-th value via `mtmerge.selection`).
+* `drop_and_rescale` — DARE (Yu et al. 2024, "Language Models are Super
+  Mario"): drop each entry with probability p, rescale survivors by 1/(1-p).
+* `remove_outliers_and_trim` — Model Breadcrumbs (Davari & Belilovsky 2024):
+  drop the largest `top_remove` fraction and everything below the next
+  `density` fraction.
+* `magnitude_rank_drop` — DELLA's MagPrune (Deep et al. 2024): per row keep
+  probability rises linearly with the magnitude rank; survivors rescaled by
+  1/keep_probability.
+* `apply_mask` — multiply by a given (possibly bit-unpacked) mask tree.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from mtmerge import selection
+from mtmerge.transforms import base
+
+Tree = Any
+
+
+def check_fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
+  """Raises ValueError unless `value` is a fraction in (0, 1] (or [0, 1))."""
+  try:
+    v = float(value)
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be a number, got {value!r}") from None
+  ok = (0.0 <= v < 1.0) if allow_zero else (0.0 < v <= 1.0)
+  if not ok:
+    rng = "[0, 1)" if allow_zero else "(0, 1]"
+    raise ValueError(f"{name} must be in {rng}, got {value!r}")
+
+
+def trim_by_magnitude(fraction: float, scope: selection.Scope = "global"
+                      ) -> base.MergeTransform:
+  """Zeroes all but the top `fraction` of each task vector by magnitude.
+
+  Args:
+    fraction: fraction of entries KEPT, in (0, 1] (TIES' k, e.g. 0.2).
+    scope: `global` (over the whole task vector, the TIES paper),
+      `per_tensor` (mergekit) or `row` (last axis).
+  """
+  check_fraction("threshold", fraction)
+
+  def fn(tvs):
+    if fraction >= 1.0:
+      return tvs
+    thr = selection.topk_thresholds(tvs, fraction, scope)
+    return jax.tree.map(
+        lambda x, t: jnp.where(jnp.abs(x).astype(jnp.float32) >= t, x, 0),
+        tvs, thr)
+  return base.stateless(fn)
+
+
+def _leaf_keys(key: jax.Array, tree: Tree) -> Tree:
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = [jax.random.fold_in(key, i) for i in range(len(leaves))]
+  return jax.tree.unflatten(treedef, keys)
+
+
+def drop_and_rescale(drop_rate: float, key: jax.Array,
+                     rescale: bool = True) -> base.MergeTransform:
+  """DARE: `tau * Bernoulli(1 - p) / (1 - p)` with an explicit PRNG key.
+
+  Each leaf gets `fold_in(key, leaf_index)`, so results depend only on the
+  key and the tree structure, not on sharding.
+  """
+  check_fraction("drop_rate", drop_rate, allow_zero=True)
+  keep = 1.0 - drop_rate
+
+  def fn(tvs):
+    def one(x, k):
+      m = jax.random.bernoulli(k, keep, x.shape)
+      y = jnp.where(m, x, 0)
+      return (y / keep).astype(x.dtype) if rescale else y
+    return jax.tree.map(one, tvs, _leaf_keys(key, tvs))
+  return base.stateless(fn)
+
+
+def remove_outliers_and_trim(density: float, top_remove: float,
+                             scope: str = "row") -> base.MergeTransform:
+  """Model Breadcrumbs mask: keep ranks (top_remove, top_remove + density].
+
+  Counts per group of n entries: removed = round(top_remove * n) (may be
+  0), kept = max(round(density * n), 1), rounding half up.
+
+  Args:
+    density: fraction kept after removing outliers (the paper's ~0.1).
+    top_remove: fraction of largest-magnitude entries removed (~0.006).
+    scope: `row` (per row of the last axis, the paper / official code) or
+      `per_tensor` (mergekit's `breadcrumbs`, gamma = top_remove).
+  """
+  check_fraction("density", density)
+  check_fraction("top_remove", top_remove, allow_zero=True)
+  if density + top_remove > 1.0 + 1e-9:
+    raise ValueError(f"density + top_remove must be <= 1, got {density} + "
+                     f"{top_remove}")
+
+  def removed(n):
+    return int(math.floor(top_remove * n + 0.5))
+
+  def kept_or_removed(n):
+    return min(removed(n) + max(int(math.floor(density * n + 0.5)), 1), n)
+
+  def fn(tvs):
+    # Entries ranked (removed, removed + kept] by magnitude survive.
+    upper = selection.topk_thresholds(tvs, 1.0, scope, count=removed)
+    lower = selection.topk_thresholds(tvs, 1.0, scope, count=kept_or_removed)
+    def one(x, lo, hi):
+      a = jnp.abs(x).astype(jnp.float32)
+      return jnp.where((a >= lo) & (a < hi), x, 0)
+    return jax.tree.map(one, tvs, lower, upper)
+  return base.stateless(fn)
+
+
+def _ascending_rank_fraction(a: jax.Array) -> jax.Array:
+  """r in [0, 1]: rank of each |entry| within its row, 0 = smallest."""
+  n = a.shape[-1]
+  order = jnp.argsort(a, axis=-1, stable=True)
+  ranks = jnp.argsort(order, axis=-1, stable=True).astype(jnp.float32)
+  return ranks / max(n - 1, 1)
+
+
+def magnitude_rank_drop(drop_rate: float, epsilon: float, key: jax.Array,
+                        rescale: bool = True) -> base.MergeTransform:
+  """DELLA MagPrune: keep prob `(1 - p - eps) + 2 eps r`, r = ascending rank.
+
+  Rows are the last axis of each leaf (a 0-D/1-D param is one row). Ranks
+  need a per-row sort; rows are short (<= hidden size), so this is cheap.
+  """
+  check_fraction("drop_rate", drop_rate, allow_zero=True)
+  if not 0.0 <= epsilon <= min(drop_rate, 1.0 - drop_rate) + 1e-12:
+    raise ValueError(f"epsilon must be in [0, min(p, 1-p)] so keep "
+                     f"probabilities stay in [0, 1]; got epsilon={epsilon}, "
+                     f"drop_rate={drop_rate}")
+
+  def fn(tvs):
+    def one(x, k):
+      x2 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim > 2 else (
+          x.reshape(x.shape[0], 1, -1))
+      r = _ascending_rank_fraction(jnp.abs(x2).astype(jnp.float32))
+      p_keep = jnp.clip((1.0 - drop_rate - epsilon) + 2.0 * epsilon * r, 0, 1)
+      u = jax.random.uniform(k, x2.shape)
+      kept = u < p_keep
+      y = x2.astype(jnp.float32)
+      if rescale:
+        y = y / jnp.where(p_keep > 0, p_keep, 1.0)
+      return jnp.where(kept, y, 0).astype(x.dtype).reshape(x.shape)
+    return jax.tree.map(one, tvs, _leaf_keys(key, tvs))
+  return base.stateless(fn)
+
+
+def apply_mask(mask: Tree) -> base.MergeTransform:
+  """Multiplies by a bool mask tree of the same shapes (or broadcastable)."""
+  return base.stateless(lambda tvs: jax.tree.map(
+      lambda x, m: jnp.where(m, x, 0), tvs, mask))

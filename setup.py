@@ -1,0 +1,32 @@
+"""mtmerge: accelerator-native multi-task model merging in JAX."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="mtmerge",
+    version="0.1.0",
+    description="Multi-task model merging as sharded, jitted pytree transforms",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mtmerge", "mtmerge.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax>=0.12",
+        "optax>=0.2.5",
+        "orbax-checkpoint>=0.11",
+        "tensorflow-datasets>=4.9",
+        "ml_collections>=1.0",
+        "safetensors>=0.4",
+        "numpy>=1.26",
+        "tqdm>=4.60",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        "test": ["pytest>=8"],
+        # Peers for parity tests and benchmarks; never needed at run time.
+        # torch is pinned to the CPU build available offline on this machine.
+        "peers": ["torch==2.13.0", "fusion-bench", "mergekit", "psutil"],
+    },
+    entry_points={"console_scripts": ["mtmerge=mtmerge.cli:main"]},
+)
