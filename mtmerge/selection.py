@@ -130,6 +130,18 @@ def _search(count_fn, k, hi_float, shape):
   return jnp.where(keep_all, 0.0, _float(out["lo"]))
 
 
+def _global_thresholds(absl: list[jax.Array], k: jax.Array) -> jax.Array:
+  """`[T]` thresholds over all `[T, rows, cols]` magnitude views; k uint32."""
+  T = absl[0].shape[0]
+
+  def count_fn(bits):
+    thr = _float(bits)[:, None, None]
+    return sum(jnp.sum(_row_counts(a, thr), axis=1).astype(jnp.uint32)
+               for a in absl)
+  hi = jnp.max(jnp.stack([jnp.max(a, axis=(1, 2)) for a in absl]), axis=0)
+  return _search(count_fn, k, hi, (T,))
+
+
 def topk_thresholds(tvs: Tree, fraction: float | Tree,
                     scope: Scope = "global",
                     count: Callable[[int], int] | None = None) -> Tree:
@@ -173,14 +185,7 @@ def topk_thresholds(tvs: Tree, fraction: float | Tree,
     if kn <= 0:
       return jax.tree.map(
           lambda x: jnp.full((T,) + (1,) * (x.ndim - 1), jnp.inf), tvs)
-    k = jnp.full((T,), kn, jnp.uint32)
-
-    def count_fn(bits):
-      thr = _float(bits)[:, None, None]
-      return sum(jnp.sum(_row_counts(a, thr), axis=1).astype(jnp.uint32)
-                 for a in absl)
-    hi = jnp.max(jnp.stack([jnp.max(a, axis=(1, 2)) for a in absl]), axis=0)
-    thr = _search(count_fn, k, hi, (T,))
+    thr = _global_thresholds(absl, jnp.full((T,), kn, jnp.uint32))
     out = [thr.reshape((T,) + (1,) * (x.ndim - 1)) for x in leaves]
     return jax.tree.unflatten(treedef, out)
 
@@ -238,15 +243,47 @@ def topk_mask(tvs: Tree, fraction: float | Tree,
       lambda x, t: (jnp.abs(x).astype(jnp.float32) >= t) & (x != 0), tvs, thr)
 
 
+def _kth_largest_views(absl: list[jax.Array], k: jax.Array) -> jax.Array:
+  """Exact k-th largest (k: uint32 `[T]`, 1 <= k) of non-negative views."""
+  thr = _global_thresholds(absl, k)[:, None, None]
+  mins = [jnp.min(jnp.where(a >= thr, a, jnp.inf), axis=(1, 2)) for a in absl]
+  return jnp.min(jnp.stack(mins), axis=0)
+
+
 def kth_largest(tvs: Tree, count: Callable[[int], int]) -> jax.Array:
   """Exact k-th largest |x| per task over all leaves (global scope), `[T]`.
 
   `count(n)` gives k (1 <= k <= n) for n entries per task. One extra pass
   after the threshold search: the smallest magnitude that is kept.
   """
-  thr = topk_thresholds(tvs, 1.0, "global", count=count)
-  mins = [jnp.min(jnp.where(jnp.abs(x).astype(jnp.float32) >= t,
-                            jnp.abs(x).astype(jnp.float32), jnp.inf)
-                  .reshape(x.shape[0], -1), axis=1)
-          for x, t in zip(jax.tree.leaves(tvs), jax.tree.leaves(thr))]
-  return jnp.min(jnp.stack(mins), axis=0)
+  leaves = jax.tree.leaves(tvs)
+  n = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
+  absl = [jnp.abs(_view3(x)).astype(jnp.float32) for x in leaves]
+  k = jnp.full((leaves[0].shape[0],), int(count(n)), jnp.uint32)
+  return _kth_largest_views(absl, k)
+
+
+def kth_largest_signed(tree: Tree, count: Callable[[int], int]) -> jax.Array:
+  """Exact k-th largest signed value per task over all leaves, `[T]`.
+
+  Splits the search by sign so it stays exact (no shifting, which would
+  round): the k-th largest is among the positives if there are at least k,
+  zero if the non-negatives reach k, else the j-th largest negative, which
+  is minus the (n_neg - j + 1)-th largest magnitude among the negatives.
+  """
+  leaves = jax.tree.leaves(tree)
+  T = leaves[0].shape[0]
+  n = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
+  k = jnp.full((T,), int(count(n)), jnp.uint32)
+  views = [_view3(x).astype(jnp.float32) for x in leaves]
+  n_pos = sum(jnp.sum((v > 0).reshape(T, -1), axis=1, dtype=jnp.uint32)
+              for v in views)
+  n_neg = sum(jnp.sum((v < 0).reshape(T, -1), axis=1, dtype=jnp.uint32)
+              for v in views)
+  n_nonneg = jnp.uint32(n) - n_neg
+  pos = _kth_largest_views([jnp.maximum(v, 0.0) for v in views],
+                           jnp.clip(k, 1, jnp.maximum(n_pos, 1)))
+  j = jnp.where(k > n_nonneg, k - n_nonneg, 1)
+  neg = -_kth_largest_views([jnp.maximum(-v, 0.0) for v in views],
+                            jnp.clip(n_neg - j + 1, 1, jnp.maximum(n_neg, 1)))
+  return jnp.where(k <= n_pos, pos, jnp.where(k <= n_nonneg, 0.0, neg))

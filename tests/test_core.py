@@ -258,3 +258,16 @@ def test_fraction_validation():
     tx.trim_by_magnitude(0.0)
   with pytest.raises(ValueError, match="drop_rate"):
     tx.drop_and_rescale(1.0, jax.random.key(0))
+
+
+@pytest.mark.parametrize("k", [1, 5, 60, 99, 100, 150, 200])
+def test_kth_largest_signed_is_exact(k):
+  rng = np.random.default_rng(k)
+  x = rng.standard_normal((2, 200)).astype(np.float32)
+  x[1, :120] = np.abs(x[1, :120])  # task 1 mostly positive
+  x[:, 150:160] = 0.0
+  tree = {"a": jnp.asarray(x[:, :80].reshape(2, 8, 10)),
+          "b": jnp.asarray(x[:, 80:])}
+  got = selection.kth_largest_signed(tree, lambda n: k)
+  want = np.sort(x, axis=1)[:, ::-1][:, k - 1]
+  np.testing.assert_array_equal(got, want)

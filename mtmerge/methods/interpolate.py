@@ -69,21 +69,26 @@ def slerp(base: Tree, tvs: Tree, t: Any = 0.5, epsilon: float = 1e-8) -> Tree:
 
 
 def _pairwise_mean_cos(x: jax.Array, eps: float) -> jax.Array:
-  """Mean cosine over task pairs i < j of the flattened rows of `x` [T, n]."""
+  """Mean cosine over task pairs i < j of the flattened rows of `x` [T, n].
+
+  Each cosine divides by `max(|x_i| |x_j|, eps)` and is clipped to [-1, 1]
+  (mergekit's convention).
+  """
   T = x.shape[0]
-  norms = jnp.maximum(jnp.linalg.norm(x, axis=1), eps)
-  gram = (x @ x.T) / (norms[:, None] * norms[None, :])
+  norms = jnp.linalg.norm(x, axis=1)
+  gram = (x @ x.T) / jnp.maximum(norms[:, None] * norms[None, :], eps)
   iu = jnp.triu_indices(T, k=1)
-  return jnp.mean(gram[iu])
+  return jnp.mean(jnp.clip(gram[iu], -1.0, 1.0))
 
 
 @registry.register("model_stock", min_tasks=2,
                    validators={"epsilon": v.number("epsilon", 0.0)})
-def model_stock(base: Tree, tvs: Tree, epsilon: float = 1e-8) -> Tree:
+def model_stock(base: Tree, tvs: Tree, epsilon: float = 1e-6) -> Tree:
   """Model Stock per tensor: `theta_0 + t * mean_t tau_t`.
 
   `t = N cos / (1 + (N - 1) cos)`, cos = mean pairwise cosine similarity of
-  the flattened task vectors of that tensor (norms floored at `epsilon`).
+  the flattened task vectors of that tensor (norm products floored at
+  `epsilon`, as mergekit).
   """
   def one(b, x):
     xf = x.astype(jnp.float32).reshape(x.shape[0], -1)

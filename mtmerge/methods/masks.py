@@ -120,7 +120,8 @@ def emr_compress(tvs: Tree) -> compressed.Compressed:
   num = sum(per_task_mean(x) for x in jax.tree.leaves(tvs))
   den = sum(per_task_mean(jnp.where(m, u[None], 0.0)) for m, u in zip(
       jax.tree.leaves(masks), jax.tree.leaves(tau_uni)))
-  rescalers = num / jnp.where(den == 0, 1.0, den)
+  # A task whose mask is empty is served by the base model: rescaler 0.
+  rescalers = jnp.where(den == 0, 0.0, num / jnp.where(den == 0, 1.0, den))
   tau_uni = tree_lib.cast_like(tau_uni, jax.tree.map(lambda x: x[0], tvs))
   return compressed.compress(tau_uni, masks, rescalers)
 

@@ -100,12 +100,9 @@ def _official_scores(tvs, T, ratio):
   total = jax.tree.map(lambda x: jnp.sum(x, axis=0), tv32)
   inter = jax.tree.map(lambda x, s: jnp.tanh(x * s[None]), tv32, total)
   score = jax.tree.map(jnp.multiply, intra, inter)
-  # Quantile q at ascending index int(n (1 - ratio)); scores are signed, so
-  # select on the shifted (non-negative) scores.
-  mn, _ = _task_min_max(score)
-  shifted = jax.tree.map(
-      lambda x: x - mn.reshape((-1,) + (1,) * (x.ndim - 1)), score)
-  q = selection.kth_largest(shifted, lambda n: n - int(n * (1 - ratio))) + mn
+  # Quantile q at ascending index int(n (1 - ratio)), i.e. the
+  # (n - index)-th largest; scores are signed.
+  q = selection.kth_largest_signed(score, lambda n: n - int(n * (1 - ratio)))
   raised = jax.tree.map(
       lambda x: jnp.maximum(x, q.reshape((-1,) + (1,) * (x.ndim - 1))), score)
   return _minmax(raised), clipped

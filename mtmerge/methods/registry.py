@@ -59,6 +59,10 @@ class MethodSpec:
       if k in self.validators:
         self.validators[k](v)
     if num_tasks is not None:
+      for k, val in full.items():  # every list hparam is one value per task
+        if isinstance(val, (list, tuple)) and len(val) != num_tasks:
+          raise ValueError(f"{k} has {len(val)} values (one per task) but "
+                           f"there are {num_tasks} fine-tuned models")
       if num_tasks < self.min_tasks:
         raise ValueError(f"method {self.name!r} needs at least "
                          f"{self.min_tasks} fine-tuned models, got {num_tasks}")

@@ -91,7 +91,8 @@ def remove_outliers_and_trim(density: float, top_remove: float,
   """Model Breadcrumbs mask: keep ranks (top_remove, top_remove + density].
 
   Counts per group of n entries: removed = round(top_remove * n) (may be
-  0), kept = max(round(density * n), 1), rounding half up.
+  0), kept = round(density * n) (may be 0 for tiny groups), rounding half
+  up.
 
   Args:
     density: fraction kept after removing outliers (the paper's ~0.1).
@@ -109,7 +110,7 @@ def remove_outliers_and_trim(density: float, top_remove: float,
     return int(math.floor(top_remove * n + 0.5))
 
   def kept_or_removed(n):
-    return min(removed(n) + max(int(math.floor(density * n + 0.5)), 1), n)
+    return min(removed(n) + int(math.floor(density * n + 0.5)), n)
 
   def fn(tvs):
     # Entries ranked (removed, removed + kept] by magnitude survive.

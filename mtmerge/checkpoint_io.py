@@ -1,0 +1,522 @@
+"""safetensors checkpoints on disk: single files and sharded HF directories.
+
+A checkpoint PATH is a `.safetensors` file, a directory holding
+`model.safetensors`, or a Hugging Face directory of shards plus
+`model.safetensors.index.json`. Tensors are kept as a flat dict
+`{tensor_name: np.ndarray}` (a valid pytree for `mtmerge.methods`), and a
+`Layout` remembers where each tensor lives so `save` writes the merge back in
+the base's own layout and dtypes. Every write is atomic: it goes to a temp
+file or directory next to the destination, swapped in with `os.replace`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import uuid
+from typing import Any, Mapping, Sequence
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16",
+              "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+              "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32",
+              "U16": "uint16", "U8": "uint8", "BOOL": "bool",
+              "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+_WEIGHT_EXTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5",
+                ".msgpack", ".gguf", ".index.json")
+_SINGLE = "model.safetensors"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint that is missing, unreadable, corrupt or inconsistent."""
+
+
+def _line(e: BaseException) -> str:
+  """The first line of an exception's message (safetensors' are long)."""
+  return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def np_dtype(dtype: Any) -> np.dtype:
+  """numpy dtype of e.g. 'float32', 'bfloat16' (ml_dtypes), jnp.bfloat16."""
+  try:
+    return np.dtype(dtype)
+  except TypeError:
+    return np.dtype(getattr(ml_dtypes, str(dtype)))
+
+
+@dataclasses.dataclass
+class Layout:
+  """Where a checkpoint's tensors live, and their dtypes and shapes.
+
+  Attributes:
+    kind: 'file' (one .safetensors), 'dir' (a directory with one weight
+      file) or 'sharded' (a directory of shards plus an index json).
+    source: the path the checkpoint was read from.
+    weight_map: tensor name -> file name (relative to the directory; the
+      basename for 'file').
+    dtypes: tensor name -> numpy dtype name ('bfloat16', 'float32', ...).
+    shapes: tensor name -> shape.
+    index_name: the index json's file name ('sharded' only).
+    index_metadata: the index json's "metadata" ('sharded' only).
+    file_metadata: file name -> the safetensors header's `__metadata__`.
+  """
+  kind: str
+  source: str
+  weight_map: dict[str, str]
+  dtypes: dict[str, str]
+  shapes: dict[str, tuple[int, ...]]
+  index_name: str | None = None
+  index_metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+  file_metadata: dict[str, dict[str, str]] = dataclasses.field(
+      default_factory=dict)
+
+  @property
+  def files(self) -> list[str]:
+    """Weight file names in first-use order."""
+    return list(self.by_file())
+
+  def by_file(self) -> dict[str, list[str]]:
+    """File name -> the tensor names it holds."""
+    out: dict[str, list[str]] = {}
+    for k, file in self.weight_map.items():
+      out.setdefault(file, []).append(k)
+    return out
+
+  @property
+  def nbytes(self) -> int:
+    """Bytes of all tensors (one full checkpoint, headers excluded)."""
+    return int(sum(int(np.prod(s, dtype=np.int64)) * np_dtype(
+        self.dtypes[k]).itemsize for k, s in self.shapes.items()))
+
+  def path_of(self, file: str) -> str:
+    return self.source if self.kind == "file" else os.path.join(
+        self.source, file)
+
+
+def _index_file(path: str) -> str | None:
+  names = sorted(n for n in os.listdir(path)
+                 if n.endswith(".safetensors.index.json"))
+  if "model.safetensors.index.json" in names:
+    return "model.safetensors.index.json"
+  if len(names) > 1:
+    raise CheckpointError(f"{path} holds several index files ({names}); pass "
+                          "the directory of one model")
+  return names[0] if names else None
+
+
+def _read_header(layout: Layout, file: str, names: Sequence[str] | None):
+  """Adds one file's tensors to `layout` (all, or the `names` listed)."""
+  fpath = layout.path_of(file)
+  if not os.path.isfile(fpath):
+    raise CheckpointError(f"index {layout.index_name} in {layout.source} "
+                          f"references missing shard {fpath}")
+  try:
+    with safe_open(fpath, "np") as f:
+      ordered = list(f.keys())
+      keys = set(ordered)
+      layout.file_metadata[file] = dict(f.metadata() or {})
+      for k in (ordered if names is None else names):
+        if k not in keys:
+          raise CheckpointError(f"shard {fpath} lacks tensor {k!r} listed in "
+                                f"its index {layout.index_name}")
+        sl = f.get_slice(k)
+        layout.weight_map[k] = file
+        layout.shapes[k] = tuple(int(d) for d in sl.get_shape())
+        st = sl.get_dtype()
+        layout.dtypes[k] = _ST_DTYPES.get(st, st)
+  except (SafetensorError, OSError) as e:
+    raise CheckpointError(f"{fpath} is not a readable safetensors file "
+                          f"({_line(e)})") from None
+  if names is not None and len(keys) > len(names):
+    extra = sorted(keys - set(names))
+    if extra:
+      raise CheckpointError(f"shard {fpath} holds tensor {extra[0]!r} missing "
+                            f"from its index {layout.index_name}")
+
+
+def read_layout(path: str) -> Layout:
+  """Reads headers only (no tensor data): names, shapes, dtypes, files.
+
+  Raises:
+    CheckpointError: the path is missing, not safetensors, or inconsistent.
+  """
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.exists(path):
+    raise CheckpointError(f"checkpoint {path} does not exist")
+  if os.path.isfile(path):
+    layout = Layout("file", path, {}, {}, {})
+    _read_header(layout, os.path.basename(path), None)
+    return layout
+  index = _index_file(path)
+  if index is None:
+    files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if _SINGLE in files or len(files) == 1:
+      layout = Layout("dir", path, {}, {}, {})
+      _read_header(layout, _SINGLE if _SINGLE in files else files[0], None)
+      return layout
+    raise CheckpointError(f"{path} holds no {_SINGLE} or safetensors index "
+                          f"json (found {len(files)} .safetensors files)")
+  ipath = os.path.join(path, index)
+  try:
+    with open(ipath, encoding="utf-8") as f:
+      data = json.load(f)
+    weight_map = data["weight_map"]
+    if not (isinstance(weight_map, dict) and all(
+        isinstance(v, str) for v in weight_map.values())):
+      raise TypeError("weight_map is not an object of file names")
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{ipath} is not a valid safetensors index json "
+                          f"({type(e).__name__}: {e})") from None
+  layout = Layout("sharded", path, {}, {}, {}, index_name=index,
+                  index_metadata=dict(data.get("metadata") or {}))
+  index_only = Layout("sharded", path, dict(weight_map), {}, {})
+  for file, names in index_only.by_file().items():
+    _read_header(layout, file, names)
+  return layout
+
+
+def _read_file(fpath: str, names: Sequence[str]):
+  """Yields `(name, array)` for `names` from one safetensors file."""
+  try:
+    with safe_open(fpath, "np") as f:
+      for k in names:
+        yield k, f.get_tensor(k)
+  except (SafetensorError, OSError) as e:
+    raise CheckpointError(f"cannot read {fpath} ({_line(e)})") from None
+
+
+def _iter_tensors(layout: Layout):
+  for file, names in layout.by_file().items():
+    for k, x in _read_file(layout.path_of(file), names):
+      yield layout.path_of(file), k, x
+
+
+def _is_float(dtype: np.dtype) -> bool:
+  return dtype.kind in "fc" or dtype.name.startswith(("bfloat", "float8"))
+
+
+def _nonfinite(x: np.ndarray) -> bool:
+  """True if a floating array holds NaN or Inf."""
+  return _is_float(x.dtype) and not bool(np.isfinite(x).all())
+
+
+def load(path: str) -> tuple[dict[str, np.ndarray], Layout]:
+  """Loads every tensor of a checkpoint, in its stored dtype.
+
+  Args:
+    path: a .safetensors file, or a directory (single file or sharded).
+
+  Returns:
+    `(flat, layout)`: `{tensor_name: np.ndarray}` and where each lives.
+  """
+  layout = read_layout(path)
+  return {k: x for _, k, x in _iter_tensors(layout)}, layout
+
+
+def _check_against(base: Layout, other: Layout, what: str) -> None:
+  for k in base.weight_map:
+    if k not in other.weight_map:
+      raise CheckpointError(f"{what} lacks tensor {k!r} present in base")
+    if other.shapes[k] != base.shapes[k]:
+      raise CheckpointError(
+          f"tensor {k!r} has shape {other.shapes[k]} in {what} but "
+          f"{base.shapes[k]} in base ({base.source})")
+  extra = [k for k in other.weight_map if k not in base.weight_map]
+  if extra:
+    raise CheckpointError(f"{what} has tensor {extra[0]!r} absent from base "
+                          f"({base.source})")
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  from tqdm import tqdm  # local: keeps `import mtmerge.checkpoint_io` light
+  return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr,
+              disable=not (enabled and sys.stderr.isatty()), leave=False)
+
+
+def load_task_vectors(base_path: str, model_paths: Sequence[str],
+                      progress: bool = True):
+  """Loads base, then each model ONE AT A TIME into stacked task vectors.
+
+  All headers are validated first (keys, shapes), so a bad input fails
+  before any tensor data is read. Peak memory is about base + task vectors +
+  one tensor.
+
+  Args:
+    base_path: the pretrained checkpoint.
+    model_paths: T fine-tuned checkpoints (any layout each).
+    progress: show a tqdm bar on stderr (only when it is a terminal).
+
+  Returns:
+    `(base_flat, tvs_flat, layout)`: base tensors in their dtype, float32
+    task vectors `[T, *shape]` per tensor, and the base's layout.
+
+  Raises:
+    CheckpointError: missing/corrupt files, mismatched keys or shapes, or
+      NaN/Inf in the base or a task vector (naming file and tensor).
+  """
+  layout = read_layout(base_path)
+  models = []
+  for i, p in enumerate(model_paths):
+    m = read_layout(p)
+    _check_against(layout, m, f"model {i} ({m.source})")
+    models.append(m)
+  T = len(models)
+  base, tvs = {}, {}
+  bar = _progress(len(layout.shapes) * (T + 1), "loading", progress)
+  with bar:
+    for fpath, k, x in _iter_tensors(layout):
+      if _nonfinite(x):
+        raise CheckpointError(f"base ({fpath}) has NaN or Inf in tensor {k!r}")
+      base[k] = x
+      tvs[k] = np.empty((T,) + x.shape, np.float32)
+      bar.update()
+    for i, m in enumerate(models):
+      for fpath, k, x in _iter_tensors(m):
+        slot = tvs[k][i, ...]  # a view, also for 0-d tensors
+        slot[...] = x
+        slot -= base[k].astype(np.float32, copy=False)
+        if not np.isfinite(slot).all():
+          raise CheckpointError(f"model {i} ({fpath}) has NaN or Inf in the "
+                                f"task vector of tensor {k!r}")
+        bar.update()
+  return base, tvs, layout
+
+
+# ----------------------------------------------------------------------------
+# Atomic writes.
+
+
+def disk_bytes(path: str) -> int:
+  """Size of a file, or of all files under a directory."""
+  if os.path.isfile(path):
+    return os.path.getsize(path)
+  return sum(os.path.getsize(os.path.join(d, n))
+             for d, _, names in os.walk(path) for n in names)
+
+
+def _sibling(dest: str, tag: str) -> str:
+  head, name = os.path.split(dest)
+  return os.path.join(head, f".{name}.{tag}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove(path: str) -> None:
+  """Best-effort removal of a temp file or directory; never raises."""
+  if os.path.isdir(path) and not os.path.islink(path):
+    shutil.rmtree(path, ignore_errors=True)
+  elif os.path.lexists(path):
+    try:
+      os.remove(path)
+    except OSError:
+      pass
+
+
+def _atomic_write(dest: str, write, is_dir: bool) -> str:
+  """Runs `write(tmp)` on a temp sibling of `dest`, then swaps it in."""
+  dest = os.path.abspath(os.fspath(dest))
+  parent = os.path.dirname(dest)
+  if not os.path.isdir(parent):
+    raise CheckpointError(f"output directory {parent} does not exist")
+  if not is_dir and os.path.isdir(dest):
+    raise CheckpointError(f"output {dest} is a directory but the base is a "
+                          "single .safetensors file")
+  tmp = _sibling(dest, "tmp")
+  try:
+    if is_dir:
+      os.mkdir(tmp)
+    write(tmp)
+    if os.path.lexists(dest) and (is_dir or os.path.isdir(dest)):
+      old = _sibling(dest, "old")
+      os.rename(dest, old)
+      try:
+        os.replace(tmp, dest)
+      except BaseException:
+        os.rename(old, dest)
+        raise
+      _remove(old)
+    else:
+      os.replace(tmp, dest)
+  except BaseException as e:
+    _remove(tmp)
+    if isinstance(e, OSError):
+      raise CheckpointError(f"cannot write {dest} ({_line(e)})") from None
+    raise
+  return dest
+
+
+def _cast(x: Any, dtype: np.dtype | None) -> np.ndarray:
+  """`x` as a contiguous numpy array of `dtype` (None: keep its own)."""
+  x = np.asarray(x)
+  if dtype is not None and x.dtype != dtype:
+    if dtype.kind in "iu" and _is_float(x.dtype):
+      x = np.rint(x.astype(np.float32))
+    x = x.astype(dtype)
+  return x if x.flags.c_contiguous else x.copy(order="C")
+
+
+def _write_st(fpath: str, arrays: dict[str, np.ndarray],
+              metadata: dict[str, str] | None) -> None:
+  save_file(arrays, fpath, metadata=metadata or None)
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(fpath, 0o666 & ~umask)  # safetensors creates files 0600
+  with open(fpath, "rb") as f:
+    os.fsync(f.fileno())
+
+
+def _check_names(flat: Mapping[str, Any], layout: Layout, what: str) -> None:
+  missing = [k for k in layout.weight_map if k not in flat]
+  extra = [k for k in flat if k not in layout.weight_map]
+  if missing:
+    raise CheckpointError(f"{what} lacks tensor {missing[0]!r} of the base "
+                          f"layout ({layout.source})")
+  if extra:
+    raise CheckpointError(f"{what} has tensor {extra[0]!r} absent from the "
+                          f"base layout ({layout.source})")
+
+
+def _copy_extras(src: str, dst: str) -> None:
+  """Copies non-weight files (config.json, tokenizer files, ...)."""
+  for n in sorted(os.listdir(src)):
+    p = os.path.join(src, n)
+    if os.path.isfile(p) and not n.startswith(".") and not n.endswith(
+        _WEIGHT_EXTS):
+      shutil.copy2(p, os.path.join(dst, n))
+
+
+def save(flat: Mapping[str, Any], path: str, layout: Layout | None = None,
+         dtypes: Mapping[str, Any] | None = None) -> int:
+  """Writes tensors atomically, in `layout` (the base's) if given.
+
+  Args:
+    flat: `{tensor_name: array}` (numpy or JAX).
+    path: destination; an existing file or directory there is replaced.
+    layout: the base's layout: same kind, shard files, index json (new
+      `total_size`), header metadata, and non-weight files copied from the
+      base directory. None writes one .safetensors file.
+    dtypes: tensor name -> dtype; default the layout's, else each array's.
+
+  Returns:
+    Bytes written.
+  """
+  flat = dict(flat)
+  if layout is not None:
+    _check_names(flat, layout, "the tensors to save")
+  want = dict(layout.dtypes) if layout is not None else {}
+  want.update({k: np_dtype(v).name for k, v in (dtypes or {}).items()})
+
+  def arrays(names):  # cast one file's tensors only when it is written
+    return {k: _cast(flat[k], np_dtype(want[k]) if k in want else None)
+            for k in names}
+
+  def write(tmp):
+    if layout is None or layout.kind == "file":
+      _write_st(tmp, arrays(flat), layout and layout.file_metadata.get(
+          layout.files[0]))
+      return
+    _copy_extras(layout.source, tmp)
+    total = 0
+    for file, names in layout.by_file().items():
+      shard = arrays(names)
+      total += sum(x.nbytes for x in shard.values())
+      _write_st(os.path.join(tmp, file), shard, layout.file_metadata.get(file))
+    if layout.kind == "sharded":
+      index = {"metadata": {**layout.index_metadata, "total_size": total},
+               "weight_map": dict(sorted(layout.weight_map.items()))}
+      with open(os.path.join(tmp, layout.index_name), "w",
+                encoding="utf-8") as f:
+        json.dump(index, f, indent=2)
+        f.write("\n")
+
+  is_dir = layout is not None and layout.kind != "file"
+  return disk_bytes(_atomic_write(path, write, is_dir=is_dir))
+
+
+# ----------------------------------------------------------------------------
+# Compressed one-model-per-task form (TALL masks, EMR-Merging).
+
+_CJSON, _TAU, _MASKS = "compressed.json", "tau.safetensors", "masks.safetensors"
+
+
+def save_compressed(compressed: Any, base_layout: Layout, path: str,
+                    method: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
+  """Writes a `Compressed` as a directory: tau, packed masks, json.
+
+  Args:
+    compressed: `Compressed(tau, masks, rescalers)` with flat dict trees.
+    base_layout: the base's layout (tau is cast to its dtypes).
+    path: destination directory (replaced atomically if present).
+    method, hparams: recorded in `compressed.json`.
+
+  Returns:
+    `{"bytes": size on disk, "full_bytes": T times the base's weight files,
+    "ratio": bytes / full_bytes}`.
+  """
+  from mtmerge import __version__
+  tau, masks = dict(compressed.tau), dict(compressed.masks)
+  _check_names(tau, base_layout, "the compressed vector")
+  _check_names(masks, base_layout, "the compressed masks")
+  rescalers = np.asarray(compressed.rescalers, np.float32).reshape(-1)
+  T = int(rescalers.shape[0])
+  meta = {"format": "mtmerge.compressed", "mtmerge_version": __version__,
+          "method": method, "hparams": dict(hparams), "num_tasks": T,
+          "rescalers": [float(r) for r in rescalers],
+          "base_dtypes": base_layout.dtypes}
+  tau = {k: _cast(x, np_dtype(base_layout.dtypes[k])) for k, x in tau.items()}
+  masks = {k: _cast(x, np.dtype(np.uint8)) for k, x in masks.items()}
+
+  def write(tmp):
+    _write_st(os.path.join(tmp, _TAU), tau, None)
+    _write_st(os.path.join(tmp, _MASKS), masks, None)
+    with open(os.path.join(tmp, _CJSON), "w", encoding="utf-8") as f:
+      json.dump(meta, f, indent=2, default=repr)
+      f.write("\n")
+
+  full = T * sum(os.path.getsize(base_layout.path_of(f))
+                 for f in base_layout.files)
+  nbytes = disk_bytes(_atomic_write(path, write, is_dir=True))
+  return {"bytes": nbytes, "full_bytes": full, "ratio": nbytes / max(full, 1)}
+
+
+def load_compressed(path: str) -> tuple[Any, dict[str, Any]]:
+  """Reads what `save_compressed` wrote.
+
+  Returns:
+    `(Compressed(tau, masks, rescalers), meta)`, meta the json contents.
+  """
+  path = os.path.abspath(os.fspath(path))
+  jpath = os.path.join(path, _CJSON)
+  if not os.path.isdir(path):
+    raise CheckpointError(f"compressed model {path} is not a directory"
+                          if os.path.exists(path) else
+                          f"compressed model {path} does not exist")
+  try:
+    with open(jpath, encoding="utf-8") as f:
+      meta = json.load(f)
+    T = int(meta["num_tasks"])
+    rescalers = np.asarray(meta["rescalers"], np.float32).reshape(-1)
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(f"{jpath} is not a valid mtmerge compressed json "
+                          f"({type(e).__name__}: {e})") from None
+  tau, _ = load(os.path.join(path, _TAU))
+  masks, _ = load(os.path.join(path, _MASKS))
+  if rescalers.shape != (T,):
+    raise CheckpointError(f"{jpath}: {rescalers.size} rescalers for {T} tasks")
+  for k, x in tau.items():
+    want = (T, -(-int(np.prod(x.shape, dtype=np.int64)) // 8))
+    if k not in masks or masks[k].shape != want or masks[k].dtype != np.uint8:
+      got = masks[k].shape if k in masks else "nothing"
+      raise CheckpointError(f"{os.path.join(path, _MASKS)}: tensor {k!r} "
+                            f"should be uint8 {want}, got {got}")
+  if set(masks) - set(tau):
+    raise CheckpointError(f"{os.path.join(path, _MASKS)} has tensor "
+                          f"{sorted(set(masks) - set(tau))[0]!r} absent from "
+                          f"{_TAU}")
+  from mtmerge.methods.compressed import Compressed
+  return Compressed(tau, masks, rescalers), meta

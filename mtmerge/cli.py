@@ -1,0 +1,220 @@
+r"""Command line: `mtmerge merge ...` and `mtmerge reconstruct ...`.
+
+    mtmerge merge --method ties_merging --base base/ --models a/ b/ c/ \
+        --out merged/ --param threshold=0.2 --param merge_func=mean
+    mtmerge merge --method tall_mask --base b.safetensors \
+        --models x.safetensors y.safetensors --out tall/   # compressed form
+    mtmerge reconstruct --in tall/ --base b.safetensors --task 1 --out y1.safetensors
+
+Expected failures (bad paths, corrupt or mismatched checkpoints, bad
+parameters, NaN/Inf) exit with status 2 and one `mtmerge: error: ...` line on
+stderr; outputs are written atomically, so a failed run leaves nothing behind.
+`mtmerge.methods` (and JAX) are imported only when needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import sys
+import textwrap
+import time
+from typing import Any, Sequence
+
+from mtmerge import checkpoint_io
+
+_PROG = "mtmerge"
+
+
+class _Exit(Exception):
+  """Raised instead of argparse's sys.exit, carrying the status."""
+
+  def __init__(self, status: int):
+    super().__init__(status)
+    self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+  """One-line errors, no sys.exit, and a method list built only for --help."""
+
+  def error(self, message):
+    _fail(f"{message} (see '{self.prog} --help')")
+    raise _Exit(2)
+
+  def exit(self, status=0, message=None):
+    if message:
+      sys.stderr.write(message)
+    raise _Exit(status)
+
+  def format_help(self):
+    if self.epilog is None:
+      self.epilog = methods_help()
+    return super().format_help()
+
+
+def _fail(message: str) -> None:
+  line = " ".join(str(message).split())
+  print(f"{_PROG}: error: {line}", file=sys.stderr)
+
+
+def methods_help() -> str:
+  """Every registered method: summary, parameters with defaults."""
+  from mtmerge import methods  # local: imports JAX
+  lines = ["methods (--method NAME, parameters as --param key=value):"]
+  for name in methods.names():
+    spec = methods.get(name)
+    tag = " [compressed: one model per task]" if spec.compressed else ""
+    params = ", ".join(f"{k}={v!r}" for k, v in spec.defaults.items())
+    lines.append(f"  {name}{tag}")
+    lines += textwrap.wrap(spec.summary, 78, initial_indent=" " * 6,
+                           subsequent_indent=" " * 6)
+    lines += textwrap.wrap(f"params: {params or '(none)'}", 78,
+                           initial_indent=" " * 6, subsequent_indent=" " * 14)
+  return "\n".join(lines)
+
+
+def parse_params(items: Sequence[str]) -> dict[str, Any]:
+  """`["k=v", ...]` -> dict; values are Python literals, else strings."""
+  out: dict[str, Any] = {}
+  for item in items:
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+      raise ValueError(f"--param expects key=value, got {item!r}")
+    if key in out:
+      raise ValueError(f"parameter {key!r} given twice")
+    try:
+      out[key] = ast.literal_eval(text.strip())
+    except (ValueError, SyntaxError, TypeError, MemoryError,
+            RecursionError):
+      out[key] = text.strip()
+  return out
+
+
+def _parser() -> _Parser:
+  fmt = argparse.RawDescriptionHelpFormatter
+  p = _Parser(prog=_PROG, formatter_class=fmt,
+              description="Multi-task model merging of safetensors "
+                          "checkpoints (JAX).")
+  sub = p.add_subparsers(dest="command", metavar="COMMAND",
+                         parser_class=_Parser)
+  sub.required = True
+  m = sub.add_parser(
+      "merge", formatter_class=fmt,
+      help="merge fine-tuned checkpoints into one (or a compressed form)",
+      description=textwrap.fill(
+          "Merge T fine-tuned checkpoints of one base model. The output "
+          "keeps the base's layout (single file or sharded directory) and "
+          "dtypes; compressed methods write a directory of tau, bit-packed "
+          "masks and compressed.json (see `mtmerge reconstruct`).", 78))
+  m.add_argument("--method", required=True, metavar="NAME")
+  m.add_argument("--base", required=True, metavar="PATH",
+                 help="pretrained checkpoint")
+  m.add_argument("--models", required=True, nargs="+", metavar="PATH",
+                 help="fine-tuned checkpoints (task order = this order)")
+  m.add_argument("--out", required=True, metavar="PATH")
+  m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                 help="method hyperparameter; repeatable (Python literal, "
+                 "else a string): threshold=0.2 merge_func=mean "
+                 "tall_mask_lambda=[0.2,0.4]")
+  m.add_argument("--no-progress", action="store_true",
+                 help="no progress bar on stderr")
+  r = sub.add_parser(
+      "reconstruct", formatter_class=fmt, epilog="",
+      help="rebuild task I's model from a compressed merge",
+      description=textwrap.fill(
+          "Rebuild task I's model (theta_0 + rescale_I * m_I * tau) from "
+          "the output of a compressed method, in the base's layout.", 78))
+  r.add_argument("--in", dest="inp", required=True, metavar="PATH",
+                 help="directory written by `mtmerge merge` (compressed)")
+  r.add_argument("--base", required=True, metavar="PATH")
+  r.add_argument("--task", required=True, type=int, metavar="I",
+                 help="task index, 0-based, in --models order")
+  r.add_argument("--out", required=True, metavar="PATH")
+  return p
+
+
+def _size(n: float) -> str:
+  if n < 1024:
+    return f"{n:.0f} B"
+  for unit in ("KB", "MB", "GB", "TB"):
+    n /= 1024
+    if n < 1024 or unit == "TB":
+      return f"{n:.1f} {unit}"
+
+
+def _check_out(path: str) -> None:
+  """Fails early, before loading, if `path`'s directory does not exist."""
+  parent = os.path.dirname(os.path.abspath(path))
+  if not os.path.isdir(parent):
+    raise checkpoint_io.CheckpointError(
+        f"output directory {parent} does not exist")
+
+
+def _merge(args) -> None:
+  from mtmerge import methods
+  t0 = time.time()
+  hparams = parse_params(args.param)
+  spec = methods.get(args.method)
+  full = spec.check(hparams, len(args.models))  # before any heavy loading
+  _check_out(args.out)
+  base, tvs, layout = checkpoint_io.load_task_vectors(
+      args.base, args.models, progress=not args.no_progress)
+  out = methods.merge(args.method, base, tvs, **hparams)
+  del tvs
+  if spec.compressed:
+    info = checkpoint_io.save_compressed(out, layout, args.out, args.method,
+                                         full)
+    what = (f"compressed, {_size(info['bytes'])} = {100 * info['ratio']:.1f}%"
+            f" of {len(args.models)} full checkpoints "
+            f"({_size(info['full_bytes'])})")
+  else:
+    what = f"{layout.kind}, {_size(checkpoint_io.save(out, args.out, layout))}"
+  params = ", ".join(f"{k}={v!r}" for k, v in full.items())
+  print(f"merged T={len(args.models)} models with {args.method}"
+        + (f" ({params})" if params else ""))
+  print(f"wrote {args.out} ({what}) in {time.time() - t0:.1f} s")
+
+
+def _reconstruct(args) -> None:
+  t0 = time.time()
+  _check_out(args.out)
+  compressed, meta = checkpoint_io.load_compressed(args.inp)
+  T = compressed.num_tasks
+  if not 0 <= args.task < T:
+    raise ValueError(f"--task {args.task} out of range: {args.inp} holds {T} "
+                     f"tasks (0..{T - 1})")
+  base, layout = checkpoint_io.load(args.base)
+  from mtmerge import methods
+  model = methods.reconstruct(base, compressed, args.task)
+  size = _size(checkpoint_io.save(model, args.out, layout))
+  print(f"reconstructed task {args.task} of {T} ({meta.get('method')})")
+  print(f"wrote {args.out} ({layout.kind}, {size}) in "
+        f"{time.time() - t0:.1f} s")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the CLI.
+
+  Args:
+    argv: arguments without the program name; default `sys.argv[1:]`.
+
+  Returns:
+    The exit status: 0 on success, 2 on bad input.
+  """
+  try:
+    args = _parser().parse_args(argv)
+    {"merge": _merge, "reconstruct": _reconstruct}[args.command](args)
+  except _Exit as e:
+    return e.status
+  except KeyError as e:
+    _fail(e.args[0] if e.args else e)
+    return 2
+  except (ValueError, OSError) as e:  # CheckpointError is a ValueError
+    _fail(e)
+    return 2
+  except KeyboardInterrupt:
+    _fail("interrupted")
+    return 130
+  return 0

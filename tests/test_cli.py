@@ -1,0 +1,256 @@
+"""Tests for the `mtmerge` command line (in-process, plus one subprocess)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from mtmerge import checkpoint_io as cio
+from mtmerge import cli
+from mtmerge import methods
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+SHAPES = {"encoder.w": (16, 8), "encoder.b": (8,), "head.w": (8, 4),
+          "head.b": (4,), "logit_scale": ()}  # 0-d, as CLIP's
+SHARD = {k: f"model-0000{1 if k.startswith('encoder') else 2}-of-00002."
+            "safetensors" for k in SHAPES}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def make_model(seed, dtype=np.float32, base=None):
+  rng = np.random.default_rng(seed)
+  out = {}
+  for k, s in SHAPES.items():
+    x = np.asarray(rng.normal(size=s), np.float32) * 0.1
+    if base is not None:
+      x = x + base[k].astype(np.float32)
+    out[k] = np.asarray(x, dtype)  # an array, also when 0-d
+  return out
+
+
+def write_ckpt(path, tensors, sharded=False):
+  path = str(path)
+  if not sharded:
+    save_file(tensors, path, metadata={"format": "pt"})
+    return path
+  os.makedirs(path)
+  for file in sorted(set(SHARD.values())):
+    save_file({k: v for k, v in tensors.items() if SHARD[k] == file},
+              os.path.join(path, file), metadata={"format": "pt"})
+  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": SHARD}, f)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"model_type": "toy"}, f)
+  return path
+
+
+def make_set(d, dtype=np.float32, sharded=False, n=3):
+  """Base + n fine-tuned checkpoints under d; returns (base, [models])."""
+  base = make_model(0, dtype)
+  ext = "" if sharded else ".safetensors"
+  bp = write_ckpt(d / f"base{ext}", base, sharded)
+  return bp, [write_ckpt(d / f"ft{i}{ext}", make_model(i + 1, dtype, base),
+                         sharded) for i in range(n)]
+
+
+def run(capsys, *argv):
+  code = cli.main([str(a) for a in argv])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+def expected(name, bp, mps, **hp):
+  base, tvs, _ = cio.load_task_vectors(bp, mps, progress=False)
+  return base, tvs, methods.merge(name, base, tvs, **hp)
+
+
+def assert_same(path, want):
+  got, _ = cio.load(path)
+  assert set(got) == set(want)
+  for k, x in want.items():
+    assert got[k].dtype == np.asarray(x).dtype
+    np.testing.assert_array_equal(got[k], np.asarray(x))
+
+
+def test_help_lists_every_method(capsys):
+  for argv in (["--help"], ["merge", "--help"]):
+    code, out, _ = run(capsys, *argv)
+    assert code == 0
+    for name in methods.names():
+      assert f"  {name}" in out
+      assert methods.get(name).summary[:30] in out.replace("\n      ", " ")
+    assert "tall_mask [compressed" in out and "threshold=0.2" in out
+
+
+@pytest.mark.parametrize("name,params", [
+    ("task_arithmetic", {"scaling_factor": 0.4}),
+    ("ties_merging", {"threshold": 0.3, "merge_func": "mean"}),
+])
+@pytest.mark.parametrize("dtype,sharded", [(np.float32, False), (BF16, True)])
+def test_merge_matches_in_process(tmp_path, capsys, name, params, dtype,
+                                  sharded):
+  bp, mps = make_set(tmp_path, dtype, sharded)
+  out = tmp_path / ("out" if sharded else "out.safetensors")
+  code, stdout, err = run(capsys, "merge", "--method", name, "--base", bp,
+                          "--models", *mps, "--out", out, "--no-progress",
+                          *sum((["--param", f"{k}={v}"]
+                                for k, v in params.items()), []))
+  assert code == 0, err
+  assert name in stdout and str(out) in stdout
+  _, _, want = expected(name, bp, mps, **params)
+  assert_same(out, want)
+  if sharded:
+    assert sorted(os.listdir(out)) == sorted(
+        ["config.json", "model.safetensors.index.json", *set(SHARD.values())])
+
+
+def test_module_entry_point(tmp_path):
+  bp, mps = make_set(tmp_path)
+  out = tmp_path / "out.safetensors"
+  proc = subprocess.run(
+      [sys.executable, "-m", "mtmerge", "merge", "--method", "task_arithmetic",
+       "--base", bp, "--models", *mps, "--out", str(out),
+       "--param", "scaling_factor=[0.2,0.3,0.5]"],
+      cwd=REPO, capture_output=True, text=True, timeout=120,
+      env={**os.environ, "PYTHONPATH": REPO})
+  assert proc.returncode == 0, proc.stderr
+  assert "task_arithmetic" in proc.stdout and proc.stderr == ""
+  _, _, want = expected("task_arithmetic", bp, mps,
+                        scaling_factor=[0.2, 0.3, 0.5])
+  assert_same(out, want)
+
+
+@pytest.mark.parametrize("name,params", [
+    ("tall_mask", ["tall_mask_lambda=[0.2,0.4,0.6]"]), ("emr_merging", [])])
+@pytest.mark.parametrize("dtype,sharded", [(np.float32, False), (BF16, True)])
+def test_compressed_and_reconstruct(tmp_path, capsys, name, params, dtype,
+                                    sharded):
+  bp, mps = make_set(tmp_path, dtype, sharded)
+  cdir = tmp_path / "compressed"
+  code, stdout, err = run(capsys, "merge", "--method", name, "--base", bp,
+                          "--models", *mps, "--out", cdir,
+                          *sum((["--param", p] for p in params), []))
+  assert code == 0, err
+  assert "full checkpoints" in stdout
+  assert sorted(os.listdir(cdir)) == ["compressed.json", "masks.safetensors",
+                                      "tau.safetensors"]
+  out = tmp_path / ("rec" if sharded else "rec.safetensors")
+  code, stdout, err = run(capsys, "reconstruct", "--in", cdir, "--base", bp,
+                          "--task", 1, "--out", out)
+  assert code == 0, err
+  hp = {"tall_mask_lambda": [0.2, 0.4, 0.6]} if params else {}
+  base, _, c = expected(name, bp, mps, **hp)
+  # On disk tau has the base's dtypes; reconstruct from that same tau.
+  c = c._replace(tau=jax.tree.map(lambda x, b: x.astype(b.dtype), c.tau, base))
+  assert_same(out, methods.reconstruct(base, c, 1))
+
+
+def _assert_clean_failure(tmp_path, code, err, *needles):
+  assert code == 2
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("mtmerge: error: "), err
+  for n in needles:
+    assert str(n) in lines[0], (n, lines[0])
+  assert "Traceback" not in err
+  leftover = [n for n in os.listdir(tmp_path)
+              if n.startswith((".", "out", "rec"))]
+  assert leftover == [], leftover
+
+
+def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
+  bp, mps = make_set(tmp_path)
+  out = tmp_path / "out.safetensors"
+
+  def merge(*extra, models=mps, method="ties_merging", base=bp):
+    return run(capsys, "merge", "--method", method, "--base", base,
+               "--models", *models, "--out", out, *extra)
+
+  missing = {k: v for k, v in make_model(9).items() if k != "head.b"}
+  mp = write_ckpt(tmp_path / "missing.safetensors", missing)
+  _assert_clean_failure(tmp_path, *merge(models=[mps[0], mp])[::2],
+                        "model 1", mp, "'head.b'")
+  shaped = {**make_model(9), "head.w": np.zeros((4, 8), np.float32)}
+  sp = write_ckpt(tmp_path / "shaped.safetensors", shaped)
+  _assert_clean_failure(tmp_path, *merge(models=[sp, mps[0]])[::2],
+                        sp, "'head.w'", "(4, 8)", "(8, 4)")
+  _assert_clean_failure(tmp_path, *merge("--param", "threshold=1.5")[::2],
+                        "threshold", "(0, 1]")
+  _assert_clean_failure(tmp_path, *merge(method="nope")[::2],
+                        "unknown method 'nope'")
+  # Parameters are validated before any checkpoint is opened.
+  _assert_clean_failure(tmp_path, *merge("--param", "foo=1",
+                                         base=tmp_path / "absent")[::2],
+                        "unknown parameter 'foo'")
+  _assert_clean_failure(tmp_path, *merge("--param", "threshold")[::2],
+                        "key=value")
+  for bad_value in (np.nan, np.inf):
+    bad = make_model(7)
+    bad["encoder.w"][2, 3] = bad_value
+    np_ = write_ckpt(tmp_path / "bad.safetensors", bad)
+    _assert_clean_failure(tmp_path, *merge(models=[mps[0], np_])[::2],
+                          "NaN or Inf", np_, "'encoder.w'")
+  _assert_clean_failure(tmp_path, *merge(models=mps[:1])[::2],
+                        "at least 2")
+  corrupt = tmp_path / "corrupt.safetensors"
+  corrupt.write_bytes(open(mps[1], "rb").read()[:-64])
+  _assert_clean_failure(tmp_path, *merge(models=[mps[0], corrupt])[::2],
+                        corrupt)
+  _assert_clean_failure(tmp_path, *merge(
+      models=[mps[0], tmp_path / "gone.safetensors"])[::2],
+      "gone.safetensors", "does not exist")
+  _assert_clean_failure(tmp_path, *run(capsys, "merge", "--method", "x")[::2],
+                        "--base")
+  _assert_clean_failure(tmp_path, *run(
+      capsys, "merge", "--method", "dare", "--base", bp, "--models", *mps,
+      "--out", tmp_path / "no" / "out")[::2], tmp_path / "no", "not exist")
+  # reconstruct: task out of range, not a compressed directory.
+  code, _, err = run(capsys, "merge", "--method", "emr_merging", "--base", bp,
+                     "--models", *mps, "--out", tmp_path / "c")
+  assert code == 0, err
+  for task in (3, -1):
+    _assert_clean_failure(tmp_path, *run(
+        capsys, "reconstruct", "--in", tmp_path / "c", "--base", bp,
+        "--task", task, "--out", tmp_path / "rec.safetensors")[::2],
+        f"--task {task} out of range", "(0..2)")
+  _assert_clean_failure(tmp_path, *run(
+      capsys, "reconstruct", "--in", bp, "--base", bp, "--task", 0,
+      "--out", tmp_path / "rec.safetensors")[::2], "not a directory")
+
+
+def test_failed_run_does_not_clobber_existing_output(tmp_path, capsys):
+  bp, mps = make_set(tmp_path, sharded=True)
+  out = tmp_path / "out"
+  code, _, err = run(capsys, "merge", "--method", "task_arithmetic", "--base",
+                     bp, "--models", *mps, "--out", out)
+  assert code == 0, err
+  before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+  bad = make_model(5)
+  bad["head.b"][0] = np.nan
+  np_ = write_ckpt(tmp_path / "nanmodel", bad, sharded=True)
+  code, _, err = run(capsys, "merge", "--method", "task_arithmetic", "--base",
+                     bp, "--models", mps[0], np_, "--out", out)
+  assert code == 2 and "'head.b'" in err
+  assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+  assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+  # A successful run replaces it.
+  code, _, err = run(capsys, "merge", "--method", "weight_averaging",
+                     "--base", bp, "--models", *mps, "--out", out)
+  assert code == 0, err
+  _, _, want = expected("weight_averaging", bp, mps)
+  assert_same(out, want)
+
+
+def test_parse_params():
+  assert cli.parse_params(["merge_func=mean", "threshold=0.2",
+                           "tall_mask_lambda=[0.2,0.4]", "scope=row",
+                           "weights=None"]) == {
+      "merge_func": "mean", "threshold": 0.2, "tall_mask_lambda": [0.2, 0.4],
+      "scope": "row", "weights": None}
+  with pytest.raises(ValueError, match="given twice"):
+    cli.parse_params(["a=1", "a=2"])
