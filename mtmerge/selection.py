@@ -163,34 +163,47 @@ def _search(count_fn, k, maxval, lo_cand, hi_cand):
   c_hi = jnp.where(hi_ok, c_hi, jnp.zeros_like(c_hi))
   keep_all = c_lo <= k
   keep_all = jnp.where(lo_ok, False, keep_all)
-  init = dict(lo=lo, hi=hi, c_lo=c_lo, c_hi=c_hi,
+  big = jnp.full(k.shape, 2 ** 31 - 1, jnp.int32)
+  init = dict(lo=lo, hi=hi, f_lo=(c_lo - k).astype(jnp.float32),
+              f_hi=-(k - c_hi).astype(jnp.float32), c_lo=c_lo,
               done=keep_all | (c_lo == k) | (hi - lo <= 1),
-              width_prev=jnp.full(k.shape, 2 ** 31 - 1, jnp.int32),
+              side=jnp.zeros(k.shape, jnp.int32), w1=big, w2=big,
               it=jnp.zeros((), jnp.int32))
 
   def cond(s):
     return (~jnp.all(s["done"])) & (s["it"] < _MAX_ITERS)
 
   def body(s):
-    lo, hi, c_lo, c_hi = s["lo"], s["hi"], s["c_lo"], s["c_hi"]
+    # Illinois false position on count(bits) - k: f_lo > 0 > f_hi.
+    lo, hi = s["lo"], s["hi"]
     width = hi - lo
-    frac = ((c_lo - k).astype(jnp.float32) /
-            jnp.maximum((c_lo - c_hi).astype(jnp.float32), 1.0))
+    frac = s["f_lo"] / jnp.maximum(s["f_lo"] - s["f_hi"], 1e-30)
     interp = lo + jnp.floor(frac * width.astype(jnp.float32)).astype(jnp.int32)
-    # Safeguard: bisect when the previous step failed to halve the bracket.
-    use_bisect = width > s["width_prev"] // 2
+    # Safeguard: bisect when two steps failed to halve the bracket (plateaus
+    # of tied values), so the worst case stays O(32) passes.
+    use_bisect = width > s["w2"] // 2
     mid = jnp.clip(jnp.where(use_bisect, lo + width // 2, interp),
                    lo + 1, hi - 1)
     c_mid = count_fn(mid)
+    f_mid = jnp.where(c_mid >= k, (c_mid - k).astype(jnp.float32),
+                      -(k - c_mid).astype(jnp.float32))
     go_up = c_mid >= k  # mid is a valid threshold: move lo up
     active = ~s["done"]
-    new_lo = jnp.where(active & go_up, mid, lo)
-    new_clo = jnp.where(active & go_up, c_mid, c_lo)
-    new_hi = jnp.where(active & ~go_up, mid, hi)
-    new_chi = jnp.where(active & ~go_up, c_mid, c_hi)
-    done = s["done"] | (new_clo == k) | (new_hi - new_lo <= 1)
-    return dict(lo=new_lo, hi=new_hi, c_lo=new_clo, c_hi=new_chi, done=done,
-                width_prev=jnp.where(active, width, s["width_prev"]),
+    up, down = active & go_up, active & ~go_up
+    # Illinois: the end kept twice in a row gets its value halved.
+    f_lo = jnp.where(up, f_mid, jnp.where(down & (s["side"] == -1),
+                                          s["f_lo"] / 2, s["f_lo"]))
+    f_hi = jnp.where(down, f_mid, jnp.where(up & (s["side"] == 1),
+                                            s["f_hi"] / 2, s["f_hi"]))
+    new_lo = jnp.where(up, mid, lo)
+    new_hi = jnp.where(down, mid, hi)
+    c_lo = jnp.where(up, c_mid, s["c_lo"])
+    done = s["done"] | (c_lo == k) | (new_hi - new_lo <= 1)
+    return dict(lo=new_lo, hi=new_hi, f_lo=f_lo, f_hi=f_hi, c_lo=c_lo,
+                done=done,
+                side=jnp.where(up, 1, jnp.where(down, -1, s["side"])),
+                w1=jnp.where(active, width, s["w1"]),
+                w2=jnp.where(active, s["w1"], s["w2"]),
                 it=s["it"] + 1)
 
   out = jax.lax.while_loop(cond, body, init)
