@@ -255,7 +255,9 @@ def load_task_vectors(base_path: str, model_paths: Sequence[str],
 
   Returns:
     `(base_flat, tvs_flat, layout)`: base tensors in their dtype, float32
-    task vectors `[T, *shape]` per tensor, and the base's layout.
+    task vectors `[T, *shape]` per floating tensor (integer tensors such
+    as position ids are kept from the base, not merged), and the base's
+    layout.
 
   Raises:
     CheckpointError: missing/corrupt files, mismatched keys or shapes, or
@@ -275,10 +277,14 @@ def load_task_vectors(base_path: str, model_paths: Sequence[str],
       if _nonfinite(x):
         raise CheckpointError(f"base ({fpath}) has NaN or Inf in tensor {k!r}")
       base[k] = x
-      tvs[k] = np.empty((T,) + x.shape, np.float32)
+      if _is_float(x.dtype):  # integer buffers (position ids) are not merged
+        tvs[k] = np.empty((T,) + x.shape, np.float32)
       bar.update()
     for i, m in enumerate(models):
       for fpath, k, x in _iter_tensors(m):
+        if k not in tvs:
+          bar.update()
+          continue
         slot = tvs[k][i, ...]  # a view, also for 0-d tensors
         slot[...] = x
         slot -= base[k].astype(np.float32, copy=False)
@@ -370,8 +376,10 @@ def _write_st(fpath: str, arrays: dict[str, np.ndarray],
     os.fsync(f.fileno())
 
 
-def _check_names(flat: Mapping[str, Any], layout: Layout, what: str) -> None:
-  missing = [k for k in layout.weight_map if k not in flat]
+def _check_names(flat: Mapping[str, Any], layout: Layout, what: str,
+                 floats_only: bool = False) -> None:
+  missing = [k for k in layout.weight_map if k not in flat and not (
+      floats_only and not _is_float(np_dtype(layout.dtypes[k])))]
   extra = [k for k in flat if k not in layout.weight_map]
   if missing:
     raise CheckpointError(f"{what} lacks tensor {missing[0]!r} of the base "
@@ -460,8 +468,8 @@ def save_compressed(compressed: Any, base_layout: Layout, path: str,
   """
   from mtmerge import __version__
   tau, masks = dict(compressed.tau), dict(compressed.masks)
-  _check_names(tau, base_layout, "the compressed vector")
-  _check_names(masks, base_layout, "the compressed masks")
+  _check_names(tau, base_layout, "the compressed vector", floats_only=True)
+  _check_names(masks, base_layout, "the compressed masks", floats_only=True)
   rescalers = np.asarray(compressed.rescalers, np.float32).reshape(-1)
   T = int(rescalers.shape[0])
   meta = {"format": "mtmerge.compressed", "mtmerge_version": __version__,

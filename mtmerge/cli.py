@@ -161,8 +161,10 @@ def _merge(args) -> None:
   _check_out(args.out)
   base, tvs, layout = checkpoint_io.load_task_vectors(
       args.base, args.models, progress=not args.no_progress)
-  out = methods.merge(args.method, base, tvs, **hparams)
+  floats = {k: base[k] for k in tvs}
+  out = methods.merge(args.method, floats, tvs, **hparams)
   del tvs
+  kept = {k: v for k, v in base.items() if k not in floats}  # int buffers
   if spec.compressed:
     info = checkpoint_io.save_compressed(out, layout, args.out, args.method,
                                          full)
@@ -170,6 +172,7 @@ def _merge(args) -> None:
             f" of {len(args.models)} full checkpoints "
             f"({_size(info['full_bytes'])})")
   else:
+    out = {**out, **kept}
     what = f"{layout.kind}, {_size(checkpoint_io.save(out, args.out, layout))}"
   params = ", ".join(f"{k}={v!r}" for k, v in full.items())
   print(f"merged T={len(args.models)} models with {args.method}"
@@ -187,7 +190,8 @@ def _reconstruct(args) -> None:
                      f"tasks (0..{T - 1})")
   base, layout = checkpoint_io.load(args.base)
   from mtmerge import methods
-  model = methods.reconstruct(base, compressed, args.task)
+  floats = {k: v for k, v in base.items() if k in compressed.tau}
+  model = {**base, **methods.reconstruct(floats, compressed, args.task)}
   size = _size(checkpoint_io.save(model, args.out, layout))
   print(f"reconstructed task {args.task} of {T} ({meta.get('method')})")
   print(f"wrote {args.out} ({layout.kind}, {size}) in "

@@ -254,3 +254,29 @@ def test_parse_params():
       "scope": "row", "weights": None}
   with pytest.raises(ValueError, match="given twice"):
     cli.parse_params(["a=1", "a=2"])
+
+
+def test_integer_buffers_are_kept_from_base(tmp_path):
+  """Position ids (int64) are copied from the base, never merged."""
+  from safetensors.numpy import load_file, save_file
+  rng = np.random.default_rng(0)
+  ids = np.arange(7, dtype=np.int64)[None]
+  paths = []
+  for i in range(3):
+    p = str(tmp_path / f"m{i}.safetensors")
+    save_file({"w": rng.standard_normal((4, 3)).astype(np.float32),
+               "position_ids": ids + (0 if i == 0 else 100)}, p)
+    paths.append(p)
+  out = str(tmp_path / "out.safetensors")
+  assert cli.main(["merge", "--method", "ties_merging", "--base", paths[0],
+                   "--models", *paths[1:], "--out", out, "--no-progress"]) == 0
+  got = load_file(out)
+  np.testing.assert_array_equal(got["position_ids"], ids)
+  assert got["position_ids"].dtype == np.int64
+  comp = str(tmp_path / "tall")
+  assert cli.main(["merge", "--method", "tall_mask", "--base", paths[0],
+                   "--models", *paths[1:], "--out", comp, "--no-progress"]) == 0
+  rec = str(tmp_path / "rec.safetensors")
+  assert cli.main(["reconstruct", "--in", comp, "--base", paths[0], "--task",
+                   "1", "--out", rec]) == 0
+  np.testing.assert_array_equal(load_file(rec)["position_ids"], ids)
