@@ -241,7 +241,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def load_task_vectors(base_path: str, model_paths: Sequence[str],
-                      progress: bool = True):
+                      progress: bool = True, as_jax: bool = False):
   """Loads base, then each model ONE AT A TIME into stacked task vectors.
 
   All headers are validated first (keys, shapes), so a bad input fails
@@ -252,6 +252,9 @@ def load_task_vectors(base_path: str, model_paths: Sequence[str],
     base_path: the pretrained checkpoint.
     model_paths: T fine-tuned checkpoints (any layout each).
     progress: show a tqdm bar on stderr (only when it is a terminal).
+    as_jax: return jax arrays, moved to the device one tensor at a time
+      while the host copy is dropped (a whole-tree `device_put` would hold
+      both copies: 2x the task vectors' memory).
 
   Returns:
     `(base_flat, tvs_flat, layout)`: base tensors in their dtype, float32
@@ -292,6 +295,11 @@ def load_task_vectors(base_path: str, model_paths: Sequence[str],
           raise CheckpointError(f"model {i} ({fpath}) has NaN or Inf in the "
                                 f"task vector of tensor {k!r}")
         bar.update()
+  if as_jax:
+    import jax  # local: keeps `import mtmerge.checkpoint_io` light
+    for d in (tvs, base):
+      for k in list(d):
+        d[k] = jax.device_put(d.pop(k))
   return base, tvs, layout
 
 

@@ -160,7 +160,7 @@ def _merge(args) -> None:
   full = spec.check(hparams, len(args.models))  # before any heavy loading
   _check_out(args.out)
   base, tvs, layout = checkpoint_io.load_task_vectors(
-      args.base, args.models, progress=not args.no_progress)
+      args.base, args.models, progress=not args.no_progress, as_jax=True)
   floats = {k: base[k] for k in tvs}
   out = methods.merge(args.method, floats, tvs, **hparams)
   del tvs
