@@ -1,6 +1,6 @@
 """Default job: merge the real all-MiniLM-L6-v2 weights with every method.
 
-Local (CPU, about a minute):
+Local (CPU, a few minutes):
   python -m mtmerge.main --config configs/default.py --workdir /tmp/mtmerge
 Quick variant used by the tests (seconds):
   python -m mtmerge.main --config configs/default.py:runlocal --workdir /tmp/x
@@ -20,6 +20,9 @@ def get_config(arg=None):
   c = ml_collections.ConfigDict()
   c.job = "demo"
   c.model = "minilm"
+  # The transformer blocks (10.6M params); embeddings stay as pretrained, as
+  # in most merging work on text encoders.
+  c.merge_params = r"encoder\..*"
   c.num_tasks = int(args.get("tasks", 4))
   c.seed = 0
   c.task_vectors = ml_collections.ConfigDict(
@@ -44,6 +47,7 @@ def get_config(arg=None):
       "emr_merging",
   ]
   if "runlocal" in args:
+    c.merge_params = r"encoder\.layer\.0\..*"
     c.methods = [m for m in c.methods if m.split("(")[0] in
                  ("task_arithmetic", "ties_merging", "tall_mask")][:3]
   return c

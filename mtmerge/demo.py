@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import time
 from typing import Any
 
@@ -105,7 +106,8 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
 
   Args:
     config: ml_collections.ConfigDict with `model` ('minilm' or a
-      .safetensors path), `num_tasks`, `seed`, `task_vectors` (scale, rank,
+      .safetensors path), `merge_params` (regex over tensor names: which
+      tensors are merged; the rest stay as in the base), `num_tasks`, `seed`, `task_vectors` (scale, rank,
       sparse_frac) and `methods` (list of "name(key=value, ...)").
     workdir: output directory.
 
@@ -114,9 +116,14 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
   """
   path = minilm_path() if config.model == "minilm" else config.model
   base, skipped = load_float_params(path)
+  pattern = re.compile(config.merge_params)
+  frozen = sorted(k for k in base if not pattern.fullmatch(k))
+  base = {k: v for k, v in base.items() if pattern.fullmatch(k)}
   n_params = sum(v.size for v in base.values())
-  print(f"model: {path}\n  {len(base)} float tensors, {n_params / 1e6:.1f}M "
-        f"params (kept from base unmerged: {', '.join(skipped) or 'none'})")
+  print(f"model: {path}\n  merging {len(base)} tensors matching "
+        f"{config.merge_params!r} ({n_params / 1e6:.1f}M params); kept from "
+        f"the base: {len(frozen) + len(skipped)} tensors "
+        f"({', '.join((frozen + skipped)[:3])}, ...)")
   tv_cfg = config.task_vectors
   tvs = synthetic_task_vectors(base, config.num_tasks, config.seed,
                                tv_cfg.scale, tv_cfg.rank, tv_cfg.sparse_frac)
@@ -154,7 +161,7 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
       storage = ckpt_mb
     rows.append(dict(method=text, **diag, storage_mb=storage, seconds=secs))
     print(f"  {text:<40s} retention {diag['retention']:.3f}  "
-          f"{secs:6.2f}s")
+          f"{secs:6.2f}s", flush=True)
   rows.append(dict(method=f"individual x{T} (reference)", retention=1.0,
                    min_retention=1.0, rel_norm=float("nan"), density=1.0,
                    storage_mb=ckpt_mb * T, seconds=0.0))
