@@ -15,39 +15,9 @@ from mtmerge import checkpoint_io as cio
 from mtmerge import cli
 from mtmerge import methods
 
-BF16 = np.dtype(ml_dtypes.bfloat16)
-SHAPES = {"encoder.w": (16, 8), "encoder.b": (8,), "head.w": (8, 4),
-          "head.b": (4,), "logit_scale": ()}  # 0-d, as CLIP's
-SHARD = {k: f"model-0000{1 if k.startswith('encoder') else 2}-of-00002."
-            "safetensors" for k in SHAPES}
+from ckpt_helpers import BF16, SHAPES, SHARD, make_model, write_ckpt  # noqa: E501,F401
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def make_model(seed, dtype=np.float32, base=None):
-  rng = np.random.default_rng(seed)
-  out = {}
-  for k, s in SHAPES.items():
-    x = np.asarray(rng.normal(size=s), np.float32) * 0.1
-    if base is not None:
-      x = x + base[k].astype(np.float32)
-    out[k] = np.asarray(x, dtype)  # an array, also when 0-d
-  return out
-
-
-def write_ckpt(path, tensors, sharded=False):
-  path = str(path)
-  if not sharded:
-    save_file(tensors, path, metadata={"format": "pt"})
-    return path
-  os.makedirs(path)
-  for file in sorted(set(SHARD.values())):
-    save_file({k: v for k, v in tensors.items() if SHARD[k] == file},
-              os.path.join(path, file), metadata={"format": "pt"})
-  with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
-    json.dump({"metadata": {}, "weight_map": SHARD}, f)
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump({"model_type": "toy"}, f)
-  return path
 
 
 def make_set(d, dtype=np.float32, sharded=False, n=3):
