@@ -7,12 +7,14 @@ slow on CPU and impossible to shard cleanly; instead we search for the
 threshold in the space of float32 bit patterns, where the order of
 non-negative floats equals the order of their int32 bit patterns:
 
-* each iteration is one fused counting pass `count(|x| >= thr)` over all
-  leaves (a reduction, so it shards over any mesh axis for free);
-* the next threshold interpolates the empirical CDF between the bracket ends
-  (regula falsi in bit space, which is roughly log-magnitude space), with a
-  bisection step whenever an interpolation step failed to halve the bracket,
-  so it needs at most ~2x32 passes and usually well under 20;
+* the starting bracket comes from quantiles of a small sorted strided
+  sample (~4 sigma margins), verified by two exact counts (falling back to
+  the full range where it misses);
+* each iteration is one fused counting pass `count(|x| >= thr)` over the
+  leaves, stacked by shape (a reduction, so it shards over any mesh axis);
+* the next threshold is Illinois false position on the count in bit space,
+  with a bisection step whenever two steps failed to halve the bracket, so
+  it needs at most ~2x32 passes (9 at 88M x 8 tasks, Gaussian entries);
 * it stops when `count(|x| >= thr) == k` exactly, or when the bracket is one
   ulp wide (ties at the k-th value: all tied entries are kept).
 
