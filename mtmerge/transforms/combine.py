@@ -21,6 +21,19 @@ from mtmerge.transforms import base
 Tree = Any
 
 
+def task_sum(x: jax.Array) -> jax.Array:
+  """`sum(x, axis=0)` over the (small, static) task axis, unrolled.
+
+  XLA:CPU's default reduce fusion makes `jnp.sum(x, axis=0)` on a
+  `[8, 3072, 768]` leaf ~30x slower than `x[0] + ... + x[7]` (measured in
+  benchmarks/merge_bench.py); the unrolled form is one elementwise fusion.
+  """
+  out = x[0]
+  for t in range(1, x.shape[0]):
+    out = out + x[t]
+  return out
+
+
 def elected_signs(tvs: Tree, method: str = "sum",
                   zero_sign: str = "majority") -> Tree:
   """The elected sign (+1/-1) of every entry, a tree without the task axis.
@@ -41,7 +54,7 @@ def elected_signs(tvs: Tree, method: str = "sum",
 
   def vote(x):
     x = x.astype(jnp.float32)
-    return jnp.sign(jnp.sum(x if method == "sum" else jnp.sign(x), axis=0))
+    return jnp.sign(task_sum(x if method == "sum" else jnp.sign(x)))
 
   votes = jax.tree.map(vote, tvs)
   if zero_sign == "positive":
@@ -92,7 +105,7 @@ def disjoint_merge(merge_func: Literal["mean", "sum", "max"] = "mean",
     def one(x):
       xf = x.astype(jnp.float32)
       if merge_func == "sum":
-        out = jnp.sum(xf, axis=0)
+        out = task_sum(xf)
       elif merge_func == "max":
         idx = jnp.argmax(jnp.abs(xf), axis=0)
         out = jnp.take_along_axis(xf, idx[None], axis=0)[0]
@@ -101,8 +114,8 @@ def disjoint_merge(merge_func: Literal["mean", "sum", "max"] = "mean",
         w = _weights(weights, x.shape[0])
         if w is not None:
           nz = nz * w.reshape((-1,) + (1,) * (x.ndim - 1))
-        den = jnp.sum(nz, axis=0)
-        out = jnp.sum(xf, axis=0) / jnp.where(den == 0, 1.0, den)
+        den = task_sum(nz)
+        out = task_sum(xf) / jnp.where(den == 0, 1.0, den)
       return out.astype(x.dtype)
     return jax.tree.map(one, tvs)
   return base.stateless(fn)
@@ -111,10 +124,11 @@ def disjoint_merge(merge_func: Literal["mean", "sum", "max"] = "mean",
 def sum_tasks() -> base.MergeTransform:
   """`sum_t tau_t` (task arithmetic's tau_MTL), accumulated in float32."""
   return base.stateless(lambda tvs: jax.tree.map(
-      lambda x: jnp.sum(x.astype(jnp.float32), axis=0).astype(x.dtype), tvs))
+      lambda x: task_sum(x.astype(jnp.float32)).astype(x.dtype), tvs))
 
 
 def mean_tasks() -> base.MergeTransform:
   """`mean_t tau_t` (weight averaging expressed on task vectors)."""
   return base.stateless(lambda tvs: jax.tree.map(
-      lambda x: jnp.mean(x.astype(jnp.float32), axis=0).astype(x.dtype), tvs))
+      lambda x: (task_sum(x.astype(jnp.float32)) / x.shape[0]).astype(x.dtype),
+      tvs))
