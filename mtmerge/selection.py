@@ -163,8 +163,8 @@ def _search(count_fn, k, maxval, lo_cand, hi_cand):
   c_lo = jnp.where(lo_ok, c_lo, c_tiny)
   hi = jnp.where(hi_ok, hi, top)
   c_hi = jnp.where(hi_ok, c_hi, jnp.zeros_like(c_hi))
-  keep_all = c_lo <= k
-  keep_all = jnp.where(lo_ok, False, keep_all)
+  # Fewer than k nonzero entries (only possible after the fallback): keep all.
+  keep_all = ~lo_ok & (c_lo <= k)
   big = jnp.full(k.shape, 2 ** 31 - 1, jnp.int32)
   init = dict(lo=lo, hi=hi, f_lo=(c_lo - k).astype(jnp.float32),
               f_hi=-(k - c_hi).astype(jnp.float32), c_lo=c_lo,

@@ -97,14 +97,20 @@ def _compile(rules: Iterable[tuple[str, Any]]) -> list[tuple[re.Pattern, Any]]:
   return compiled
 
 
+def _uncovered(path: str, compiled) -> UncoveredPathError:
+  return UncoveredPathError(
+      f"parameter {path!r} is not covered by any rule "
+      f"(patterns: {[p.pattern for p, _ in compiled]}); add a catch-all "
+      "like ('.*', ...)")
+
+
 def match_rules(rules: Iterable[tuple[str, Any]], path: str) -> Any:
   """Returns the value of the first rule whose regex fully matches `path`."""
-  for pattern, value in _compile(rules):
+  compiled = _compile(rules)
+  for pattern, value in compiled:
     if pattern.fullmatch(path):
       return value
-  raise UncoveredPathError(
-      f"parameter {path!r} is not covered by any rule "
-      f"(patterns: {[p for p, _ in rules]}); add a catch-all like ('.*', ...)")
+  raise _uncovered(path, compiled)
 
 
 def tree_map_with_regex(rules: Iterable[tuple[str, Any]], tree: Tree,
@@ -122,10 +128,7 @@ def tree_map_with_regex(rules: Iterable[tuple[str, Any]], tree: Tree,
     for pattern, value in compiled:
       if pattern.fullmatch(path):
         return value if fn is None else fn(path, leaf, value)
-    raise UncoveredPathError(
-        f"parameter {path!r} is not covered by any rule "
-        f"(patterns: {[p.pattern for p, _ in compiled]}); add a catch-all "
-        "like ('.*', ...)")
+    raise _uncovered(path, compiled)
 
   return map_with_path(one, tree)
 
