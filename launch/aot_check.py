@@ -1,0 +1,232 @@
+#!/usr/bin/env python3
+r"""Compiles a sharded step for N devices ahead of time; prints its memory.
+
+Run it before spending pod time: it lowers and compiles the step on N fake
+CPU devices (re-executing itself with the matching XLA_FLAGS when needed),
+over abstract `jax.ShapeDtypeStruct` arguments, so no parameter is ever
+allocated, and prints the per-device sizes from
+`compiled.memory_analysis()` (MaxText's AOT check is the model).
+
+  python launch/aot_check.py --num_devices 64 --mesh data:1,fsdp:-1,task:1 \
+      --method "ties_merging(threshold=0.2)" --num_params 1B --num_tasks 8
+
+Steps are hooks `aot_step(config, mesh) -> (jitted_fn, abstract_args)`:
+`--step merge` (built in: `mtmerge.methods` over a synthetic transformer of
+`--num_params` or `--width`/`--layers`) or `--step package.module:function`
+(e.g. a trainer's step), which reads whatever it needs from `--config`.
+
+Caveat: the numbers are XLA:CPU's buffer assignment for the same sharded
+program. They track per-device argument/output sizes exactly and temporaries
+roughly; for exact TPU numbers compile against a TPU topology
+(`jax.experimental.topologies`, needs libtpu) with the same hook.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import math
+import os
+import re
+import sys
+from typing import Any
+
+_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def _ensure_devices(n: int, argv: list[str]) -> None:
+  """Re-execs this script with N fake CPU devices unless already set up."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if f"{_COUNT_FLAG}={n}" in flags.split() and os.environ.get(
+      "JAX_PLATFORMS") == "cpu":
+    return
+  if os.environ.get("MTMERGE_AOT_REEXEC"):
+    raise RuntimeError(f"re-exec did not give {n} CPU devices (XLA_FLAGS="
+                       f"{flags!r})")
+  flags = re.sub(rf"{_COUNT_FLAG}=\d+", "", flags).strip()
+  os.environ["XLA_FLAGS"] = f"{flags} {_COUNT_FLAG}={n}".strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  os.environ["MTMERGE_AOT_REEXEC"] = "1"
+  sys.stdout.flush()
+  os.execv(sys.executable, [sys.executable, os.path.abspath(__file__)] + argv)
+
+
+def parse_count(text: str | int) -> int:
+  """`'125M'`, `'1.5B'`, `'3e6'` or an int -> int."""
+  if isinstance(text, int):
+    return text
+  m = re.fullmatch(r"\s*([\d.]+(?:e\d+)?)\s*([KMBT]?)\s*", str(text), re.I)
+  if not m:
+    raise ValueError(f"cannot parse a parameter count from {text!r}")
+  mult = {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2).upper()]
+  return int(float(m.group(1)) * mult)
+
+
+def transformer_shapes(width: int, layers: int, vocab: int
+                       ) -> dict[str, tuple[int, ...]]:
+  """Param shapes of a plain pre-LN transformer encoder (BERT/ViT-like)."""
+  d = width
+  shapes = {"embed/table": (vocab, d)}
+  for i in range(layers):
+    for name, shape in (("attn/qkv/kernel", (d, 3 * d)), ("attn/qkv/bias", (3 * d,)),
+                        ("attn/out/kernel", (d, d)), ("attn/out/bias", (d,)),
+                        ("mlp/in/kernel", (d, 4 * d)), ("mlp/in/bias", (4 * d,)),
+                        ("mlp/out/kernel", (4 * d, d)), ("mlp/out/bias", (d,)),
+                        ("ln1/scale", (d,)), ("ln2/scale", (d,))):
+      shapes[f"layer_{i}/{name}"] = shape
+  return shapes
+
+
+def width_for(num_params: int, layers: int, vocab: int) -> int:
+  """The width (multiple of 64) giving about `num_params` parameters."""
+  # 12 L d^2 + V d = N, ignoring the O(L d) vectors.
+  d = (-vocab + math.sqrt(vocab ** 2 + 48 * layers * num_params)) / (
+      24 * layers)
+  return max(64, int(round(d / 64)) * 64)
+
+
+# Default FSDP-style rules for the synthetic model: shard the larger dim of
+# each matrix over 'fsdp', keep vectors replicated.
+DEFAULT_RULES = [(r"embed/table", ("fsdp", None)),
+                 (r".*/(qkv|in)/kernel", (None, "fsdp")),
+                 (r".*/kernel", ("fsdp", None)),
+                 (r".*", None)]
+
+
+def merge_step(config, mesh):
+  """AOT hook for `methods` merges over abstract sharded params.
+
+  Reads `config.aot`: method, num_tasks, dtype, width/layers/vocab or
+  num_params, task_axis, and optional `config.param_rules`.
+  """
+  import jax
+  import numpy as np
+  from mtmerge import methods, sharding, tree as tree_lib
+  a = config.aot
+  width = a.width or width_for(parse_count(a.num_params), a.layers, a.vocab)
+  shapes = transformer_shapes(width, a.layers, a.vocab)
+  dtype = np.dtype(a.dtype)
+  rules = [tuple(r) for r in (config.get("param_rules") or DEFAULT_RULES)]
+  base = tree_lib.from_flat_dict(
+      {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()})
+  tvs = tree_lib.from_flat_dict(
+      {k: jax.ShapeDtypeStruct((a.num_tasks,) + s, dtype)
+       for k, s in shapes.items()})
+  base_sh = sharding.shardings_from_rules(base, rules, mesh)
+  tvs_sh = sharding.task_vector_sharding(tvs, mesh, rules,
+                                         task_axis=a.task_axis or None)
+  with_sh = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  base = jax.tree.map(with_sh, base, base_sh)
+  tvs = jax.tree.map(with_sh, tvs, tvs_sh)
+  name, hparams = methods.parse(a.method)
+  spec = methods.get(name)
+  full = spec.check(hparams, a.num_tasks)
+  static = {k: v for k, v in full.items() if k in spec.static}
+  traced = {k: v for k, v in full.items() if k not in spec.static}
+
+  def step(base, tvs, traced):
+    return spec.fn(base, tvs, **static, **traced)
+
+  fn = jax.jit(step, out_shardings=None if spec.compressed else base_sh)
+  return fn, (base, tvs, traced)
+
+
+STEPS = {"merge": merge_step}
+
+
+def resolve_step(name: str):
+  """A built-in step name or `module:function`."""
+  if name in STEPS:
+    return STEPS[name]
+  if ":" not in name:
+    raise ValueError(f"unknown step {name!r}; use one of {sorted(STEPS)} or "
+                     "package.module:function")
+  module, fn = name.split(":", 1)
+  return getattr(importlib.import_module(module), fn)
+
+
+def load_config(spec: str | None):
+  import ml_collections
+  if not spec:
+    return ml_collections.ConfigDict()
+  path, _, arg = spec.partition(":")
+  mod_spec = importlib.util.spec_from_file_location("_aot_config", path)
+  if mod_spec is None or not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found")
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def check(config, mesh, step: str = "merge") -> dict[str, Any]:
+  """Lowers and compiles `step` on `mesh`; returns per-device byte counts."""
+  import jax
+  fn, args = resolve_step(step)(config, mesh)
+  with jax.set_mesh(mesh):
+    compiled = fn.lower(*args).compile()
+  mem = compiled.memory_analysis()
+  fields = ("argument_size_in_bytes", "output_size_in_bytes",
+            "alias_size_in_bytes", "temp_size_in_bytes",
+            "generated_code_size_in_bytes")
+  out = {f: int(getattr(mem, f, 0) or 0) for f in fields} if mem else {}
+  if out:
+    out["peak_estimate_bytes"] = (out["argument_size_in_bytes"] +
+                                  out["output_size_in_bytes"] -
+                                  out["alias_size_in_bytes"] +
+                                  out["temp_size_in_bytes"])
+  out["num_devices"] = mesh.size
+  out["mesh"] = dict(mesh.shape)
+  return out
+
+
+def _gib(n: int) -> str:
+  return f"{n / 2 ** 30:10.3f} GiB"
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--num_devices", type=int, required=True)
+  p.add_argument("--mesh", default=None,
+                 help="e.g. data:1,fsdp:-1,task:1 (default: config.mesh or "
+                 "fsdp:-1)")
+  p.add_argument("--config", default=None, help="configs/X.py[:arg]")
+  p.add_argument("--step", default="merge")
+  p.add_argument("--method", default="task_arithmetic")
+  p.add_argument("--num_params", default="100M")
+  p.add_argument("--width", type=int, default=0)
+  p.add_argument("--layers", type=int, default=12)
+  p.add_argument("--vocab", type=int, default=32000)
+  p.add_argument("--num_tasks", type=int, default=8)
+  p.add_argument("--dtype", default="float32")
+  p.add_argument("--task_axis", default="task")
+  args = p.parse_args(argv)
+  _ensure_devices(args.num_devices, argv)
+
+  import jax  # after XLA_FLAGS are final
+  import ml_collections
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+      __file__))))
+  from mtmerge import sharding
+  config = load_config(args.config)
+  with config.unlocked():
+    config.aot = ml_collections.ConfigDict(dict(
+        method=args.method, num_params=args.num_params, width=args.width,
+        layers=args.layers, vocab=args.vocab, num_tasks=args.num_tasks,
+        dtype=args.dtype, task_axis=args.task_axis))
+  mesh_spec = args.mesh or config.get("mesh") or [("fsdp", -1)]
+  mesh = sharding.make_mesh(mesh_spec, jax.devices()[:args.num_devices])
+  if args.task_axis not in mesh.shape:
+    config.aot.task_axis = ""  # no such mesh axis: keep T unsharded
+  res = check(config, mesh, args.step)
+  print(f"step {args.step} on {res['num_devices']} devices, mesh "
+        f"{res['mesh']} (per device):")
+  for k, v in res.items():
+    if k.endswith("bytes"):
+      print(f"  {k:32s} {_gib(v)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

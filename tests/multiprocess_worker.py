@@ -1,0 +1,123 @@
+"""A tiny learned merge run the same way on 1 process or on N processes.
+
+AdaMerging-style (Yang et al., 2024, "AdaMerging: Adaptive Model Merging for
+Multi-Task Learning"): task-wise coefficients `lam` of 3 task vectors are
+learned by Adam on the prediction entropy of the merged linear model over
+unlabeled batches. Params are sharded over an `fsdp` axis, task vectors over
+the task axis, batches over `data`; every host reads only its slice of each
+batch and `distributed.global_batch` assembles the global array.
+
+`tests/test_distributed.py` imports `learned_merge` to run it in the pytest
+process (8 devices) and spawns this file as a script, once per process:
+
+  python tests/multiprocess_worker.py --process_id I --num_processes 2 \
+      --port PORT --local_devices 4 --out result_I.json
+"""
+
+import argparse
+import json
+import os
+import re
+import sys
+
+MESH = [("data", -1), ("fsdp", 2), ("task", 1)]
+RULES = [("w", (None, "fsdp")), (".*", None)]
+D_IN, D_OUT, TASKS, BATCH, STEPS = 16, 8, 3, 16, 4
+
+
+def problem():
+  """Base params, stacked task vectors and the STEPS global batches."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  f32 = np.float32
+  base = {"w": (rng.standard_normal((D_IN, D_OUT)) * 0.5).astype(f32),
+          "b": np.zeros(D_OUT, f32)}
+  tvs = {"w": (rng.standard_normal((TASKS, D_IN, D_OUT)) * 0.5).astype(f32),
+         "b": (rng.standard_normal((TASKS, D_OUT)) * 0.3).astype(f32)}
+  data = rng.standard_normal((STEPS, BATCH, D_IN)).astype(f32)
+  return base, tvs, data
+
+
+def learned_merge(mesh):
+  """Runs STEPS steps; returns (final coefficients, per-step losses)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from mtmerge import distributed, sharding
+
+  base, tvs, data = problem()
+  base = distributed.put_global(
+      base, sharding.shardings_from_rules(base, RULES, mesh))
+  tvs = distributed.put_global(
+      tvs, sharding.task_vector_sharding(tvs, mesh, RULES))
+  replicated = NamedSharding(mesh, P())
+  lam = distributed.put_global(np.full((TASKS,), 0.3, np.float32), replicated)
+  opt = optax.adam(0.05)
+  opt_state = jax.jit(opt.init, out_shardings=replicated)(lam)
+  local_rows = sharding.check_batch_divides(BATCH, mesh, "data")
+  rows = distributed.host_local_slice(BATCH)
+  assert rows.stop - rows.start == local_rows, (rows, local_rows)
+
+  def loss_fn(lam, base, tvs, x):
+    merged = jax.tree.map(lambda b, t: b + jnp.tensordot(lam, t, axes=1),
+                          base, tvs)
+    logp = jax.nn.log_softmax(x @ merged["w"] + merged["b"])
+    return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))
+
+  @jax.jit
+  def step(lam, opt_state, base, tvs, x):
+    loss, g = jax.value_and_grad(loss_fn)(lam, base, tvs, x)
+    updates, opt_state = opt.update(g, opt_state, lam)
+    return optax.apply_updates(lam, updates), opt_state, loss
+
+  losses = []
+  for i in range(STEPS):
+    x = distributed.global_batch(data[i][rows], mesh, ("data",))
+    for shard in x.addressable_shards:  # each host fed the rows it owns
+      np.testing.assert_array_equal(np.asarray(shard.data), data[i][shard.index])
+    lam, opt_state, loss = step(lam, opt_state, base, tvs, x)
+    # Block on every step: collective steps left in flight can deadlock with
+    # several devices per process (DATA.md).
+    loss.block_until_ready()
+    losses.append(float(np.asarray(loss.addressable_data(0))))
+  return np.asarray(lam.addressable_data(0)), losses
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--process_id", type=int, required=True)
+  parser.add_argument("--num_processes", type=int, required=True)
+  parser.add_argument("--port", type=int, required=True)
+  parser.add_argument("--local_devices", type=int, default=4)
+  parser.add_argument("--out", required=True)
+  args = parser.parse_args()
+  flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
+                 os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = (
+      f"{flags} --xla_force_host_platform_device_count={args.local_devices}"
+  ).strip()
+  os.environ["JAX_PLATFORMS"] = "cpu"
+  from mtmerge import distributed, sharding  # after XLA_FLAGS
+  assert distributed.maybe_initialize(
+      f"localhost:{args.port}", args.num_processes, args.process_id,
+      initialization_timeout=30)
+  assert distributed.maybe_initialize()  # idempotent
+  import jax
+  assert distributed.process_count() == args.num_processes
+  assert distributed.is_main() == (args.process_id == 0)
+  assert jax.local_device_count() == args.local_devices
+  mesh = sharding.make_mesh(MESH)
+  lam, losses = learned_merge(mesh)
+  tmp = args.out + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump({"lam": lam.tolist(), "losses": losses,
+               "process_index": distributed.process_index(),
+               "device_ids": [int(d.id) for d in mesh.devices.flat]}, f)
+  os.replace(tmp, args.out)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  main()
