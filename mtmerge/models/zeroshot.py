@@ -1,0 +1,196 @@
+"""Zero-shot classification heads from class names and prompt templates.
+
+The CLIP recipe (Radford et al. 2021, "Learning Transferable Visual Models
+From Natural Language Supervision"), as used by the task-arithmetic vision
+benchmark (Ilharco et al. 2023, "Editing Models with Task Arithmetic"):
+for each class c, embed every prompt `template.format(c)` with the text
+encoder, L2-normalize each embedding, average over templates and
+renormalize. The head is the `[C, D]` stack of these class vectors and
+
+  logits = scale * normalize(image_features) @ head.T,
+
+with `scale = exp(logit_scale)` (CLIP's learned temperature, 100 for the
+OpenAI models). The fine-tuned and merged image encoders are evaluated
+with these frozen heads.
+
+`TEMPLATES` has short prompt lists for the eight tasks of that benchmark
+and `CLASSNAMES` the class names of the tasks with few classes, in TFDS
+label order; `clean_classname` turns TFDS label names (e.g. SUN397's
+"/a/abbey" or Cars196's names) into prompt text for the rest.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Tokenize = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
+
+_PHOTO = ("a photo of a {}.", "a cropped photo of a {}.",
+          "a close-up photo of a {}.", "a good photo of the {}.")
+
+TEMPLATES: dict[str, tuple[str, ...]] = {
+    "mnist": ("a photo of the handwritten digit {}.",
+              "an image of the number {}.", "a scan of a written {}.",
+              "the digit {}, handwritten in ink."),
+    "svhn": ("a photo of the house number {}.",
+             "a street sign showing the digit {}.",
+             "a cropped photo of the number {}.",
+             "a blurry photo of the digit {}."),
+    "eurosat": ("a satellite photo of {}.", "an aerial view of {}.",
+                "a sentinel-2 image of {}.", "a low-resolution satellite "
+                "image of {}."),
+    "resisc45": ("a satellite image of a {}.", "an aerial photo of a {}.",
+                 "a remote sensing image showing a {}.",
+                 "an overhead view of the {}."),
+    "gtsrb": ("a photo of a \"{}\" traffic sign.",
+              "a zoomed-in photo of the \"{}\" road sign.",
+              "a blurry photo of a \"{}\" traffic sign.",
+              "a German traffic sign meaning \"{}\"."),
+    "dtd": ("a photo of a {} texture.", "a close-up of a {} surface.",
+            "a {} pattern.", "a photo of something with a {} texture."),
+    "cars196": ("a photo of a {}, a type of car.", "a photo of my {}.",
+                "a photo of the {} car.", "a blurry photo of a {}."),
+    "sun397": _PHOTO + ("a photo of the {}, a kind of scene.",),
+}
+
+_EUROSAT = ("annual crop land", "forest", "herbaceous vegetation land",
+            "highway or road", "industrial buildings", "pasture land",
+            "permanent crop land", "residential buildings", "river",
+            "sea or lake")
+
+_RESISC45 = tuple(n.replace("_", " ") for n in (
+    "airplane airport baseball_diamond basketball_court beach bridge "
+    "chaparral church circular_farmland cloud commercial_area "
+    "dense_residential desert forest freeway golf_course ground_track_field "
+    "harbor industrial_area intersection island lake meadow "
+    "medium_residential mobile_home_park mountain overpass palace "
+    "parking_lot railway railway_station rectangular_farmland river "
+    "roundabout runway sea_ice ship snowberg sparse_residential stadium "
+    "storage_tank tennis_court terrace thermal_power_station wetland"
+).split())
+
+_DTD = tuple((
+    "banded blotchy braided bubbly bumpy chequered cobwebbed cracked "
+    "crosshatched crystalline dotted fibrous flecked freckled frilly gauzy "
+    "grid grooved honeycombed interlaced knitted lacelike lined marbled "
+    "matted meshed paisley perforated pitted pleated polka-dotted porous "
+    "potholed scaly smeared spiralled sprinkled stained stratified striped "
+    "studded swirly veined waffled woven wrinkled zigzagged").split())
+
+# GTSRB class ids 0..42.
+_GTSRB = tuple(
+    [f"speed limit {v} km/h" for v in (20, 30, 50, 60, 70, 80)] +
+    ["end of speed limit 80 km/h", "speed limit 100 km/h",
+     "speed limit 120 km/h", "no passing",
+     "no passing for vehicles over 3.5 tons",
+     "right of way at the next intersection", "priority road", "yield",
+     "stop", "no vehicles", "vehicles over 3.5 tons prohibited", "no entry",
+     "general caution", "dangerous curve to the left",
+     "dangerous curve to the right", "double curve", "bumpy road",
+     "slippery road", "road narrows on the right", "road work",
+     "traffic signals", "pedestrians", "children crossing",
+     "bicycles crossing", "beware of ice or snow", "wild animals crossing",
+     "end of all speed and passing limits", "turn right ahead",
+     "turn left ahead", "ahead only", "go straight or right",
+     "go straight or left", "keep right", "keep left",
+     "roundabout mandatory", "end of no passing",
+     "end of no passing for vehicles over 3.5 tons"])
+
+_DIGITS = tuple(str(i) for i in range(10))
+
+CLASSNAMES: dict[str, tuple[str, ...]] = {
+    "mnist": _DIGITS, "svhn": _DIGITS, "eurosat": _EUROSAT,
+    "resisc45": _RESISC45, "dtd": _DTD, "gtsrb": _GTSRB,
+}
+
+
+def clean_classname(name: str) -> str:
+  """TFDS label -> prompt text: "/a/abbey" -> "abbey", "sea_ice" -> "sea ice".
+
+  SUN397's labels are paths like "/b/bakery/shop"; the last two parts
+  become "bakery shop".
+  """
+  parts = [p for p in name.strip("/").split("/") if p]
+  if len(parts) > 1 and len(parts[0]) == 1:  # SUN397 "/x/..." prefix
+    parts = parts[1:]
+  return " ".join(parts).replace("_", " ").strip()
+
+
+def classnames(task: str) -> tuple[str, ...]:
+  """Class names for `task` in TFDS label order (see `CLASSNAMES`)."""
+  if task not in CLASSNAMES:
+    raise KeyError(f"no built-in class names for {task!r} (have "
+                   f"{sorted(CLASSNAMES)}); for other tasks pass the TFDS "
+                   "label names through clean_classname")
+  return CLASSNAMES[task]
+
+
+def templates(task: str) -> tuple[str, ...]:
+  """Prompt templates (with one `{}`) for `task`."""
+  if task not in TEMPLATES:
+    raise KeyError(f"no templates for {task!r}; have {sorted(TEMPLATES)}")
+  return TEMPLATES[task]
+
+
+def normalize(x: jax.Array, axis: int = -1) -> jax.Array:
+  """x / ||x||_2 along `axis`."""
+  return x / jnp.linalg.norm(x, axis=axis, keepdims=True)
+
+
+def build_head(encode_text: Callable[..., jax.Array], tokenize: Tokenize,
+               class_names: Sequence[str], prompt_templates: Sequence[str],
+               batch_size: int = 256) -> jax.Array:
+  """Builds the `[C, D]` zero-shot head (unit-norm rows).
+
+  Args:
+    encode_text: `(input_ids, attention_mask) -> [B, D]` text features,
+      e.g. `clip_model.encode_text` (wrap it in `nnx.jit` for speed).
+    tokenize: `texts -> {"input_ids": [B, L], "attention_mask": [B, L]}`
+      (numpy or JAX int arrays, padded to one length).
+    class_names: the C class names.
+    prompt_templates: T templates, each with one `{}` for the class name.
+    batch_size: prompts encoded per call.
+
+  Returns:
+    `[C, D]` float32: per class, the renormalized mean of the normalized
+    prompt embeddings.
+  """
+  if not class_names or not prompt_templates:
+    raise ValueError("need at least one class name and one template")
+  bad = [t for t in prompt_templates if t.count("{}") != 1]
+  if bad:
+    raise ValueError(f"templates need exactly one '{{}}': {bad}")
+  texts = [t.format(c) for c in class_names for t in prompt_templates]
+  feats = []
+  for start in range(0, len(texts), batch_size):
+    tok = tokenize(texts[start:start + batch_size])
+    ids = jnp.asarray(tok["input_ids"])
+    mask = tok.get("attention_mask")
+    feats.append(encode_text(ids, None if mask is None else jnp.asarray(mask)))
+  emb = normalize(jnp.concatenate(feats).astype(jnp.float32))
+  emb = emb.reshape(len(class_names), len(prompt_templates), -1)
+  return normalize(emb.mean(axis=1))
+
+
+def logits(image_features: jax.Array, head: jax.Array,
+           scale: float | jax.Array = 100.0) -> jax.Array:
+  """`scale * normalize(image_features) @ head.T` -> `[B, C]`.
+
+  Args:
+    image_features: `[B, D]` from `encode_image`.
+    head: `[C, D]` from `build_head`.
+    scale: the logit multiplier, `exp(model.logit_scale)` for a CLIP model
+      (it only matters for losses; predictions are its argmax either way).
+  """
+  return scale * normalize(image_features) @ head.T
+
+
+def accuracy(image_features: jax.Array, head: jax.Array,
+             labels: jax.Array) -> jax.Array:
+  """Top-1 accuracy of the zero-shot head on one batch."""
+  pred = jnp.argmax(logits(image_features, head), axis=-1)
+  return jnp.mean(pred == labels)
