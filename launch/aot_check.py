@@ -67,14 +67,14 @@ def transformer_shapes(width: int, layers: int, vocab: int
                        ) -> dict[str, tuple[int, ...]]:
   """Param shapes of a plain pre-LN transformer encoder (BERT/ViT-like)."""
   d = width
+  block = {"attn/qkv/kernel": (d, 3 * d), "attn/qkv/bias": (3 * d,),
+           "attn/out/kernel": (d, d), "attn/out/bias": (d,),
+           "mlp/in/kernel": (d, 4 * d), "mlp/in/bias": (4 * d,),
+           "mlp/out/kernel": (4 * d, d), "mlp/out/bias": (d,),
+           "ln1/scale": (d,), "ln2/scale": (d,)}
   shapes = {"embed/table": (vocab, d)}
   for i in range(layers):
-    for name, shape in (("attn/qkv/kernel", (d, 3 * d)), ("attn/qkv/bias", (3 * d,)),
-                        ("attn/out/kernel", (d, d)), ("attn/out/bias", (d,)),
-                        ("mlp/in/kernel", (d, 4 * d)), ("mlp/in/bias", (4 * d,)),
-                        ("mlp/out/kernel", (4 * d, d)), ("mlp/out/bias", (d,)),
-                        ("ln1/scale", (d,)), ("ln2/scale", (d,))):
-      shapes[f"layer_{i}/{name}"] = shape
+    shapes.update({f"layer_{i}/{k}": s for k, s in block.items()})
   return shapes
 
 
@@ -175,13 +175,17 @@ def check(config, mesh, step: str = "merge") -> dict[str, Any]:
                                   out["output_size_in_bytes"] -
                                   out["alias_size_in_bytes"] +
                                   out["temp_size_in_bytes"])
+  # Whole (unsharded) size of the array arguments, for scale.
+  out["global_argument_bytes"] = sum(
+      math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(args)
+      if hasattr(x, "shape") and hasattr(x, "dtype"))
   out["num_devices"] = mesh.size
   out["mesh"] = dict(mesh.shape)
   return out
 
 
 def _gib(n: int) -> str:
-  return f"{n / 2 ** 30:10.3f} GiB"
+  return f"{n / 2 ** 30:.3f} GiB".rjust(14)
 
 
 def main(argv=None) -> int:
@@ -220,10 +224,11 @@ def main(argv=None) -> int:
   if args.task_axis not in mesh.shape:
     config.aot.task_axis = ""  # no such mesh axis: keep T unsharded
   res = check(config, mesh, args.step)
+  total = _gib(res["global_argument_bytes"]).strip()
   print(f"step {args.step} on {res['num_devices']} devices, mesh "
-        f"{res['mesh']} (per device):")
+        f"{res['mesh']}; arguments {total} in all; per device:")
   for k, v in res.items():
-    if k.endswith("bytes"):
+    if k.endswith("bytes") and not k.startswith("global"):
       print(f"  {k:32s} {_gib(v)}")
   return 0
 

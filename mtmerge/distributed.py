@@ -59,7 +59,8 @@ def detect_cluster() -> str | None:
   """
   try:
     from jax._src import clusters  # pylint: disable=g-import-not-at-top
-    types = list(clusters.ClusterEnv._cluster_types)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    types = list(clusters.ClusterEnv._cluster_types)
   except (ImportError, AttributeError):
     return None
   for env in types:

@@ -140,8 +140,8 @@ def fit_spec(spec, shape: Sequence[int], mesh: jax.sharding.Mesh, *,
   entries = [] if spec is None else list(spec)
   if len(entries) > len(shape):
     raise ValueError(f"parameter {path!r} of shape {tuple(shape)} has "
-                     f"{len(shape)} dims but its sharding spec {tuple(entries)} "
-                     f"has {len(entries)}")
+                     f"{len(shape)} dims but its sharding spec "
+                     f"{tuple(entries)} has {len(entries)}")
   used = []
   out = []
   for dim, entry in enumerate(entries):

@@ -11,7 +11,7 @@ batch and `distributed.global_batch` assembles the global array.
 process (8 devices) and spawns this file as a script, once per process:
 
   python tests/multiprocess_worker.py --process_id I --num_processes 2 \
-      --port PORT --local_devices 4 --out result_I.json
+      --port PORT --local_devices 4 --out result_I.json [--via_env]
 """
 
 import argparse
@@ -76,7 +76,8 @@ def learned_merge(mesh):
   for i in range(STEPS):
     x = distributed.global_batch(data[i][rows], mesh, ("data",))
     for shard in x.addressable_shards:  # each host fed the rows it owns
-      np.testing.assert_array_equal(np.asarray(shard.data), data[i][shard.index])
+      np.testing.assert_array_equal(np.asarray(shard.data),
+                                    data[i][shard.index])
     lam, opt_state, loss = step(lam, opt_state, base, tvs, x)
     # Block on every step: collective steps left in flight can deadlock with
     # several devices per process (DATA.md).
@@ -92,6 +93,8 @@ def main():
   parser.add_argument("--port", type=int, required=True)
   parser.add_argument("--local_devices", type=int, default=4)
   parser.add_argument("--out", required=True)
+  parser.add_argument("--via_env", action="store_true",
+                      help="pass the coordinator in MTMERGE_* variables")
   args = parser.parse_args()
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                  os.environ.get("XLA_FLAGS", ""))
@@ -100,9 +103,16 @@ def main():
   ).strip()
   os.environ["JAX_PLATFORMS"] = "cpu"
   from mtmerge import distributed, sharding  # after XLA_FLAGS
-  assert distributed.maybe_initialize(
-      f"localhost:{args.port}", args.num_processes, args.process_id,
-      initialization_timeout=30)
+  if args.via_env:
+    os.environ.update(MTMERGE_COORDINATOR=f"localhost:{args.port}",
+                      MTMERGE_NUM_PROCESSES=str(args.num_processes),
+                      MTMERGE_PROCESS_ID=str(args.process_id),
+                      MTMERGE_INIT_TIMEOUT="30")
+    assert distributed.maybe_initialize()
+  else:
+    assert distributed.maybe_initialize(
+        f"localhost:{args.port}", args.num_processes, args.process_id,
+        initialization_timeout=30)
   assert distributed.maybe_initialize()  # idempotent
   import jax
   assert distributed.process_count() == args.num_processes
@@ -114,7 +124,9 @@ def main():
   with open(tmp, "w") as f:
     json.dump({"lam": lam.tolist(), "losses": losses,
                "process_index": distributed.process_index(),
-               "device_ids": [int(d.id) for d in mesh.devices.flat]}, f)
+               "device_ids": [int(d.id) for d in mesh.devices.flat],
+               "device_processes": [int(d.process_index)
+                                    for d in mesh.devices.flat]}, f)
   os.replace(tmp, args.out)
   sys.stdout.flush()
 

@@ -53,20 +53,22 @@ def test_shardings_from_rules_specs_and_shards():
   assert sh["block_0/attn/bias"].spec == P()
   assert sh["head/temperature"].spec == P()
   placed = jax.device_put(tree_lib.to_flat_dict(params), sh)
-  assert placed["block_0/attn/kernel"].addressable_shards[0].data.shape == (16, 12)
-  assert placed["embed/table"].addressable_shards[0].data.shape == (20, 16)
+  shard0 = lambda k: placed[k].addressable_shards[0].data.shape
+  assert shard0("block_0/attn/kernel") == (16, 12)
+  assert shard0("embed/table") == (20, 16)
   with pytest.raises(ValueError, match=r"'block_1/dense/kernel': dim 1 of "
                      r"shape \(24, 13\) is not divisible by mesh axes"):
     sharding.shardings_from_rules(abstract, RULES, mesh, strict=True)
 
 
 @pytest.mark.parametrize("rules, exc, match", [
-    ([(r".*/kernel", (None, "fsdp"))], tree_lib.UncoveredPathError,
+    ([(r"(block|head).*", None)], tree_lib.UncoveredPathError,
      "'embed/table' is not covered"),
-    ([(r".*", (None, None, None, "fsdp"))], ValueError,
+    ([(r"embed/table", (None, None, "fsdp")), (".*", None)], ValueError,
      r"'embed/table' of shape \(40, 16\) has 2 dims but its sharding spec"),
     ([(r".*", ("model",))], ValueError, "names mesh axis 'model'"),
-    ([(r".*", ("fsdp", "fsdp"))], ValueError, "'fsdp' appears twice"),
+    ([(r"embed/table", ("fsdp", "fsdp")), (".*", None)], ValueError,
+     "'fsdp' appears twice"),
 ])
 def test_shardings_from_rules_errors(rules, exc, match):
   mesh = sharding.make_mesh(MESH)
