@@ -93,7 +93,7 @@ def maybe_initialize(coordinator_address: str | None = None,
   `MTMERGE_PROCESS_ID` / `JAX_COORDINATOR_ADDRESS`, a cluster JAX
   auto-detects (`detect_cluster()`), or `force=True`. Arguments win over
   environment variables; whatever is still unset is left to JAX's
-  auto-detection. `num_processes=1` without a cluster is a single process
+  auto-detection. `num_processes=1` (unless forced) is a single process
   and a no-op.
 
   Args:
