@@ -114,6 +114,7 @@ def _need(sd, key: str, what: str) -> np.ndarray:
 
 def config_from_state_dict(sd: Mapping[str, np.ndarray], *,
                            act: str = "quick_gelu", head_width: int = 64,
+                           text_heads: int | None = None,
                            what: str = "open_clip state dict"
                            ) -> clip.CLIPConfig:
   """Infers a `CLIPConfig` from tensor shapes (as OpenAI's `build_model`).
@@ -124,6 +125,8 @@ def config_from_state_dict(sd: Mapping[str, np.ndarray], *,
       own (non `-quickgelu`) models.
     head_width: attention head size; heads = width // head_width (64 in
       every OpenAI and open_clip ViT CLIP).
+    text_heads: text tower heads (open_clip's `text_cfg.heads`); default
+      text width // head_width.
     what: names the checkpoint in errors.
   """
   conv = _need(sd, "visual.conv1.weight", what)
@@ -143,7 +146,8 @@ def config_from_state_dict(sd: Mapping[str, np.ndarray], *,
       vocab_size=tok.shape[0],
       max_len=_need(sd, "positional_embedding", what).shape[0],
       hidden_size=twidth, num_layers=_count_blocks(sd, tprefix),
-      num_heads=max(1, twidth // head_width), mlp_dim=tfc.shape[0], act=act,
+      num_heads=text_heads or max(1, twidth // head_width),
+      mlp_dim=tfc.shape[0], act=act,
       eos_token_id=tok.shape[0] - 1, pooling="argmax")
   proj = _need(sd, "text_projection", what)
   return clip.CLIPConfig(vision=vision, text=text,
@@ -153,6 +157,7 @@ def config_from_state_dict(sd: Mapping[str, np.ndarray], *,
 def from_state_dict(sd: Mapping[str, np.ndarray],
                     config: clip.CLIPConfig | None = None, *,
                     act: str = "quick_gelu", head_width: int = 64,
+                    text_heads: int | None = None,
                     what: str = "open_clip state dict") -> clip.CLIP:
   """Builds a `clip.CLIP` from an open_clip state dict (numpy arrays).
 
@@ -160,7 +165,7 @@ def from_state_dict(sd: Mapping[str, np.ndarray],
     sd: tensors by open_clip name; a `module.` prefix (DataParallel) is
       stripped.
     config: the model config; inferred from shapes when None.
-    act, head_width: used when inferring the config (see
+    act, head_width, text_heads: used when inferring the config (see
       `config_from_state_dict`).
     what: names the checkpoint in errors.
 
@@ -172,7 +177,7 @@ def from_state_dict(sd: Mapping[str, np.ndarray],
         for k, v in sd.items()}
   if config is None:
     config = config_from_state_dict(sd, act=act, head_width=head_width,
-                                    what=what)
+                                    text_heads=text_heads, what=what)
   make = lambda: clip.CLIP(config, rngs=nnx.Rngs(0))
   flat = convert.convert(split_in_proj(sd), rules(), vit.param_shapes(make),
                          ignore=IGNORE, what=what)
@@ -205,8 +210,9 @@ def load(path: str | os.PathLike, act: str | None = None):
 
   A directory holds `open_clip_model.safetensors` (or
   `open_clip_pytorch_model.bin`) and optionally `open_clip_config.json`,
-  whose `model_cfg.quick_gelu` picks the activation and `preprocess_cfg`
-  the normalization.
+  whose `model_cfg` gives the activation (`quick_gelu`) and head sizes
+  (`vision_cfg.head_width`, `text_cfg.heads`) and `preprocess_cfg` the
+  normalization.
 
   Args:
     path: directory or weights file.
@@ -230,10 +236,14 @@ def load(path: str | os.PathLike, act: str | None = None):
     if os.path.exists(cfg_path):
       with open(cfg_path, encoding="utf-8") as f:
         cfg = json.load(f)
+  model_cfg = cfg.get("model_cfg", {})
   if act is None:
-    quick = cfg.get("model_cfg", {}).get("quick_gelu", not cfg)
-    act = "quick_gelu" if quick else "gelu"
-  model = from_state_dict(read_file(weights), act=act, what=weights)
+    # No config: assume OpenAI-trained weights, the common case.
+    act = "quick_gelu" if model_cfg.get("quick_gelu", not cfg) else "gelu"
+  model = from_state_dict(
+      read_file(weights), act=act,
+      head_width=model_cfg.get("vision_cfg", {}).get("head_width", 64),
+      text_heads=model_cfg.get("text_cfg", {}).get("heads"), what=weights)
   pre_cfg = cfg.get("preprocess_cfg", {})
   size = model.config.vision.image_size
   pre = image_preprocess.ImagePreprocessor(
