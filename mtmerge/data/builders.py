@@ -7,9 +7,9 @@ per suite keeps them in one place, while per-task configs give every task
 its own versioned directory, splits and `DatasetInfo`.
 
 Splits are fixed by a seed: examples are grouped (by speech, movie, debate
-statement, or image), groups are shuffled and dealt to `test`, then
-`validation`, until each reaches its size; the rest is `train`, subsampled
-to `max_train`. So no group straddles two splits and, because duplicate
+statement, or image), groups are shuffled and dealt, class by class, to
+`test`, then `validation`, until each holds its share; the rest is
+`train`, subsampled to `max_train`. So no group straddles two splits and, because duplicate
 texts are dropped first, no text appears in two splits. The MNIST-5k
 variants share images, order and seed, hence the same split, so no test
 image of one variant is a training image of another.
@@ -123,10 +123,15 @@ class SuiteConfig(tfds.core.BuilderConfig):
 def split_indices(labels: np.ndarray, groups: Sequence[str], *,
                   num_test: int, num_validation: int, max_train: int,
                   seed: int, balance: bool) -> dict[str, np.ndarray]:
-  """Deals whole groups to test, then validation; the rest is train.
+  """Deals whole groups to test, then validation, per class; rest is train.
+
+  Each group is filed under its most common label, and each class fills
+  its share of test and validation (proportional to its frequency), so
+  splits keep the class mix even when groups are large (a speech is ~25
+  passages of one party).
 
   Args:
-    labels: `[N]` labels.
+    labels: `[N]` labels (or the strata to balance and stratify on).
     groups: `[N]` group keys.
     num_test: test examples wanted (whole groups: it may be a few more).
     num_validation: validation examples wanted.
@@ -138,22 +143,30 @@ def split_indices(labels: np.ndarray, groups: Sequence[str], *,
     `{split: sorted example indices}` for train, validation, test.
   """
   rng = np.random.default_rng(seed)
+  labels = np.asarray(labels)
   keep = np.arange(len(labels))
   if balance:
     classes, counts = np.unique(labels, return_counts=True)
     keep = np.sort(np.concatenate([
         rng.choice(np.flatnonzero(labels == c), counts.min(), replace=False)
         for c in classes]))
-  groups = np.asarray(groups)[keep]
-  unique, inverse = np.unique(groups, return_inverse=True)
+  unique, inverse = np.unique(np.asarray(groups)[keep], return_inverse=True)
   members = [[] for _ in unique]
   for i, g in enumerate(inverse):
     members[g].append(keep[i])
+  major = np.array([np.bincount(labels[m]).argmax() for m in members])
+  classes, counts = np.unique(labels[keep], return_counts=True)
   out = {"test": [], "validation": [], "train": []}
-  for g in rng.permutation(len(unique)):
-    name = ("test" if len(out["test"]) < num_test else "validation"
-            if len(out["validation"]) < num_validation else "train")
-    out[name].extend(members[g])
+  for c, n_c in zip(classes, counts):
+    quota = {"test": -(-num_test * n_c // len(keep)),
+             "validation": -(-num_validation * n_c // len(keep))}
+    filled = {"test": 0, "validation": 0}
+    for g in rng.permutation(np.flatnonzero(major == c)):
+      name = next((s for s in ("test", "validation")
+                   if filled[s] < quota[s]), "train")
+      out[name].extend(members[g])
+      if name != "train":
+        filled[name] += len(members[g])
   if len(out["train"]) > max_train:
     out["train"] = rng.choice(out["train"], max_train, replace=False)
   return {k: np.sort(np.asarray(v, np.int64)) for k, v in out.items()}
@@ -194,7 +207,8 @@ class _SuiteBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     del dl_manager  # Everything is read from installed packages.
     task, cfg = self.task, self.builder_config
     raw = task.make()
-    parts = split_indices(raw.labels, raw.groups, num_test=cfg.num_test,
+    strata = raw.labels if raw.strata is None else raw.strata
+    parts = split_indices(strata, raw.groups, num_test=cfg.num_test,
                           num_validation=cfg.num_validation,
                           max_train=cfg.max_train, seed=cfg.seed,
                           balance=task.balance)

@@ -191,7 +191,7 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
   suite, _, task = name.rpartition("/")
   for s, tasks in _registry().items():
     for t in tasks:
-      if t.name == task and suite in ("", s):
+      if (t.name == task and suite in ("", s)) or t.tfds_name == name:
         return t
   raise KeyError(f"unknown task {name!r}; known tasks: {task_names()}")
 
@@ -247,8 +247,8 @@ class Subset:
 
 
 def load_split(task: str | TaskSpec, split: str,
-               data_dir: str | None = None, *, download: bool = False
-               ) -> Sequence[Any]:
+               data_dir: str | None = None, *, download: bool = False,
+               **overrides: int) -> Sequence[Any]:
   """A task's split as a random-access source (no TensorFlow needed).
 
   Offline tasks are prepared into the cache on first use (and rebuilt if
@@ -261,6 +261,8 @@ def load_split(task: str | TaskSpec, split: str,
     data_dir: the TFDS data dir; offline suites default to
       `builders.default_data_dir()`.
     download: let TFDS download and prepare a missing catalog dataset.
+    **overrides: offline tasks only: split sizes or seed
+      (`builders.make_config`), e.g. `max_train=500`.
 
   Returns:
     A sequence of example dicts (`len`, `[i]`, `__getitems__`).
@@ -274,7 +276,10 @@ def load_split(task: str | TaskSpec, split: str,
                    f"splits: {list(task.split_map)}")
   tfds_split = task.split_map[split]
   if task.offline:
-    source = builders.load(task.tfds_name, tfds_split, data_dir)
+    source = builders.load(task.tfds_name, tfds_split, data_dir, **overrides)
+  elif overrides:
+    raise TypeError(f"config overrides {sorted(overrides)} apply to offline "
+                    f"tasks only, not {task.name!r}")
   else:
     source = _catalog_source(task, tfds_split, data_dir, download)
   if task.holdout is not None and tfds_split == task.holdout.source:
