@@ -162,13 +162,15 @@ def test_corrupted_or_partial_cache_is_rebuilt(tmp_path, caplog):
   data_dir = str(tmp_path)
   reference = [pipeline.as_text(e["text"]) for e in
                _read_all(builders.load(name, "test", data_dir))]
+  caplog.set_level(logging.INFO, logger=builders.__name__)
+  builders._VERIFIED.clear()  # re-hash every file, as a new process would
   builder = builders.prepare(name, data_dir)
+  assert "Rebuilding" not in caplog.text and "Prepared" not in caplog.text
   path = pathlib.Path(builder.data_dir)
   shard = next(path.glob("*-test.array_record-*"))
   size = shard.stat().st_size
   with open(shard, "r+b") as f:
     f.truncate(size // 2)
-  caplog.set_level(logging.WARNING, logger=builders.__name__)
   source = builders.load(name, "test", data_dir)
   assert "Rebuilding" in caplog.text and "bytes" in caplog.text
   assert shard.stat().st_size == size
@@ -186,6 +188,14 @@ def test_corrupted_or_partial_cache_is_rebuilt(tmp_path, caplog):
   builders.load(name, "test", data_dir)
   assert "no manifest" in caplog.text
   assert (path / builders.MANIFEST).exists()
+
+
+def test_default_cache_dir(monkeypatch):
+  monkeypatch.setenv("MTMERGE_CACHE", "/some/where")
+  assert builders.default_data_dir() == "/some/where/tfds"
+  monkeypatch.delenv("MTMERGE_CACHE")
+  assert builders.default_data_dir() == os.path.expanduser(
+      "~/.cache/mtmerge/tfds")
 
 
 def test_config_override_gets_its_own_cache(tmp_path):

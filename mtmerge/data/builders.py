@@ -9,10 +9,10 @@ its own versioned directory, splits and `DatasetInfo`.
 Splits are fixed by a seed: examples are grouped (by speech, movie, debate
 statement, or image), groups are shuffled and dealt, class by class, to
 `test`, then `validation`, until each holds its share; the rest is
-`train`, subsampled to `max_train`. So no group straddles two splits and, because duplicate
-texts are dropped first, no text appears in two splits. The MNIST-5k
-variants share images, order and seed, hence the same split, so no test
-image of one variant is a training image of another.
+`train`, subsampled to `max_train`. So no group straddles two splits and,
+because duplicate texts are dropped first, no text appears in two splits.
+The MNIST-5k variants share images, order, strata and seed, hence the same
+split, so no test image of one variant is a training image of another.
 
 Data is stored as `array_record` with `Tensor`, `ClassLabel` and `Text`
 features, which prepare and read back through `as_data_source` without
@@ -460,8 +460,8 @@ def load(tfds_name: str, split: str, data_dir: str | None = None,
     **overrides: config fields, see `make_config`.
 
   Returns:
-    The `tfds` array_record data source (examples are dicts of numpy values;
-    texts are bytes... see `pipeline.as_text`).
+    The `tfds` array_record data source: examples are dicts of numpy
+    values; texts come back as bytes (`pipeline.as_text` decodes them).
   """
   builder = prepare(tfds_name, data_dir, **overrides)
   counts = manifest(builder)["splits"]

@@ -97,10 +97,12 @@ class TaskSpec:
 
   @property
   def split_map(self) -> dict[str, str]:
+    """Our split name -> the TFDS split it is read (or carved) from."""
     return dict(self.splits)
 
   @property
   def modality(self) -> str:
+    """`text` or `image`."""
     return "text" if self.input_key == "text" else "image"
 
 
@@ -149,10 +151,12 @@ def _registry() -> dict[str, list[TaskSpec]]:
 
 
 def suite_names() -> list[str]:
+  """Names of the registered suites."""
   return list(_registry())
 
 
 def task_names() -> list[str]:
+  """Names of all registered tasks, suite by suite."""
   return [t.name for tasks in _registry().values() for t in tasks]
 
 
