@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -214,6 +215,11 @@ def child_mtmerge(name, base_path, model_paths, threshold, out_path):
   import jax
   import numpy as np
   from mtmerge import methods
+  from mtmerge import runtime
+  cache_dir = os.environ.get("MTMERGE_BENCH_CACHE")
+  if cache_dir:  # as the CLI does: JAX's persistent compile cache
+    runtime.enable_compile_cache(cache_dir)
+  cache_files0 = len(os.listdir(cache_dir)) if cache_dir else 0
   T = len(model_paths)
   if name == "mtmerge_ties_global":
     method, hp = "ties_merging", dict(threshold=threshold, merge_func="sum",
@@ -241,6 +247,8 @@ def child_mtmerge(name, base_path, model_paths, threshold, out_path):
   return dict(load_s=t1 - t0, merge_s=t2 - t1, wall_s=t2 - t0, warm_s=t3 - t2,
               peak_rss=rss_merge, peak_rss_incl_warm=rss_warm,
               xla_flags=os.environ.get("XLA_FLAGS", ""),
+              compile_cache=cache_dir or "off",
+              compile_cache_entries_before=cache_files0,
               rss_after_imports=rss0, loader=how,
               devices=[str(d) for d in jax.devices()],
               jax_version=jax.__version__)
@@ -556,8 +564,14 @@ def table(results, checks, cfg, args):
                "warm = 2nd mtmerge call (merge only);")
   lines.append("other CPU-s = CPU time used by other processes on the host "
                "during that child (noise indicator)")
-  lines.append(f"mtmerge {args.revision}; mtmerge XLA_FLAGS: "
-               f"{args.mtmerge_xla_flags or '(none)'}")
+  mt_flags = sorted({r.get("xla_flags", "") for n, r in ok.items()
+                     if n.startswith("mtmerge")})
+  lines.append(f"mtmerge {args.revision}; mtmerge children's XLA_FLAGS: "
+               f"{' | '.join(mt_flags) or '(none)'}")
+  cache = {n: r.get("compile_cache_entries_before") for n, r in ok.items()
+           if n.startswith("mtmerge")}
+  lines.append(f"mtmerge compile cache: {args.compile_cache} (entries found "
+               f"at start per child: {cache})")
   hdr = (f"{'method':<17}{'tool':<13}{'wall s':>8}{'load s':>8}{'merge s':>9}"
          f"{'warm s':>8}{'RSS GiB':>9}{'peer/mt wall':>14}{'peer/mt merge':>15}"
          f"{'mt/peer RSS':>13}{'other CPU-s':>13}")
@@ -651,6 +665,12 @@ def main(argv=None):
                  help="extra XLA_FLAGS for the mtmerge children only, e.g. "
                       "'--xla_cpu_experimental_ynn_fusion_type="
                       "-LIBRARY_FUSION_TYPE_REDUCE'")
+  p.add_argument("--compile-cache", choices=("warm", "cold", "off"),
+                 default="warm",
+                 help="mtmerge children use JAX's persistent compile cache in "
+                      "WORKDIR/xla_cache like the CLI: 'warm' keeps it between "
+                      "runs (a repeat merge), 'cold' empties it before each "
+                      "child (first-ever merge), 'off' disables it")
   p.add_argument("--wait-quiet", type=float, default=0.0,
                  help="before each child wait up to this many seconds for "
                       "the host to be idle (shared machines)")
@@ -685,11 +705,16 @@ def main(argv=None):
           os.pathsep) if x])}
   if args.mtmerge_xla_flags:
     mt_env["MTMERGE_BENCH_XLA_FLAGS"] = args.mtmerge_xla_flags
+  cache_dir = os.path.join(args.workdir, "xla_cache")
+  if args.compile_cache != "off":
+    mt_env["MTMERGE_BENCH_CACHE"] = cache_dir
   results = []
   for name in names:
     if name not in MEASUREMENTS:
       raise SystemExit(f"unknown measurement {name!r}")
     if name.startswith("mtmerge"):
+      if args.compile_cache == "cold":
+        shutil.rmtree(cache_dir, ignore_errors=True)
       results.append(spawn(name, sys.executable, args, mt_env))
     else:
       results.append(spawn(name, peers_python, args))
@@ -706,6 +731,7 @@ def main(argv=None):
       json.dump(dict(config=cfg, threshold=args.threshold,
                      mtmerge_revision=args.revision,
                      mtmerge_xla_flags=args.mtmerge_xla_flags,
+                     compile_cache=args.compile_cache,
                      cpu_count=os.cpu_count(), results=results,
                      agreement=checks, ratios=ratios, goal=goal), f, indent=1)
   failed = [r["name"] for r in results if "error" in r] + [

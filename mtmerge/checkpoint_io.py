@@ -182,29 +182,84 @@ def read_layout(path: str) -> Layout:
   return layout
 
 
-def _read_file(fpath: str, names: Sequence[str]):
-  """Yields `(name, array)` for `names` from one safetensors file."""
+def _mmap_file(fpath: str) -> dict[str, np.ndarray]:
+  """Read-only memory-mapped views of every tensor in one safetensors file.
+
+  No tensor data is read here: each view pages in from the OS cache when an
+  operation touches it, so a loader can subtract straight from the file into
+  its own buffers (one pass, no intermediate copy). The header is validated
+  against the file size, so a truncated file is an error naming it.
+  """
   try:
-    with safe_open(fpath, "np") as f:
-      for k in names:
-        yield k, f.get_tensor(k)
-  except (SafetensorError, OSError) as e:
+    size = os.path.getsize(fpath)
+    with open(fpath, "rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      if not 2 <= n <= min(size - 8, 100 << 20):
+        raise ValueError(f"header length {n} does not fit a {size}-byte file")
+      header = json.loads(f.read(n))
+    start = 8 + n
+    buf = np.memmap(fpath, dtype=np.uint8, mode="r") if size > start else None
+    out = {}
+    for k, info in header.items():
+      if k == "__metadata__":
+        continue
+      dtype = np_dtype(_ST_DTYPES.get(info["dtype"], info["dtype"]))
+      shape = tuple(int(d) for d in info["shape"])
+      b, e = (int(o) for o in info["data_offsets"])
+      nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      if e - b != nbytes or start + e > size or b < 0:
+        raise ValueError(f"tensor {k!r} ({info['dtype']} {list(shape)}) has "
+                         f"data offsets [{b}, {e}] outside the file or of the "
+                         "wrong size (truncated?)")
+      if nbytes == 0:
+        out[k] = np.zeros(shape, dtype)
+      else:
+        out[k] = buf[start + b:start + e].view(dtype).reshape(shape)
+    return out
+  except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"cannot read {fpath} ({_line(e)})") from None
 
 
-def _iter_tensors(layout: Layout):
+def _iter_tensors(layout: Layout, copy: bool = True):
+  """Yields `(file path, name, array)`; `copy=False` gives mmap views."""
   for file, names in layout.by_file().items():
-    for k, x in _read_file(layout.path_of(file), names):
-      yield layout.path_of(file), k, x
+    fpath = layout.path_of(file)
+    views = _mmap_file(fpath)
+    for k in names:
+      if k not in views:
+        raise CheckpointError(f"{fpath} lacks tensor {k!r}")
+      yield fpath, k, (np.array(views[k]) if copy else views[k])
 
 
 def _is_float(dtype: np.dtype) -> bool:
   return dtype.kind in "fc" or dtype.name.startswith(("bfloat", "float8"))
 
 
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+  """Uninitialized float32 array whose data is 64-byte aligned."""
+  n = int(np.prod(shape, dtype=np.int64))
+  raw = np.empty(n * 4 + 64, np.uint8)
+  off = (-raw.ctypes.data) % 64
+  return raw[off:off + n * 4].view(np.float32).reshape(shape)
+
+
+def _nonfinite_sum(x: np.ndarray) -> bool:
+  """Exact NaN/Inf test for float32 `x`, fast when everything is finite.
+
+  A sum is finite only if every term is (NaN and Inf propagate), so the
+  elementwise test runs only when the sum is not finite (a NaN/Inf entry,
+  or a rare float32 overflow of the sum).
+  """
+  acc = np.float64 if x.dtype == np.float64 else np.float32
+  with np.errstate(over="ignore", invalid="ignore"):
+    if np.isfinite(np.sum(x, dtype=acc)):
+      return False
+  return not bool(np.isfinite(x).all())
+
+
 def _nonfinite(x: np.ndarray) -> bool:
   """True if a floating array holds NaN or Inf."""
-  return _is_float(x.dtype) and not bool(np.isfinite(x).all())
+  return _is_float(x.dtype) and _nonfinite_sum(x)
 
 
 def load(path: str) -> tuple[dict[str, np.ndarray], Layout]:
@@ -281,24 +336,26 @@ def load_task_vectors(base_path: str, model_paths: Sequence[str],
         raise CheckpointError(f"base ({fpath}) has NaN or Inf in tensor {k!r}")
       base[k] = x
       if _is_float(x.dtype):  # integer buffers (position ids) are not merged
-        tvs[k] = np.empty((T,) + x.shape, np.float32)
+        tvs[k] = _aligned_empty((T,) + x.shape)
       bar.update()
+    base32 = {k: base[k].astype(np.float32, copy=False) for k in tvs}
     for i, m in enumerate(models):
-      for fpath, k, x in _iter_tensors(m):
-        if k not in tvs:
-          bar.update()
-          continue
-        slot = tvs[k][i, ...]  # a view, also for 0-d tensors
-        slot[...] = x
-        slot -= base[k].astype(np.float32, copy=False)
-        if not np.isfinite(slot).all():
-          raise CheckpointError(f"model {i} ({fpath}) has NaN or Inf in the "
-                                f"task vector of tensor {k!r}")
+      for fpath, k, x in _iter_tensors(m, copy=False):
+        if k in tvs:
+          # One pass from the page cache into the stacked buffer.
+          slot = tvs[k][i, ...]  # a view, also for 0-d tensors
+          np.subtract(x, base32[k], out=slot, dtype=np.float32)
+          if _nonfinite_sum(slot):
+            raise CheckpointError(f"model {i} ({fpath}) has NaN or Inf in "
+                                  f"the task vector of tensor {k!r}")
         bar.update()
+    del base32
   if as_jax:
     import jax  # local: keeps `import mtmerge.checkpoint_io` light
     for d in (tvs, base):
       for k in list(d):
+        # 64-byte aligned host buffers are adopted by the CPU backend without
+        # a copy; elsewhere this is one host->device transfer per tensor.
         d[k] = jax.device_put(d.pop(k))
   return base, tvs, layout
 

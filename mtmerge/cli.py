@@ -154,6 +154,8 @@ def _check_out(path: str) -> None:
 
 def _merge(args) -> None:
   from mtmerge import methods
+  from mtmerge import runtime
+  runtime.enable_compile_cache()  # a rerun on the same shapes skips compile
   t0 = time.time()
   hparams = parse_params(args.param)
   spec = methods.get(args.method)

@@ -18,6 +18,8 @@ JOBS = {"demo": "mtmerge.demo"}
 def main(argv):
   del argv
   import importlib
+  from mtmerge import runtime
+  runtime.enable_compile_cache()
   config = _CONFIG.value
   if config.job not in JOBS:
     raise app.UsageError(f"unknown job {config.job!r}; known: {sorted(JOBS)}")

@@ -9,6 +9,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+from mtmerge import runtime  # noqa: E402  (adds mtmerge's XLA:CPU flag)
 import jax  # noqa: E402
 import pytest  # noqa: E402
 

@@ -271,3 +271,28 @@ def test_kth_largest_signed_is_exact(k):
   got = selection.kth_largest_signed(tree, lambda n: k)
   want = np.sort(x, axis=1)[:, ::-1][:, k - 1]
   np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("merge_func", ["mean", "sum", "max"])
+@pytest.mark.parametrize("sign_method,zero_sign,weights", [
+    ("sum", "majority", None), ("count", "positive", [0.5, 1.0, 2.0]),
+    ("sum", "positive", [1.0, 0.2, 0.7])])
+def test_fused_ties_kernel_equals_primitive_chain(merge_func, sign_method,
+                                                  zero_sign, weights):
+  tvs = testing.random_params(5, {"a/w": (3, 6, 5), "a/b": (3, 7),
+                                  "s": (3,)})
+  tvs = jax.tree.map(jnp.asarray, tvs)
+  # Ties in votes: make some entries cancel exactly.
+  tvs = jax.tree.map(lambda x: x.at[1].set(jnp.where(
+      jnp.abs(x[0]) < 0.3, -x[0], x[1])), tvs)
+  steps = [tx.trim_by_magnitude(0.6)]
+  if weights is not None:
+    steps.append(tx.scale_per_task(weights))
+  steps += [tx.elect_sign(sign_method, zero_sign),
+            tx.disjoint_merge(merge_func, weights)]
+  want = tx.run(tx.chain(*steps), tvs)
+  thr = selection.topk_thresholds(tvs, 0.6)
+  got = jax.jit(lambda t, th: tx.trimmed_disjoint_merge(
+      t, th, sign_method, zero_sign, merge_func, weights))(tvs, thr)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6,
+                                                       atol=1e-7), got, want)

@@ -1,7 +1,8 @@
 """Task arithmetic and its sparsified variants: TA, TIES, DARE, magnitude.
 
 All are chains of `mtmerge.transforms` primitives followed by
-`theta_0 + tau_merged`; see each docstring for the paper.
+`theta_0 + tau_merged` (TIES runs its chain as one fused kernel); see each
+docstring for the paper.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
+from mtmerge import selection
 from mtmerge import task_vectors
 from mtmerge import transforms as tx
 from mtmerge.methods import registry
@@ -45,14 +48,22 @@ def task_arithmetic(base: Tree, tvs: Tree, scaling_factor: Any = 0.3) -> Tree:
 def ties_vector(tvs: Tree, threshold: float = 0.2, merge_func: str = "sum",
                 scope: str = "global", sign_method: str = "sum",
                 zero_sign: str = "majority", weights: Any = None) -> Tree:
-  """The unscaled TIES vector: trim -> (weight) -> elect sign -> disjoint merge."""
+  """The unscaled TIES vector: trim -> (weight) -> elect sign -> disjoint merge.
+
+  Runs as `selection.topk_thresholds` plus one fused two-pass kernel
+  (`transforms.trimmed_disjoint_merge`), equal to the primitive chain
+  `trim_by_magnitude -> scale_per_task -> elect_sign -> disjoint_merge`.
+  """
   T = task_vectors.num_tasks(tvs)
-  steps = [tx.trim_by_magnitude(threshold, scope)]
   if weights is not None:
-    steps.append(tx.scale_per_task(tx.check_coeffs(weights, T, "weights")))
-  steps += [tx.elect_sign(sign_method, zero_sign),
-            tx.disjoint_merge(merge_func, weights)]
-  return tx.run(tx.chain(*steps), tvs)
+    weights = tx.check_coeffs(weights, T, "weights")
+  tx.check_fraction("threshold", threshold)
+  if threshold >= 1.0:
+    thr = jax.tree.map(lambda x: jnp.zeros((), jnp.float32), tvs)
+  else:
+    thr = selection.topk_thresholds(tvs, threshold, scope)
+  return tx.trimmed_disjoint_merge(tvs, thr, sign_method, zero_sign,
+                                   merge_func, weights)
 
 
 _TIES_STATIC = ("threshold", "merge_func", "scope", "sign_method",

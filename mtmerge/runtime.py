@@ -1,0 +1,84 @@
+"""Process-level XLA/JAX settings that mtmerge's merges depend on for speed.
+
+Two settings, both applied by the `mtmerge` CLI and `mtmerge.main`, and the
+first one also on `import mtmerge`:
+
+* XLA:CPU's YNN "reduce" library fusion (on by default in jaxlib 0.10) makes
+  a sum over a leading axis of a large array about 30x slower than plain
+  adds and expands broadcast constants into full-size temporaries (measured
+  in benchmarks/README.md: TIES over 8 x 88M params took 13.1 GiB of XLA
+  temporaries with it, 5.5 GiB without). `configure_xla` turns that one
+  fusion type off. It only touches CPU code generation and only takes
+  effect if no JAX backend has been created yet, because XLA reads
+  `XLA_FLAGS` once, when the first backend starts. A flag the user already
+  set is never overridden; set `MTMERGE_XLA_DEFAULTS=0` to leave `XLA_FLAGS`
+  alone entirely.
+* `enable_compile_cache` turns on JAX's persistent compilation cache so a
+  second `mtmerge merge` on the same shapes skips XLA compilation (15 s of
+  the 88M-parameter TIES merge on a 2-core CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+YNN_VALUE = "-LIBRARY_FUSION_TYPE_REDUCE"
+
+
+def _backend_started() -> bool:
+  """True if a JAX backend exists already (XLA_FLAGS were read then)."""
+  xb = sys.modules.get("jax._src.xla_bridge")
+  return bool(xb is not None and getattr(xb, "_backends", None))
+
+
+def configure_xla() -> bool:
+  """Adds mtmerge's XLA:CPU default flag to `XLA_FLAGS` when still possible.
+
+  Returns:
+    True if the flag is in effect for backends created from now on (added
+    now or already present), False if it was left out: opted out, the user
+    set the flag to something else, or a backend had already started.
+  """
+  flags = os.environ.get("XLA_FLAGS", "")
+  if YNN_FLAG in flags:
+    return f"{YNN_FLAG}={YNN_VALUE}" in flags
+  if os.environ.get("MTMERGE_XLA_DEFAULTS", "1") == "0" or _backend_started():
+    return False
+  os.environ["XLA_FLAGS"] = f"{flags} {YNN_FLAG}={YNN_VALUE}".strip()
+  return True
+
+
+def default_cache_dir() -> str:
+  """`$MTMERGE_CACHE/xla`, else `~/.cache/mtmerge/xla`."""
+  root = os.environ.get("MTMERGE_CACHE") or os.path.join(
+      os.path.expanduser("~"), ".cache", "mtmerge")
+  return os.path.join(root, "xla")
+
+
+def enable_compile_cache(path: str | None = None) -> str | None:
+  """Turns on JAX's persistent compilation cache (unless already set).
+
+  Args:
+    path: cache directory; default `default_cache_dir()`. Set
+      `MTMERGE_COMPILE_CACHE=0` to disable.
+
+  Returns:
+    The cache directory in use, or None when disabled.
+  """
+  if os.environ.get("MTMERGE_COMPILE_CACHE", "1") == "0":
+    return None
+  import jax  # local: keep `import mtmerge.runtime` cheap
+  current = jax.config.jax_compilation_cache_dir
+  if current:
+    return current
+  path = path or default_cache_dir()
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError:
+    return None  # read-only home: run without a cache rather than fail
+  jax.config.update("jax_compilation_cache_dir", path)
+  # Cache every merge kernel that took noticeable time to compile.
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  return path
