@@ -254,12 +254,33 @@ def test_unknown_names_list_known_ones(tmp_path, monkeypatch):
     bert.BertConfig.from_hf_json(dict(TINY, hidden_act="relu"))
 
 
+def test_dispatch_on_model_type(tmp_path, monkeypatch):
+  """vit/clip directories go to those modules' load_dir (stubbed here)."""
+  calls = []
+
+  class Stub:
+    @staticmethod
+    def load_dir(path):  # no dtype argument: load() casts afterwards
+      calls.append(path)
+      return nnx.Linear(2, 3, rngs=nnx.Rngs(0)), "preprocessor"
+
+  real_import = hub.importlib.import_module
+  monkeypatch.setattr(hub.importlib, "import_module", lambda name: (
+      Stub if name in ("mtmerge.models.vit", "mtmerge.models.clip")
+      else real_import(name)))
+  for model_type in ("vit", "clip", "clip_vision_model"):
+    path = _write_dir(tmp_path / model_type, {"model_type": model_type}, {})
+    model, pre = models.load(path, dtype=jnp.bfloat16)
+    assert pre == "preprocessor" and calls[-1] == path
+    assert model.kernel[...].dtype == jnp.bfloat16
+
+
 # ----------------------------------------------------------------------------
 # Model API: parameter names, dropout modes, pure-dict params.
 
 
 def test_parameter_paths_are_documented_names():
-  model = bert.Bert(bert.BertConfig.from_hf_json(TINY), rngs=nnx.Rngs(0))
+  model = nnx.eval_shape(lambda: bert.Bert(bert.BertConfig.from_hf_json(TINY)))
   _, params = models.split_params(model)
   flat = tree_lib.to_flat_dict(params)
   assert flat["embeddings/word/embedding"].shape == (50, 16)
@@ -276,6 +297,11 @@ def test_dropout_train_eval_and_split_merge(tmp_path):
   model, _ = models.load(_write_dir(tmp_path / "tiny", TINY, sd))
   ids, mask, types = _batch()
   want = _np_bert(sd, TINY, ids, mask, types)
+  # A second load (same config, other weights) must not alias the first's.
+  other, _ = models.load(_write_dir(tmp_path / "other", TINY, _hf_state(TINY,
+                                                                          1)))
+  assert not np.allclose(other.embeddings.word.embedding[...],
+                         model.embeddings.word.embedding[...])
   model.train()
   a = np.asarray(_apply(model, ids, mask, types))
   b = np.asarray(_apply(model, ids, mask, types))

@@ -33,6 +33,7 @@ the [CLS] token) is not part of the encoder and is dropped on import.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Any, Mapping
@@ -100,10 +101,38 @@ def _norm(cfg: BertConfig, dtype, rngs) -> nnx.LayerNorm:
                        rngs=rngs)
 
 
+# Dropout masks are drawn with the "rbg" PRNG (XLA's RngBitGenerator)
+# rather than JAX's default threefry: on CPU a BERT train step with
+# threefry dropout spends ~4x longer compiling (the hash is unrolled per
+# mask), and rbg is the usual choice for dropout on TPU too. Keys are still
+# seeded from the caller's `rngs`, so runs stay reproducible.
+DROPOUT_RNG_IMPL = "rbg"
+
+
+def dropout_rngs(rngs: nnx.Rngs, impl: str | None = DROPOUT_RNG_IMPL
+                 ) -> nnx.Rngs:
+  """An `nnx.Rngs` with one `dropout` stream seeded from `rngs`.
+
+  Args:
+    rngs: the caller's randomness (its `dropout` stream, else default).
+    impl: PRNG implementation of the new stream's keys, e.g. "rbg" or
+      "threefry2x32"; None keeps the caller's key as is.
+
+  Returns:
+    The Rngs the Dropout layers fork from.
+  """
+  key = rngs["dropout"]()
+  if impl is not None:
+    seed = jax.random.bits(key, dtype=jnp.uint32)
+    key = jax.random.key(seed, impl=impl)
+  return nnx.Rngs(dropout=key)
+
+
 class Embeddings(nnx.Module):
   """Word + position + token-type embeddings, LayerNorm, dropout."""
 
-  def __init__(self, cfg: BertConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: BertConfig, *, dtype, rngs: nnx.Rngs,
+               dropout_rngs: nnx.Rngs):
     init = nnx.initializers.normal(cfg.initializer_range)
     embed = lambda n: nnx.Embed(n, cfg.hidden_size, dtype=dtype,
                                 param_dtype=dtype, embedding_init=init,
@@ -112,7 +141,7 @@ class Embeddings(nnx.Module):
     self.position = embed(cfg.max_position_embeddings)
     self.token_type = embed(cfg.type_vocab_size)
     self.norm = _norm(cfg, dtype, rngs)
-    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=dropout_rngs)
 
   def __call__(self, input_ids, token_type_ids, deterministic):
     positions = jnp.arange(input_ids.shape[1])[None, :]
@@ -130,14 +159,16 @@ def _dense(n_in: int, n_out: int, cfg: BertConfig, dtype, rngs) -> nnx.Linear:
 class Attention(nnx.Module):
   """Multi-head self-attention with an additive padding mask."""
 
-  def __init__(self, cfg: BertConfig, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: BertConfig, *, dtype, rngs: nnx.Rngs,
+               dropout_rngs: nnx.Rngs):
     h = cfg.hidden_size
     self.num_heads = cfg.num_attention_heads
     self.query = _dense(h, h, cfg, dtype, rngs)
     self.key = _dense(h, h, cfg, dtype, rngs)
     self.value = _dense(h, h, cfg, dtype, rngs)
     self.out = _dense(h, h, cfg, dtype, rngs)
-    self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.attention_probs_dropout_prob,
+                               rngs=dropout_rngs)
 
   def __call__(self, x, bias, deterministic):
     b, l, h = x.shape
@@ -167,12 +198,14 @@ class Mlp(nnx.Module):
 class Layer(nnx.Module):
   """One post-LN transformer layer: x = LN(x + Attn(x)); x = LN(x + MLP(x))."""
 
-  def __init__(self, cfg: BertConfig, *, dtype, rngs: nnx.Rngs):
-    self.attention = Attention(cfg, dtype=dtype, rngs=rngs)
+  def __init__(self, cfg: BertConfig, *, dtype, rngs: nnx.Rngs,
+               dropout_rngs: nnx.Rngs):
+    self.attention = Attention(cfg, dtype=dtype, rngs=rngs,
+                               dropout_rngs=dropout_rngs)
     self.attention_norm = _norm(cfg, dtype, rngs)
     self.mlp = Mlp(cfg, dtype=dtype, rngs=rngs)
     self.mlp_norm = _norm(cfg, dtype, rngs)
-    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=rngs)
+    self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=dropout_rngs)
 
   def __call__(self, x, bias, deterministic):
     drop = lambda t: self.dropout(t, deterministic=deterministic)
@@ -185,14 +218,29 @@ class Bert(nnx.Module):
 
   Dropout is active after construction (`model.train()`); call
   `model.eval()` for inference, or pass `deterministic=True` per call.
+  `load_dir` returns models in eval mode.
   """
 
   def __init__(self, cfg: BertConfig, *, dtype=jnp.float32,
-               rngs: nnx.Rngs | None = None):
+               rngs: nnx.Rngs | None = None,
+               dropout_rng_impl: str | None = DROPOUT_RNG_IMPL):
+    """Builds a randomly initialized encoder.
+
+    Args:
+      cfg: the architecture.
+      dtype: parameter and compute dtype.
+      rngs: parameter init (`params` stream) and dropout (`dropout` stream,
+        default stream if absent) randomness; default `nnx.Rngs(0)`.
+      dropout_rng_impl: JAX PRNG implementation of the dropout keys (see
+        `DROPOUT_RNG_IMPL`), None to keep the key type of `rngs`.
+    """
     rngs = rngs if rngs is not None else nnx.Rngs(0)
+    drop = dropout_rngs(rngs, dropout_rng_impl)
     self.config = cfg
-    self.embeddings = Embeddings(cfg, dtype=dtype, rngs=rngs)
-    self.layers = nnx.List([Layer(cfg, dtype=dtype, rngs=rngs)
+    self.embeddings = Embeddings(cfg, dtype=dtype, rngs=rngs,
+                                 dropout_rngs=drop)
+    self.layers = nnx.List([Layer(cfg, dtype=dtype, rngs=rngs,
+                                  dropout_rngs=drop)
                             for _ in range(cfg.num_hidden_layers)])
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
@@ -294,10 +342,21 @@ for _hf, _ours in _NORMS.items():
 IGNORE = [r".*position_ids", _P + r"pooler\..*", r"cls\..*", r"classifier\..*"]
 
 
-def _abstract(cfg: BertConfig, dtype):
-  """`(graphdef, params, rng_keys, rng_counts)` states, nothing allocated."""
-  abstract = nnx.eval_shape(lambda: Bert(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+@functools.lru_cache(maxsize=8)
+def _abstract_cached(cfg: BertConfig, dtype: np.dtype):
+  abstract = nnx.eval_shape(lambda: Bert(cfg, dtype=dtype, rngs=nnx.Rngs(0),
+                                        dropout_rng_impl=None))
   return nnx.split(abstract, nnx.Param, nnx.RngKey, nnx.RngCount)
+
+
+def _abstract(cfg: BertConfig, dtype):
+  """`(graphdef, params, rng_keys, rng_counts)` states, nothing allocated.
+
+  Tracing the constructor takes ~1 s for MiniLM, hence the cache; the
+  states are copied (fresh Variables) because callers fill them in place.
+  """
+  graphdef, *states = _abstract_cached(cfg, np.dtype(dtype))
+  return (graphdef, *(jax.tree.map(lambda x: x, s) for s in states))
 
 
 def param_shapes(cfg: BertConfig, dtype=jnp.float32) -> dict[str, tuple]:
@@ -308,7 +367,8 @@ def param_shapes(cfg: BertConfig, dtype=jnp.float32) -> dict[str, tuple]:
 
 
 def from_flat_params(cfg: BertConfig, flat: Mapping[str, Any], *,
-                     dtype=jnp.float32, rngs: nnx.Rngs | None = None) -> Bert:
+                     dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+                     dropout_rng_impl: str | None = DROPOUT_RNG_IMPL) -> Bert:
   """A model whose parameters are `flat` (`{path: array}`, our names).
 
   The model is assembled from an abstract one, so no random initialization
@@ -319,6 +379,7 @@ def from_flat_params(cfg: BertConfig, flat: Mapping[str, Any], *,
     flat: every parameter, keyed by `/`-joined path, e.g. from `convert`.
     dtype: parameter and compute dtype.
     rngs: randomness for dropout (default `nnx.Rngs(0)`).
+    dropout_rng_impl: as in `Bert`.
 
   Returns:
     The model, in eval mode.
@@ -337,7 +398,8 @@ def from_flat_params(cfg: BertConfig, flat: Mapping[str, Any], *,
   nnx.replace_by_pure_dict(params, tree_lib.from_flat_dict(
       {k: jnp.asarray(flat[k], dtype) for k in want}))
   # One dropout key per Dropout layer, folded from the caller's stream.
-  base = (rngs if rngs is not None else nnx.Rngs(0))["dropout"]()
+  base = dropout_rngs(rngs if rngs is not None else nnx.Rngs(0),
+                      dropout_rng_impl)["dropout"]()
   leaves, treedef = jax.tree.flatten(keys)
   keys = jax.tree.unflatten(treedef, [jax.random.fold_in(base, i)
                                       for i in range(len(leaves))])
