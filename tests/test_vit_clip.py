@@ -74,7 +74,8 @@ _HF_BLOCK = {"ln1": "layer_norm1", "ln2": "layer_norm2",
              "attn/out": "self_attn.out_proj", "mlp/fc1": "mlp.fc1",
              "mlp/fc2": "mlp.fc2"}
 _HF_TOP = {"vision/cls_token": "vision_model.embeddings.class_embedding",
-           "vision/pos_embed": "vision_model.embeddings.position_embedding.weight",
+           "vision/pos_embed":
+               "vision_model.embeddings.position_embedding.weight",
            "text/pos_embed": "text_model.embeddings.position_embedding.weight",
            "text/token_embed/embedding":
                "text_model.embeddings.token_embedding.weight",

@@ -47,6 +47,7 @@ import numpy as np
 from flax import nnx
 
 from mtmerge.models import convert
+from mtmerge.models import image_preprocess
 from mtmerge.models import vit
 
 
@@ -162,9 +163,9 @@ class VisionTower(nnx.Module):
         0.02 * jax.random.normal(rngs.params(), (c.hidden_size,)))
     self.pos_embed = nnx.Param(0.02 * jax.random.normal(
         rngs.params(), (grid * grid + 1, c.hidden_size)))
-    self.pre_ln = vit._layer_norm(c.hidden_size, c.layer_norm_eps, rngs)  # pylint: disable=protected-access
+    self.pre_ln = vit.layer_norm(c.hidden_size, c.layer_norm_eps, rngs)
     self.layers = _blocks(c, rngs)
-    self.post_ln = vit._layer_norm(c.hidden_size, c.layer_norm_eps, rngs)  # pylint: disable=protected-access
+    self.post_ln = vit.layer_norm(c.hidden_size, c.layer_norm_eps, rngs)
 
   def __call__(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
     c = self.config
@@ -187,7 +188,7 @@ class TextTower(nnx.Module):
     self.pos_embed = nnx.Param(0.01 * jax.random.normal(
         rngs.params(), (c.max_len, c.hidden_size)))
     self.layers = _blocks(c, rngs)
-    self.final_ln = vit._layer_norm(c.hidden_size, c.layer_norm_eps, rngs)  # pylint: disable=protected-access
+    self.final_ln = vit.layer_norm(c.hidden_size, c.layer_norm_eps, rngs)
 
   def __call__(self, input_ids: jax.Array,
                attention_mask: jax.Array | None = None
@@ -349,7 +350,6 @@ def load_dir(path: str | os.PathLike):
     `image_preprocess.ImagePreprocessor` (CLIP defaults if the directory
     has no preprocessor config).
   """
-  from mtmerge.models import image_preprocess  # pylint: disable=g-import-not-at-top
   raw = vit.read_json_config(path)
   tensors = vit.read_safetensors_dir(path)
   has_proj = "visual_projection.weight" in tensors

@@ -38,8 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from safetensors import numpy as st_numpy
 
 from mtmerge.models import convert
+from mtmerge.models import image_preprocess
 
 # HF's ACT2FN names -> JAX. "gelu" is the exact erf form in both libraries.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -60,7 +62,7 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
   return ACTIVATIONS[name]
 
 
-def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
   # Two-pass variance as in PyTorch; the fast E[x^2]-E[x]^2 form loses
   # precision on residual streams with large means.
   return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
@@ -80,7 +82,7 @@ class Attention(nnx.Module):
     self.out = nnx.Linear(dim, dim, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
-    """x: `[B, L, D]`; mask: bool, broadcastable to `[B, H, L, L]`, True=keep."""
+    """x: `[B, L, D]`; mask: bool, broadcasts to `[B, H, L, L]`, True=keep."""
     b, length, dim = x.shape
     split = lambda t: t.reshape(b, length, self.num_heads, -1)
     q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
@@ -112,9 +114,9 @@ class EncoderBlock(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, mlp_dim: int, act: str,
                eps: float, *, qkv_bias: bool = True, rngs: nnx.Rngs):
-    self.ln1 = _layer_norm(dim, eps, rngs)
+    self.ln1 = layer_norm(dim, eps, rngs)
     self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, rngs=rngs)
-    self.ln2 = _layer_norm(dim, eps, rngs)
+    self.ln2 = layer_norm(dim, eps, rngs)
     self.mlp = MLP(dim, mlp_dim, act, rngs=rngs)
 
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -214,7 +216,7 @@ class ViT(nnx.Module):
         EncoderBlock(c.hidden_size, c.num_heads, c.mlp_dim, c.act,
                      c.layer_norm_eps, qkv_bias=c.qkv_bias, rngs=rngs)
         for _ in range(c.num_layers)])
-    self.final_ln = _layer_norm(c.hidden_size, c.layer_norm_eps, rngs)
+    self.final_ln = layer_norm(c.hidden_size, c.layer_norm_eps, rngs)
     self.pooler = (nnx.Linear(c.hidden_size, c.pooler_size or c.hidden_size,
                               rngs=rngs) if c.pooler else None)
 
@@ -256,7 +258,6 @@ def read_json_config(source: str | os.PathLike | dict[str, Any]) -> dict:
 
 def read_safetensors_dir(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """All tensors of a HF directory (single or sharded safetensors) or file."""
-  from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
   path = os.fspath(path)
   if os.path.isfile(path):
     return dict(st_numpy.load_file(path))
@@ -393,7 +394,6 @@ def load_dir(path: str | os.PathLike):
     `image_preprocess.ImagePreprocessor` (HF ViT defaults: 224x224 resize,
     mean = std = 0.5, when the directory has no preprocessor config).
   """
-  from mtmerge.models import image_preprocess  # pylint: disable=g-import-not-at-top
   raw = read_json_config(path)
   if raw.get("model_type", "vit") != "vit":
     raise ValueError(f"{path}: model_type {raw.get('model_type')!r} is not "

@@ -2,7 +2,8 @@
 
 The CLIP recipe (Radford et al. 2021, "Learning Transferable Visual Models
 From Natural Language Supervision"), as used by the task-arithmetic vision
-benchmark (Ilharco et al. 2023, "Editing Models with Task Arithmetic"):
+benchmark (Ilharco et al., "Editing Models with Task Arithmetic", ICLR 2023,
+arXiv:2212.04089):
 for each class c, embed every prompt `template.format(c)` with the text
 encoder, L2-normalize each embedding, average over templates and
 renormalize. The head is the `[C, D]` stack of these class vectors and
@@ -13,8 +14,20 @@ with `scale = exp(logit_scale)` (CLIP's learned temperature, 100 for the
 OpenAI models). The fine-tuned and merged image encoders are evaluated
 with these frozen heads.
 
+Typical use (frozen head, trainable image encoder, as in Ilharco et al.):
+
+  model, pre = clip.load_dir(path)            # a full HF CLIPModel
+  text_fn = nnx.jit(lambda m, i, a: m.encode_text(i, a))
+  head = zeroshot.build_head(lambda i, a: text_fn(model, i, a), tokenize,
+                             zeroshot.classnames("mnist"),
+                             zeroshot.templates("mnist"))
+  scale = jnp.exp(model.logit_scale[...])
+  def loss_fn(m, images, labels):             # differentiate w.r.t. m.vision
+    z = zeroshot.logits(m.encode_image(images), head, scale)
+    return optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
+
 `TEMPLATES` has short prompt lists for the eight tasks of that benchmark
-and `CLASSNAMES` the class names of the tasks with few classes, in TFDS
+and `CLASSNAMES` the class names of six of them (not Cars196, SUN397), in TFDS
 label order; `clean_classname` turns TFDS label names (e.g. SUN397's
 "/a/abbey" or Cars196's names) into prompt text for the rest.
 """
