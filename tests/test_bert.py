@@ -288,8 +288,13 @@ def test_parameter_paths_are_documented_names():
   assert flat["layers/0/mlp/intermediate/kernel"].shape == (16, 24)
   assert flat["layers/0/mlp_norm/scale"].shape == (16,)
   assert len(flat) == 5 + 2 * 16
-  assert set(flat) == set(bert.param_shapes(bert.BertConfig.from_hf_json(
-      TINY)))
+  shapes = bert.param_shapes(bert.BertConfig.from_hf_json(TINY))
+  assert set(flat) == set(shapes)
+  arrays = {k: np.zeros(v, np.float32) for k, v in shapes.items()}
+  arrays["layers/0/extra"] = arrays.pop("layers/0/mlp_norm/bias")
+  with pytest.raises(ValueError, match=r"missing \['layers/0/mlp_norm/bias'\]"
+                     r", not in the model \['layers/0/extra'\]"):
+    bert.from_flat_params(bert.BertConfig.from_hf_json(TINY), arrays)
 
 
 def test_dropout_train_eval_and_split_merge(tmp_path):

@@ -102,10 +102,11 @@ def _norm(cfg: BertConfig, dtype, rngs) -> nnx.LayerNorm:
 
 
 # Dropout masks are drawn with the "rbg" PRNG (XLA's RngBitGenerator)
-# rather than JAX's default threefry: on CPU a BERT train step with
-# threefry dropout spends ~4x longer compiling (the hash is unrolled per
-# mask), and rbg is the usual choice for dropout on TPU too. Keys are still
-# seeded from the caller's `rngs`, so runs stay reproducible.
+# rather than JAX's default threefry, whose per-element hash XLA compiles
+# slowly: measured on the 2-core CPU, a 2-layer test model's train-mode
+# forward compiled in 4.2 s instead of 15.6 s, a MiniLM AdamW step in 10 s
+# instead of 13 s, at the same step time. rbg is the usual dropout choice on
+# TPU too. Keys are still seeded from the caller's `rngs` (reproducible).
 DROPOUT_RNG_IMPL = "rbg"
 
 
@@ -385,16 +386,17 @@ def from_flat_params(cfg: BertConfig, flat: Mapping[str, Any], *,
     The model, in eval mode.
 
   Raises:
-    ValueError: a parameter missing from `flat`, or a shape mismatch.
+    ValueError: a parameter missing from `flat` or not in the model, or a
+      shape mismatch.
   """
   graphdef, params, keys, counts = _abstract(cfg, dtype)
   want = tree_lib.to_flat_dict(nnx.to_pure_dict(params))
-  missing = sorted(set(want) - set(flat))
+  missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
   bad = [f"{k}: {np.shape(flat[k])} vs {want[k].shape}" for k in want
          if k in flat and tuple(np.shape(flat[k])) != tuple(want[k].shape)]
-  if missing or bad:
+  if missing or extra or bad:
     raise ValueError(f"parameters do not fit the model: missing {missing}, "
-                     f"shape mismatches {bad}")
+                     f"not in the model {extra}, shape mismatches {bad}")
   nnx.replace_by_pure_dict(params, tree_lib.from_flat_dict(
       {k: jnp.asarray(flat[k], dtype) for k in want}))
   # One dropout key per Dropout layer, folded from the caller's stream.
