@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
+import safetensors.numpy
 import scipy.special
 
 from mtmerge import models
@@ -80,7 +80,7 @@ def _write_dir(path, cfg, sd):
   os.makedirs(path, exist_ok=True)
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg, f)
-  save_file(sd, os.path.join(path, "model.safetensors"))
+  safetensors.numpy.save_file(sd, os.path.join(path, "model.safetensors"))
   return str(path)
 
 

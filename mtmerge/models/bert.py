@@ -336,8 +336,9 @@ for _hf, _ours in _LINEARS.items():
                          convert.linear_kernel),
             convert.Rule(_L + _hf + r"\.bias", rf"layers/\1/{_ours}/bias")]
 for _hf, _ours in _NORMS.items():
-  RULES += [convert.Rule(_L + _hf + r"\." + _SCALE, rf"layers/\1/{_ours}/scale"),
-            convert.Rule(_L + _hf + r"\." + _BIAS, rf"layers/\1/{_ours}/bias")]
+  RULES += [
+      convert.Rule(_L + _hf + r"\." + _SCALE, rf"layers/\1/{_ours}/scale"),
+      convert.Rule(_L + _hf + r"\." + _BIAS, rf"layers/\1/{_ours}/bias")]
 
 # Buffers and heads that are not part of the encoder.
 IGNORE = [r".*position_ids", _P + r"pooler\..*", r"cls\..*", r"classifier\..*"]

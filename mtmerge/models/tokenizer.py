@@ -39,7 +39,8 @@ class Tokenizer:
       try:
         tok = tokenizers.Tokenizer.from_file(path)
       except Exception as e:  # tokenizers raises bare Exceptions
-        raise ValueError(f"{path} is not a valid tokenizer.json ({e})") from None
+        raise ValueError(
+            f"{path} is not a valid tokenizer.json ({e})") from None
     padding = tok.padding or {}
     self.pad_id = int(padding.get("pad_id", tok.token_to_id("[PAD]") or 0))
     self.pad_type_id = int(padding.get("pad_type_id", 0))
