@@ -21,12 +21,17 @@ setup(
         "numpy>=1.26",
         "tqdm>=4.60",
         "absl-py>=2.0",
+        "tokenizers>=0.15",
+        "pillow>=10",
+        "scikit-learn>=1.3",  # only its bundled digits data file is read
+        "matplotlib>=3.7",
     ],
     extras_require={
         "test": ["pytest>=8"],
         # Peers for parity tests and benchmarks; never needed at run time.
         # torch is pinned to the CPU build available offline on this machine.
-        "peers": ["torch==2.13.0", "fusion-bench", "mergekit", "psutil"],
+        "peers": ["torch==2.13.0", "fusion-bench", "mergekit", "psutil",
+                  "transformers", "sentence-transformers"],
     },
     entry_points={"console_scripts": ["mtmerge=mtmerge.cli:main"]},
 )

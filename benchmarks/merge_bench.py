@@ -216,6 +216,7 @@ def child_mtmerge(name, base_path, model_paths, threshold, out_path):
   import numpy as np
   from mtmerge import methods
   from mtmerge import runtime
+  runtime.configure_xla()  # as `mtmerge merge` does
   cache_dir = os.environ.get("MTMERGE_BENCH_CACHE")
   if cache_dir:  # as the CLI does: JAX's persistent compile cache
     runtime.enable_compile_cache(cache_dir)

