@@ -7,23 +7,33 @@ the same `run` functions.
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 
-JOBS = {"demo": "mtmerge.demo"}
+JOBS = {"benchmark": "mtmerge.benchmark", "demo": "mtmerge.demo"}
 
 
 def main(argv):
   del argv
   import importlib
+  from mtmerge import distributed
   from mtmerge import runtime
+  distributed.maybe_initialize()  # multi-host only when detected
+  if logging.get_verbosity() == logging.INFO and not flags.FLAGS[
+      "verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   runtime.enable_compile_cache()
   config = _CONFIG.value
   if config.job not in JOBS:
     raise app.UsageError(f"unknown job {config.job!r}; known: {sorted(JOBS)}")
-  importlib.import_module(JOBS[config.job]).run(config, _WORKDIR.value)
+  job = importlib.import_module(JOBS[config.job])
+  try:
+    job.run(config, _WORKDIR.value)
+  except getattr(job, "ConfigError", ()) as e:
+    raise app.UsageError(str(e), exitcode=2) from None
 
 
 if __name__ == "__main__":

@@ -1,0 +1,204 @@
+"""The default job: fine-tune per task, merge with every method, evaluate.
+
+`run(config, workdir)`:
+
+1. loads the pretrained encoder and the task suite (offline TFDS builders
+   prepared into the cache on first use);
+2. fits a linear-probe head per task on pretrained features and fine-tunes
+   the encoder per task with the head frozen (cached, resumable;
+   `mtmerge.finetune`);
+3. stacks the task vectors of the trainable params and, for every method
+   in `config.methods`, picks its hyperparameters on the validation split
+   (average accuracy over tasks, as the papers do) and reports test
+   accuracy per task; compressed methods (TALL masks, EMR) are evaluated
+   per task on their reconstruction;
+4. prints the table and writes `results.json`, `results.csv` and
+   `results.png` into the workdir.
+
+Rows: `pretrained` (linear-probe heads), `individual` (each task's own
+fine-tuned model: the upper reference), then one row per method with the
+normalized accuracy `acc / individual acc` averaged over tasks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import auto as tqdm
+
+from mtmerge import encoders
+from mtmerge import finetune
+from mtmerge import plots
+from mtmerge import results
+from mtmerge import taskpool
+from mtmerge import tree as tree_lib
+from mtmerge.data import suites
+
+
+def _grid(grid: dict[str, list]) -> list[dict[str, Any]]:
+  keys = sorted(grid)
+  return [dict(zip(keys, vals)) for vals in
+          itertools.product(*(list(grid[k]) for k in keys))] or [{}]
+
+
+class ConfigError(ValueError):
+  """A config the benchmark cannot run (raised before any long work)."""
+
+
+def _method_entries(config) -> list[tuple[str, str, dict, dict]]:
+  """`(label, method name, fixed hparams, grid)` per configured method."""
+  from mtmerge import methods
+  out = []
+  for entry in config.methods:
+    entry = dict(entry)
+    unknown = set(entry) - {"method", "grid", "label"}
+    if unknown or "method" not in entry:
+      raise ConfigError(f"method entry {entry} must have 'method' (e.g. "
+                       f"\"ties_merging(threshold=0.2)\") and optionally "
+                       f"'grid' and 'label'; unknown keys {sorted(unknown)}")
+    try:
+      name, fixed = methods.parse(entry["method"])
+      grid = dict(entry.get("grid") or {})
+      spec = methods.get(name)  # unknown method: error listing known ones
+      for hp in _grid(grid):
+        spec.check({**fixed, **hp}, len(config.tasks))
+    except (ValueError, KeyError) as e:
+      msg = e.args[0] if e.args else e
+      raise ConfigError(f"config.methods entry {entry['method']!r}: {msg}"
+                        ) from None
+    out.append((entry.get("label") or name, name, fixed, grid))
+  return out
+
+
+def _stack_task_vectors(base_sel: dict, tuned: list[dict]) -> dict:
+  return jax.tree.map(lambda b, *xs: jnp.stack([x - b for x in xs]),
+                      base_sel, *tuned)
+
+
+def _row(label, accs, indiv, extra=None):
+  row = {"method": label}
+  for t, a in accs.items():
+    row[t] = round(100 * a, 2)
+  row["avg"] = round(100 * float(np.mean(list(accs.values()))), 2)
+  if indiv is not None:
+    row["norm_avg"] = round(100 * float(np.mean(
+        [accs[t] / max(indiv[t], 1e-9) for t in accs])), 2)
+  row.update(extra or {})
+  return row
+
+
+def run(config: Any, workdir: str) -> dict:
+  """Runs the benchmark; returns the results dict also written to disk."""
+  from mtmerge import methods
+  t_start = time.time()
+  os.makedirs(workdir, exist_ok=True)
+  try:
+    tasks = [suites.get_task(t) for t in config.tasks]
+  except KeyError as e:
+    raise ConfigError(f"config.tasks: {e.args[0]}") from None
+  entries = _method_entries(config)  # bad config fails before any work
+  encoder = encoders.load(config.model, num_layers=config.get("num_layers"))
+  mode, trainable = config.finetune.mode, config.finetune.trainable
+  print(f"encoder {encoder.name}: {tree_lib.tree_size(encoder.params)} "
+        f"params; tasks {[t.name for t in tasks]}; fine-tuning {mode} "
+        f"({trainable})", flush=True)
+
+  heads, tuned = {}, []
+  timing = {}
+  t0 = time.time()
+  for t in tqdm.tqdm(tasks, desc="linear probes", leave=False):
+    heads[t.name] = finetune.linear_probe(encoder, t, config.probe, workdir)
+  timing["linear_probe_s"] = time.time() - t0
+  t0 = time.time()
+  for t in tasks:
+    tuned.append(finetune.finetune_task(encoder, t, heads[t.name],
+                                        config.finetune, workdir))
+  timing["finetune_s"] = time.time() - t0
+
+  sel, _ = encoders.split(encoder.params, trainable)
+  base_sel = tree_lib.from_flat_dict(sel)
+  if mode == "tangent":  # merging happens in the tangent space around 0
+    base_sel = jax.tree.map(jnp.zeros_like, base_sel)
+  tvs = _stack_task_vectors(base_sel, tuned)
+  pool = taskpool.TaskPool(encoder, tasks, heads, trainable=trainable,
+                           mode=mode, batch_size=config.eval.batch_size,
+                           max_len=config.eval.max_len,
+                           limits=dict(config.eval.limits))
+
+  t0 = time.time()
+  rows = []
+  indiv = {t.name: pool.accuracy(m, t) for t, m in zip(tasks, tuned)}
+  rows.append(_row("pretrained", pool.evaluate(base_sel), indiv))
+  rows.append(_row("individual", indiv, indiv))
+  timing["reference_eval_s"] = time.time() - t0
+  full_bytes = tree_lib.tree_bytes(base_sel)
+
+  bar = tqdm.tqdm(entries, desc="methods", leave=False)
+  for label, name, fixed, grid in bar:
+    bar.set_postfix_str(label)
+    t0 = time.time()
+    spec = methods.get(name)
+    if spec.compressed:
+      # One model per task: like the TALL-mask paper, pick each task's
+      # hyperparameters on that task's own validation accuracy.
+      best_t = [(-1.0, None, None)] * len(tasks)
+      val_scores = []
+      for hp in _grid(grid):
+        out = methods.merge(name, base_sel, tvs, **fixed, **hp)
+        vals = [pool.accuracy(_recon(out, base_sel, i), t, "validation")
+                for i, t in enumerate(tasks)]
+        val_scores.append({**hp, **{t.name: round(100 * a, 2)
+                                    for t, a in zip(tasks, vals)}})
+        best_t = [b if b[0] >= a else (a, hp, out)
+                  for b, a in zip(best_t, vals)]
+      accs = {t.name: pool.accuracy(_recon(b[2], base_sel, i), t)
+              for i, (t, b) in enumerate(zip(tasks, best_t))}
+      best_val = float(np.mean([b[0] for b in best_t]))
+      best = {k: [b[1][k] for b in best_t] for k in grid}
+      store = methods.storage_bytes(best_t[0][2]) / full_bytes
+    else:
+      best, best_val, best_out, val_scores = {}, -1.0, None, []
+      for hp in _grid(grid):
+        out = methods.merge(name, base_sel, tvs, **fixed, **hp)
+        val = float(np.mean(list(pool.evaluate(out, "validation").values())))
+        val_scores.append({**hp, "val_avg": round(100 * val, 2)})
+        if val > best_val:
+          best, best_val, best_out = hp, val, out
+      accs = pool.evaluate(best_out)
+      store = 1.0
+    rows.append(_row(label, accs, indiv, {
+        "hparams": ", ".join(f"{k}={v}" for k, v in {**fixed, **best}.items()),
+        "val_avg": round(100 * best_val, 2),
+        "storage_x": round(store, 3), "seconds": round(time.time() - t0, 1),
+        "grid": val_scores}))
+    tqdm.tqdm.write(f"{label}: test avg {rows[-1]['avg']:.2f} (validation "
+                    f"{rows[-1]['val_avg']:.2f}) in {rows[-1]['seconds']} s")
+  timing["total_s"] = time.time() - t_start
+
+  table_rows = [{k: v for k, v in r.items() if k != "grid"} for r in rows]
+  text = results.format_table(table_rows)
+  print(f"\nmtmerge benchmark: {encoder.name}, {len(tasks)} tasks, "
+        f"fine-tuning mode {mode}, test split\n" + text)
+  print(f"wall time {timing['total_s']:.0f} s (fine-tuning "
+        f"{timing['finetune_s']:.0f} s)")
+  out = {"model": encoder.name, "mode": mode,
+         "tasks": [t.name for t in tasks], "rows": rows, "timing": timing,
+         "config": config.to_dict()}
+  results.write_json(os.path.join(workdir, "results.json"), out)
+  results.write_csv(os.path.join(workdir, "results.csv"), table_rows)
+  plots.bar_chart(table_rows, [t.name for t in tasks],
+                  os.path.join(workdir, "results.png"),
+                  title=f"{encoder.name}: {len(tasks)} tasks ({mode})")
+  return out
+
+
+def _recon(compressed, base_sel, i):
+  """Task i's trainable params from a compressed multi-task form."""
+  from mtmerge import methods
+  return methods.reconstruct(base_sel, compressed, i)

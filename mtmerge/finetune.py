@@ -1,0 +1,216 @@
+"""Per-task heads and fine-tuning: one checkpoint per task from one model.
+
+For each task:
+
+1. `linear_probe`: a linear head fit on the frozen pretrained features
+   (multinomial logistic regression, full batch). It is the "pretrained"
+   row of the benchmark and stays frozen while the encoder is fine-tuned,
+   so every task's fine-tuned encoder keeps talking to the same head
+   (LP-FT, Kumar et al. 2022; the CLIP merging benchmarks freeze the
+   zero-shot head the same way, Ilharco et al. 2023).
+2. `finetune_task`: AdamW on the encoder params matching
+   `config.trainable`, cross-entropy through the frozen head; `mode` is
+   `standard` or `tangent` (train the linearized model, Ortiz-Jimenez et
+   al. 2023). Checkpoints every `save_every` steps through orbax; a rerun
+   resumes from the last one (same batches, same result) and a finished
+   task is skipped. `average_last=K` returns the mean of the last K saved
+   checkpoints instead of the last one ("Free Lunch" checkpoint
+   averaging; Wortsman et al. 2022, model soups over one run).
+
+Dropout is off while fine-tuning (deterministic steps, exact resume).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import auto as tqdm
+
+from mtmerge import checkpoint
+from mtmerge import encoders
+from mtmerge import results
+from mtmerge import taskdata
+from mtmerge import tree as tree_lib
+from mtmerge.data import suites
+
+
+def features(encoder: encoders.Encoder, params: Any, b) -> tuple:
+  """`(features [N, D], labels [N])` of every example a Batcher yields."""
+  fn = jax.jit(encoder.features)
+  feats, labels = [], []
+  for batch in b.epoch(0):
+    keep = batch.get("mask", np.ones(len(batch["label"]), bool))
+    inputs = {k: v for k, v in batch.items() if k not in ("label", "mask")}
+    feats.append(np.asarray(fn(params, inputs))[keep])
+    labels.append(batch["label"][keep])
+  return np.concatenate(feats), np.concatenate(labels)
+
+
+@jax.jit
+def _fit_head(x, y, w0, b0, lr, wd, steps):
+  opt = optax.adam(lr)
+
+  def loss(p):
+    logits = x @ p["kernel"] + p["bias"]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return ce + wd * jnp.sum(p["kernel"] ** 2)
+
+  def body(_, carry):
+    p, s = carry
+    g = jax.grad(loss)(p)
+    u, s = opt.update(g, s, p)
+    return optax.apply_updates(p, u), s
+  p = {"kernel": w0, "bias": b0}
+  p, _ = jax.lax.fori_loop(0, steps, body, (p, opt.init(p)))
+  return p
+
+
+def linear_probe(encoder: encoders.Encoder, task: Any, config: Any,
+                 workdir: str) -> dict[str, np.ndarray]:
+  """A linear head on the pretrained features (cached in workdir/heads).
+
+  Args:
+    encoder: the pretrained encoder.
+    task: task name or TaskSpec.
+    config: `steps`, `lr`, `weight_decay`, `limit` (train examples used),
+      `batch_size`, `max_len`.
+    workdir: cache root.
+
+  Returns:
+    `{"kernel": [D, C], "bias": [C]}` float32.
+  """
+  task = suites.get_task(task)
+  path = os.path.join(workdir, "heads", f"{task.name}.npz")
+  if os.path.exists(path):
+    try:
+      with np.load(path) as z:
+        head = {"kernel": z["kernel"], "bias": z["bias"]}
+      if head["kernel"].shape == (encoder.dim, task.num_classes):
+        return head
+    except (OSError, ValueError, KeyError):
+      pass  # a corrupt cache entry is recomputed, never used
+  b = taskdata.batcher(encoder, task, "train", config.batch_size,
+                       limit=config.limit, max_len=config.max_len)
+  x, y = features(encoder, encoder.params, b)
+  head = _fit_head(jnp.asarray(x), jnp.asarray(y),
+                   jnp.zeros((x.shape[1], task.num_classes), jnp.float32),
+                   jnp.zeros((task.num_classes,), jnp.float32),
+                   config.lr, config.weight_decay, config.steps)
+  head = {k: np.asarray(v) for k, v in head.items()}
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **head)
+  os.replace(tmp, path)
+  return head
+
+
+def _loss_fn(encoder, mode, trainable, head):
+  base_sel, rest = encoders.split(encoder.params, trainable)
+  flat = tree_lib.to_flat_dict
+  if mode == "tangent":
+    lin = encoders.linearized(encoder.features, encoder.params, trainable)
+    feats = lambda p, batch: lin(flat(p), batch)
+  else:
+    feats = lambda p, batch: encoder.features(encoders.join(flat(p), rest),
+                                              batch)
+
+  def loss(p, batch):
+    inputs = {k: v for k, v in batch.items() if k != "label"}
+    logits = encoders.logits(head, feats(p, inputs))
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                         batch["label"])
+    acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return ce.mean(), acc
+  init = tree_lib.from_flat_dict(base_sel)  # nested: orbax-friendly keys
+  if mode == "tangent":
+    init = jax.tree.map(jnp.zeros_like, init)
+  return loss, init
+
+
+def fingerprint(encoder, task, config) -> dict:
+  """Everything that determines a task's fine-tuned checkpoint."""
+  return dict(model=encoder.name, dim=encoder.dim, task=task.name,
+              params=tree_lib.tree_size(encoder.params),
+              finetune=config.to_dict())
+
+
+def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
+                  config: Any, workdir: str, progress: bool = True
+                  ) -> dict[str, jax.Array]:
+  """Fine-tunes the encoder on one task (cached, resumable).
+
+  Args:
+    encoder: the pretrained encoder.
+    task: task name or TaskSpec.
+    head: the task's frozen head (`linear_probe`).
+    config: `mode` (standard | tangent), `trainable` (regex), `steps`,
+      `batch_size`, `lr`, `warmup`, `weight_decay`, `save_every`,
+      `average_last` (0 = off), `seed`, `limit`, `max_len`.
+    workdir: runs go to `workdir/finetune/<task>-<mode>`.
+    progress: show a progress bar.
+
+  Returns:
+    The fine-tuned trainable params (nested canonical dict): the weights
+    (standard) or the tangent-space offset `delta` (tangent).
+  """
+  task = suites.get_task(task)
+  if config.mode not in ("standard", "tangent"):
+    raise ValueError(f"finetune.mode must be standard or tangent, got "
+                     f"{config.mode!r}")
+  run = checkpoint.Run(
+      os.path.join(workdir, "finetune", f"{task.name}-{config.mode}"),
+      fingerprint(encoder, task, config),
+      max_to_keep=max(2, int(config.average_last)))
+  loss_fn, init = _loss_fn(encoder, config.mode, config.trainable, head)
+  if run.done():
+    return run.load_final(init)
+  sched = optax.warmup_cosine_decay_schedule(
+      0.0, config.lr, max(1, config.warmup), max(config.steps, 2), 0.0)
+  opt = optax.adamw(sched, weight_decay=config.weight_decay)
+  state = {"params": init, "opt": opt.init(init)}
+  start = 0
+  if run.latest_step() is not None:
+    start = run.latest_step()
+    state = run.restore(start, state)
+
+  @jax.jit
+  def step(state, batch):
+    (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], batch)
+    updates, opt_state = opt.update(g, state["opt"], state["params"])
+    new = optax.apply_updates(state["params"], updates)
+    return {"params": new, "opt": opt_state}, loss, acc
+
+  b = taskdata.batcher(encoder, task, "train", config.batch_size,
+                       shuffle=True, seed=config.seed, limit=config.limit,
+                       max_len=config.max_len)
+  bar = tqdm.tqdm(total=config.steps, initial=start, disable=not progress,
+                  desc=f"finetune {task.name} ({config.mode})", leave=False)
+  log = []
+  for s in range(start, config.steps):
+    state, loss, acc = step(state, taskdata.batch_at(b, s))
+    loss = float(loss)
+    if not np.isfinite(loss):
+      raise FloatingPointError(f"non-finite loss {loss} at step {s} while "
+                               f"fine-tuning {task.name}; lower finetune.lr")
+    log.append({"step": s + 1, "loss": loss, "acc": float(acc)})
+    bar.update()
+    bar.set_postfix(loss=f"{loss:.3f}")
+    if (s + 1) % config.save_every == 0 or s + 1 == config.steps:
+      run.save(s + 1, state)
+  bar.close()
+  final = state["params"]
+  k = int(config.average_last)
+  if k > 1:
+    steps = run.all_steps()[-k:]
+    snaps = [run.restore(t, state)["params"] for t in steps]
+    final = jax.tree.map(lambda *xs: sum(xs) / len(xs), *snaps)
+  run.finish(final)
+  results.write_json(os.path.join(run.directory, "train_log.json"), log)
+  run.close()
+  return final
