@@ -5,6 +5,8 @@ to the `run(config, workdir)` function of the config's job; notebooks call
 the same `run` functions.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -33,7 +35,8 @@ def main(argv):
   try:
     job.run(config, _WORKDIR.value)
   except getattr(job, "ConfigError", ()) as e:
-    raise app.UsageError(str(e), exitcode=2) from None
+    print(f"mtmerge: error: {e}", file=sys.stderr)  # one line, no traceback
+    sys.exit(2)
 
 
 if __name__ == "__main__":
