@@ -23,6 +23,7 @@ Dropout is off while fine-tuning (deterministic steps, exact resume).
 from __future__ import annotations
 
 import os
+import zipfile
 from typing import Any
 
 import jax
@@ -92,7 +93,7 @@ def linear_probe(encoder: encoders.Encoder, task: Any, config: Any,
         head = {"kernel": z["kernel"], "bias": z["bias"]}
       if head["kernel"].shape == (encoder.dim, task.num_classes):
         return head
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
       pass  # a corrupt cache entry is recomputed, never used
   b = taskdata.batcher(encoder, task, "train", config.batch_size,
                        limit=config.limit, max_len=config.max_len)

@@ -40,10 +40,17 @@ def test_default_benchmark_runlocal(tmp_path, monkeypatch):
 
 
 def test_config_errors_exit_cleanly(tmp_path):
-  env = dict(os.environ, MTMERGE_CACHE=str(tmp_path / "cache"))
-  cmd = [sys.executable, "-m", "mtmerge.main", "--config",
-         "configs/default.py:runlocal", "--workdir", str(tmp_path / "w"),
-         "--config.methods=[{'method': 'ties_merging(threshold=2.0)'}]"]
+  env = dict(os.environ, MTMERGE_CACHE=str(tmp_path / "cache"),
+             PYTHONPATH=REPO)
+  bad = tmp_path / "bad_config.py"
+  bad.write_text(
+      "from configs import default\n"
+      "def get_config(arg=None):\n"
+      "  c = default.get_config('runlocal')\n"
+      "  c.methods = [dict(method='ties_merging(threshold=2.0)')]\n"
+      "  return c\n")
+  cmd = [sys.executable, "-m", "mtmerge.main", "--config", str(bad),
+         "--workdir", str(tmp_path / "w")]
   p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
                      timeout=120)
   assert p.returncode == 2, p.stderr[-2000:]
