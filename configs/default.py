@@ -39,7 +39,9 @@ METHODS = [
          grid=dict(scaling_factor=[0.3, 0.6])),
     dict(method="consensus(k=2)", grid=dict(scaling_factor=[0.3, 0.6])),
     dict(method="pcb_merging(ratio=0.1)", grid=dict(scaling_factor=[0.5, 1.0])),
-    dict(method="tsv_merging", grid=dict(alpha=[0.5, 1.0])),
+    # tsv_merging is left out: XLA:CPU's SVD took > 3 minutes here for
+    # MiniLM's 24 matrices x 4 tasks (it is tested; add it on GPU/TPU with
+    # dict(method="tsv_merging", grid=dict(alpha=[0.5, 1.0]))).
     dict(method="model_stock"),
     dict(method="tall_mask", grid=dict(tall_mask_lambda=[0.2, 0.4, 0.6])),
     dict(method="emr_merging"),
