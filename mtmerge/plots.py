@@ -39,7 +39,7 @@ def bar_chart(rows: Sequence[dict[str, Any]], tasks: Sequence[str],
                                        for t in tasks])
   ax.set_ylim(max(0.0, lo - 5), 100)
   ax.set_title(title, fontsize=10)
-  ax.legend(fontsize=7, ncol=3, loc="lower left")
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   d = os.path.dirname(os.path.abspath(path))
