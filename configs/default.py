@@ -20,6 +20,8 @@ Arguments after `:` are comma-separated: `runlocal`, `mode=standard|tangent`.
 
 import ml_collections
 
+from configs import common
+
 METHODS = [
     dict(method="weight_averaging"),
     dict(method="task_arithmetic",
@@ -50,12 +52,7 @@ METHODS = [
 
 def get_config(arg=None):
   """The benchmark config; see the module docstring for `arg`."""
-  args = dict(a.split("=", 1) if "=" in a else (a, True)
-              for a in (arg or "").split(",") if a)
-  unknown = set(args) - {"runlocal", "mode"}
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; "
-                     "expected runlocal, mode=standard|tangent")
+  args = common.parse_arg(arg, ("runlocal", "mode"), "runlocal, mode=standard|tangent")
   c = ml_collections.ConfigDict()
   c.job = "benchmark"
   c.model = "minilm"

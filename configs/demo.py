@@ -9,14 +9,11 @@ Arguments after `:` are comma-separated: `runlocal`, `tasks=N`.
 
 import ml_collections
 
+from configs import common
+
 
 def get_config(arg=None):
-  args = dict(a.split("=", 1) if "=" in a else (a, True)
-              for a in (arg or "").split(",") if a)
-  unknown = set(args) - {"runlocal", "tasks"}
-  if unknown:
-    raise ValueError(f"unknown config argument(s) {sorted(unknown)}; "
-                     "expected runlocal, tasks=N")
+  args = common.parse_arg(arg, ("runlocal", "tasks"), "runlocal, tasks=N")
   c = ml_collections.ConfigDict()
   c.job = "demo"
   c.model = "minilm"

@@ -37,6 +37,12 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
   return out
 
 
+def _abstract(tree: Any) -> Any:
+  """Shape/dtype placeholders of `tree`, the restore target orbax needs."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x),
+                                                     np.result_type(x)), tree)
+
+
 def _jsonable(x: Any) -> Any:
   return json.loads(json.dumps(x, sort_keys=True, default=str))
 
@@ -92,11 +98,8 @@ class Run:
 
   def restore(self, step: int, like: Any) -> Any:
     """Restores step `step` into the structure (and dtypes) of `like`."""
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype
-                                       if not hasattr(x, "dtype") else x.dtype),
-        like)
-    return self.manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    return self.manager.restore(
+        step, args=ocp.args.StandardRestore(_abstract(like)))
 
   def finish(self, params: Any) -> None:
     """Writes the final params (atomically: orbax renames a temp dir)."""
@@ -105,10 +108,8 @@ class Run:
 
   def load_final(self, like: Any) -> Any:
     """The final params, restored into the structure of `like`."""
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
     with ocp.StandardCheckpointer() as ckptr:
-      return ckptr.restore(self.final_path, abstract)
+      return ckptr.restore(self.final_path, _abstract(like))
 
   def close(self) -> None:
     self.manager.close()

@@ -34,6 +34,20 @@ def task_sum(x: jax.Array) -> jax.Array:
   return out
 
 
+def _check_sign_args(method: str, zero_sign: str) -> None:
+  if method not in ("sum", "count"):
+    raise ValueError(f"sign method must be 'sum' or 'count', got {method!r}")
+  if zero_sign not in ("majority", "positive"):
+    raise ValueError(f"zero_sign must be 'majority' or 'positive', got "
+                     f"{zero_sign!r}")
+
+
+def _check_merge_func(merge_func: str) -> None:
+  if merge_func not in ("mean", "sum", "max"):
+    raise ValueError(f"merge_func must be mean, sum or max, got "
+                     f"{merge_func!r}")
+
+
 def elected_signs(tvs: Tree, method: str = "sum",
                   zero_sign: str = "majority") -> Tree:
   """The elected sign (+1/-1) of every entry, a tree without the task axis.
@@ -46,11 +60,7 @@ def elected_signs(tvs: Tree, method: str = "sum",
       elected signs over the whole tree (official TIES code's
       `resolve_zero_signs`), `positive` = +1 (mergekit).
   """
-  if method not in ("sum", "count"):
-    raise ValueError(f"sign method must be 'sum' or 'count', got {method!r}")
-  if zero_sign not in ("majority", "positive"):
-    raise ValueError(f"zero_sign must be 'majority' or 'positive', got "
-                     f"{zero_sign!r}")
+  _check_sign_args(method, zero_sign)
 
   def vote(x):
     x = x.astype(jnp.float32)
@@ -97,9 +107,7 @@ def disjoint_merge(merge_func: Literal["mean", "sum", "max"] = "mean",
       (mergekit's `sum_t w_t tau_t m_t / sum_t w_t m_t`; the numerator is
       expected to be weighted already, e.g. by `scale_per_task`).
   """
-  if merge_func not in ("mean", "sum", "max"):
-    raise ValueError(f"merge_func must be mean, sum or max, got "
-                     f"{merge_func!r}")
+  _check_merge_func(merge_func)
 
   def fn(tvs):
     def one(x):
@@ -159,15 +167,8 @@ def trimmed_disjoint_merge(tvs: Tree, thresholds: Tree,
   Returns:
     The merged vector (no task axis), in each leaf's dtype.
   """
-  if sign_method not in ("sum", "count"):
-    raise ValueError(f"sign method must be 'sum' or 'count', got "
-                     f"{sign_method!r}")
-  if zero_sign not in ("majority", "positive"):
-    raise ValueError(f"zero_sign must be 'majority' or 'positive', got "
-                     f"{zero_sign!r}")
-  if merge_func not in ("mean", "sum", "max"):
-    raise ValueError(f"merge_func must be mean, sum or max, got "
-                     f"{merge_func!r}")
+  _check_sign_args(sign_method, zero_sign)
+  _check_merge_func(merge_func)
   T = jax.tree.leaves(tvs)[0].shape[0]
   w = _weights(weights, T)
 
