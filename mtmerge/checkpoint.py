@@ -38,9 +38,16 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def _abstract(tree: Any) -> Any:
-  """Shape/dtype placeholders of `tree`, the restore target orbax needs."""
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x),
-                                                     np.result_type(x)), tree)
+  """Shape/dtype placeholders of `tree`, the restore target orbax needs.
+
+  Leaves that are `jax.Array`s keep their sharding, so a sharded train
+  state is restored straight into its shards on every host.
+  """
+  def one(x):
+    sh = x.sharding if isinstance(x, jax.Array) else None
+    dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
+    return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sh)
+  return jax.tree.map(one, tree)
 
 
 def _jsonable(x: Any) -> Any:

@@ -1,0 +1,1 @@
+"""Learned merges: methods that use data (see `problem.MergeProblem`)."""

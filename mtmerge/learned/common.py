@@ -1,0 +1,187 @@
+"""Pieces every learned merge shares: coefficient merges, objectives, data.
+
+* `weighted_merge(base, tvs, coeffs)`: theta_0 + sum_t c_t tau_t with `c`
+  a `[T]` vector (task-wise), a tree of `[T]` (one per leaf: layer-wise
+  AdaMerging, aTLAS) or a tree of `[T, K]` with a group index per entry
+  (aTLAS x K); differentiable in the coefficients.
+* `entropy` / `cross_entropy`: the unsupervised test-time objective of
+  AdaMerging and Concrete masks (Shannon entropy of the predictions) and
+  the supervised one (aTLAS, skill localization, routers).
+* `task_batches`: one seeded, resumable batch stream per task, as a
+  `step -> {task: batch}` function for `mtmerge.train.fit`.
+* `const_shardings`: NamedShardings of theta_0 (parameter rules) and of
+  stacked task vectors (rules plus the mesh's `task` axis, if any).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mtmerge import sharding
+from mtmerge import train
+from mtmerge.learned import problem as problem_lib
+
+Tree = Any
+
+
+class LearnedResult(NamedTuple):
+  """What a learned merge returns.
+
+  Attributes:
+    params: the merged params (structure of `problem.base`), or None for
+      methods that serve each task or input with its own model.
+    learned: the learned variables (coefficients, masks, router params).
+    log: training metrics, one dict per step.
+    extra: method-specific outputs (e.g. a `methods.Compressed`, or a
+      per-input model for Twin-Merging).
+  """
+  params: Tree | None
+  learned: Tree
+  log: list[dict]
+  extra: dict
+
+
+def _combine(v: jax.Array, c: jax.Array, groups: jax.Array | None):
+  c = c.astype(jnp.float32)
+  if groups is None:  # c: [T]
+    return jnp.tensordot(c, v.astype(jnp.float32), axes=1)
+  # c: [T, K]; entry e of task t is scaled by c[t, groups[e]].
+  return jnp.sum(c[:, groups] * v.astype(jnp.float32), axis=0)
+
+
+def weighted_merge(base: Tree, tvs: Tree, coeffs: Any,
+                   groups: Tree | None = None) -> Tree:
+  """theta_0 + sum_t c_t * tau_t, per leaf.
+
+  Args:
+    base: theta_0 (no task axis).
+    tvs: stacked task vectors `[T, ...]`.
+    coeffs: a `[T]` array (task-wise), or a tree like `base` of `[T]`
+      arrays (one coefficient per task per leaf) or `[T, K]` arrays (one
+      per task per leaf per group).
+    groups: with `[T, K]` coefficients, a tree like `base` of int arrays
+      of each leaf's shape, the group (0..K-1) of every entry.
+
+  Returns:
+    The merged params, in `base`'s dtypes.
+  """
+  if not isinstance(coeffs, (dict, list, tuple)):
+    coeffs = jax.tree.map(lambda _: coeffs, base)
+  one = lambda b, v, c, g=None: (b.astype(jnp.float32) + _combine(v, c, g)
+                                 ).astype(b.dtype)
+  if groups is None:
+    return jax.tree.map(one, base, tvs, coeffs)
+  return jax.tree.map(one, base, tvs, coeffs, groups)
+
+
+def task_logits(problem: problem_lib.MergeProblem, head: dict, params: Tree,
+                inputs: dict) -> jax.Array:
+  """Logits of the model `params` through `head` on `inputs`.
+
+  Inside a loss, pass the head from the (sharded) constants rather than
+  `problem.heads`, so it is an argument of the jitted step, not a
+  baked-in constant.
+  """
+  return problem_lib.encoders.logits(head, problem.features(
+      params, problem_lib.inputs_of(inputs)))
+
+
+def entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  """Mean Shannon entropy of softmax(logits) over the (unmasked) rows."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  h = -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+  return _mean(h, mask)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  mask: jax.Array | None = None) -> jax.Array:
+  """Mean softmax cross-entropy with integer labels (unmasked rows)."""
+  logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  ce = -jnp.take_along_axis(logp, labels[:, None].astype(jnp.int32),
+                            axis=-1)[:, 0]
+  return _mean(ce, mask)
+
+
+def accuracy(logits: jax.Array, labels: jax.Array,
+             mask: jax.Array | None = None) -> jax.Array:
+  return _mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32), mask)
+
+
+def _mean(x, mask):
+  if mask is None:
+    return jnp.mean(x)
+  m = mask.astype(jnp.float32)
+  return jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def task_batches(problem: problem_lib.MergeProblem, split: str,
+                 batch_size: int, *, seed: int = 0, limit: int | None = None,
+                 labels: bool = False, tasks: Sequence[str] | None = None
+                 ) -> Callable[[int], dict[str, dict[str, np.ndarray]]]:
+  """`step -> {task: batch}`: every task's batch of training step `step`.
+
+  Each task's split is shuffled per epoch from `(seed, epoch)` and read by
+  step index, so a resumed run sees the batches of an uninterrupted one.
+
+  Args:
+    problem: the merge problem (its `data`).
+    split: `train`, `validation` or `test` (AdaMerging adapts on the
+      unlabeled test inputs; labels are then dropped).
+    batch_size: rows per task per step (per host).
+    seed: shuffle seed.
+    limit: use only the first `limit` examples of each split.
+    labels: keep the `label` key (supervised objectives).
+    tasks: a subset of `problem.tasks` (default all).
+  """
+  from mtmerge import taskdata  # pylint: disable=g-import-not-at-top
+  tasks = list(problem.tasks if tasks is None else tasks)
+  src = {t: problem.data(t, split, batch_size, shuffle=True, seed=seed,
+                         limit=limit) for t in tasks}
+
+  def at(step: int):
+    out = {}
+    for t, b in src.items():
+      batch = taskdata.batch_at(b, step)
+      out[t] = (batch if labels else problem_lib.inputs_of(batch))
+    return out
+  return at
+
+
+def const_shardings(mesh: jax.sharding.Mesh, consts: dict[str, Tree],
+                    rules: Sequence[tuple[str, Any]] | None = None
+                    ) -> dict[str, Tree]:
+  """Shardings of a learned merge's constants.
+
+  Args:
+    mesh: the mesh.
+    consts: a dict that may hold `base` (theta_0), `tvs` (stacked task
+      vectors) and anything else (heads, masks: replicated).
+    rules: `(regex, spec)` parameter sharding rules (default replicated).
+      Stacked task vectors put their task dim on the mesh's `task` axis
+      when it has one.
+
+  Returns:
+    A dict of shardings with the structure of `consts`.
+  """
+  rules = [(".*", None)] if rules is None else list(rules)
+  repl = NamedSharding(mesh, P())
+  out = {}
+  for k, v in consts.items():
+    if k == "base":
+      out[k] = sharding.shardings_from_rules(v, rules, mesh)
+    elif k == "tvs":
+      out[k] = sharding.task_vector_sharding(
+          v, mesh, rules, task_axis="task" if "task" in mesh.shape else None)
+    else:
+      out[k] = jax.tree.map(lambda _: repl, v)
+  return out
+
+
+def train_config(defaults: dict, overrides: dict | None) -> train.TrainConfig:
+  """A `TrainConfig` from a method's defaults and the user's overrides."""
+  return train.TrainConfig.from_dict({**defaults, **dict(overrides or {})})

@@ -1,0 +1,334 @@
+"""The sharded trainer of learned merges: one jitted step over a device mesh.
+
+Learned merge methods (AdaMerging, aTLAS, Concrete masks, the Twin-Merging
+router, skill localization) differ only in what they learn and in their
+loss; `fit` runs all of them the same way:
+
+* an `Objective`: the learned params (coefficients, mask logits, a router),
+  frozen constants (theta_0, stacked task vectors, heads) and a pure
+  `loss(params, consts, batch, rng) -> (loss, metrics)`, plus an optional
+  projection applied after every update (AdaMerging clamps to [0, 1]);
+* a mesh from config data (`sharding.make_mesh`), `NamedSharding`s for the
+  learned params, the optimizer state, the constants (parameter rules plus a
+  task axis for stacked task vectors, `sharding.task_vector_sharding`) and
+  the batch (split over the data axes); the train state is donated, so XLA
+  updates it in place;
+* batches by step index (`batches(step) -> host-local numpy pytree`), each
+  host supplying only its rows, assembled into global arrays with
+  `jax.make_array_from_process_local_data`; the step's PRNG key is
+  `fold_in(seed, step)`; together these make a resumed run end with exactly
+  the coefficients of an uninterrupted one;
+* orbax checkpoints of `{params, opt, step}` every `save_every` steps
+  through `mtmerge.checkpoint.Run` (config fingerprint, atomic writes, a
+  `final` checkpoint that marks the run done), metrics written by process
+  0, a progress bar, and a `FloatingPointError` naming the step and the
+  parameter path as soon as the loss or a learned value is non-finite.
+
+The loop follows big_vision's and MaxText's trainers: build shardings from
+rules, jit the step once with donated state, feed global batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm import auto as tqdm
+
+from mtmerge import checkpoint
+from mtmerge import distributed
+from mtmerge import results
+from mtmerge import sharding
+from mtmerge import tree as tree_lib
+
+Tree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How coefficients are learned (every field is plain config data).
+
+  Attributes:
+    steps: optimizer steps.
+    optimizer: `adam`, `adamw` or `sgd`.
+    lr: peak learning rate.
+    b1, b2: Adam betas.
+    weight_decay: decoupled weight decay (adamw).
+    schedule: `constant` or `cosine` (decay to 0 after `warmup` steps).
+    warmup: linear warmup steps.
+    clip_norm: global gradient-norm clip (None: off).
+    seed: PRNG seed of the per-step keys (`fold_in(seed, step)`).
+    save_every: checkpoint period in steps (0: only the final result).
+    log_every: metrics period in steps.
+    mesh: mesh spec (`sharding.make_mesh`), e.g. `(("data", -1),)`.
+    data_axes: mesh axes the batch is split over.
+  """
+  steps: int = 100
+  optimizer: str = "adam"
+  lr: float = 1e-3
+  b1: float = 0.9
+  b2: float = 0.999
+  weight_decay: float = 0.0
+  schedule: str = "constant"
+  warmup: int = 0
+  clip_norm: float | None = None
+  seed: int = 0
+  save_every: int = 0
+  log_every: int = 10
+  mesh: Any = (("data", -1),)
+  data_axes: tuple[str, ...] = ("data",)
+
+  @classmethod
+  def from_dict(cls, d: dict | None = None, **overrides) -> "TrainConfig":
+    """A config from a dict (e.g. a ConfigDict's `to_dict()`), checked."""
+    d = {**dict(d or {}), **overrides}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"unknown training option(s) {unknown}; known: "
+                       f"{sorted(known)}")
+    if "data_axes" in d:
+      d["data_axes"] = ((d["data_axes"],) if isinstance(d["data_axes"], str)
+                        else tuple(d["data_axes"]))
+    cfg = cls(**d)
+    cfg.check()
+    return cfg
+
+  def check(self) -> None:
+    if int(self.steps) < 0:
+      raise ValueError(f"steps must be >= 0, got {self.steps}")
+    if self.optimizer not in ("adam", "adamw", "sgd"):
+      raise ValueError(f"optimizer must be adam, adamw or sgd, got "
+                       f"{self.optimizer!r}")
+    if self.schedule not in ("constant", "cosine"):
+      raise ValueError(f"schedule must be constant or cosine, got "
+                       f"{self.schedule!r}")
+    if not (math.isfinite(self.lr) and self.lr > 0):
+      raise ValueError(f"lr must be a positive number, got {self.lr}")
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+  """The optax optimizer (and schedule) a `TrainConfig` describes."""
+  if cfg.schedule == "cosine":
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(1, cfg.warmup), max(cfg.steps, cfg.warmup + 1), 0.0)
+  elif cfg.warmup:
+    lr = optax.linear_schedule(0.0, cfg.lr, cfg.warmup)
+  else:
+    lr = cfg.lr
+  if cfg.optimizer == "adam":
+    tx = optax.adam(lr, b1=cfg.b1, b2=cfg.b2)
+  elif cfg.optimizer == "adamw":
+    tx = optax.adamw(lr, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay)
+  else:
+    tx = optax.sgd(lr)
+  if cfg.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(cfg.clip_norm), tx)
+  return tx
+
+
+class Objective(NamedTuple):
+  """What to learn.
+
+  Attributes:
+    init: the initial learned params (a pytree of arrays).
+    loss: `(params, consts, batch, rng) -> (scalar loss, dict of scalar
+      metrics)`, pure and jittable.
+    consts: frozen inputs of the loss (theta_0, task vectors, heads...).
+    project: `params -> params` applied after every update (None: none).
+  """
+  init: Tree
+  loss: Callable[[Tree, Tree, Tree, jax.Array], tuple[jax.Array, dict]]
+  consts: Tree = None
+  project: Callable[[Tree], Tree] | None = None
+
+
+class Result(NamedTuple):
+  """`params`: the learned params; `log`: per-step metrics (dicts)."""
+  params: Tree
+  log: list[dict]
+
+
+def _host_rows(mesh, data_axes) -> tuple[int, int]:
+  """(distinct batch shards on this process, batch shards in the mesh)."""
+  total = math.prod(mesh.shape[a] for a in data_axes)
+  idx = sharding.batch_sharding(mesh, data_axes).addressable_devices_indices_map(
+      (total,))
+  return len({i[0].indices(total)[:2] for i in idx.values()}), total
+
+
+def _check_batch(batch: Tree, mesh, data_axes) -> None:
+  local, total = _host_rows(mesh, data_axes)
+  for path, x in tree_lib.named_leaves(batch):
+    n = np.shape(x)[0] if np.ndim(x) else None
+    if n is None or n == 0 or n % local:
+      raise ValueError(
+          f"batch leaf {path or '<root>'!r} of shape {np.shape(x)}: its "
+          f"leading (batch) dim must be a positive multiple of the {local} "
+          f"batch shard(s) this process feeds (data axes "
+          f"{dict((a, mesh.shape[a]) for a in data_axes)}, {total} shards "
+          "in all)")
+
+
+def _nonfinite_path(flags: dict[str, Any]) -> str | None:
+  bad = [p for p, ok in flags.items() if not bool(ok)]
+  return bad[0] if bad else None
+
+
+def _scalar(x) -> float:
+  return float(np.asarray(x.addressable_data(0) if isinstance(x, jax.Array)
+                          else x))
+
+
+def fit(objective: Objective, batches: Callable[[int], Tree],
+        cfg: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
+        const_shardings: Tree | None = None,
+        param_shardings: Tree | None = None, workdir: str | None = None,
+        fingerprint: dict | None = None, desc: str = "train",
+        progress: bool = True) -> Result:
+  """Learns `objective.init` for `cfg.steps` steps; resumable.
+
+  Args:
+    objective: the learned params, loss, constants and projection.
+    batches: `step -> host-local batch` (numpy pytree; every leaf's leading
+      dim is the rows this process supplies); called with every step index
+      once, in order, from the resumed step on.
+    cfg: the training config.
+    mesh: the device mesh (default: `sharding.make_mesh(cfg.mesh)`).
+    const_shardings: shardings of `objective.consts` (a matching tree, or
+      one sharding for all leaves); default replicated.
+    param_shardings: shardings of the learned params (default replicated;
+      optimizer state follows the params it belongs to).
+    workdir: checkpoint directory (None: no checkpoints). A finished run in
+      it is returned without training; an unfinished one resumes.
+    fingerprint: what determines the result (checked against `workdir`'s,
+      `checkpoint.ConfigMismatchError` on a difference).
+    desc: progress-bar and error-message label.
+    progress: show a progress bar (process 0).
+
+  Returns:
+    The learned params (host numpy arrays) and the metrics log.
+  """
+  cfg.check()
+  mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
+  data_axes = tuple(cfg.data_axes)
+  for a in data_axes:
+    if a not in mesh.shape:
+      raise ValueError(f"data axis {a!r} is not a mesh axis "
+                       f"{tuple(mesh.axis_names)}")
+  repl = NamedSharding(mesh, P())
+  as_tree = lambda sh, tree: (jax.tree.map(lambda _: sh, tree)
+                              if sh is None or isinstance(sh, jax.sharding.Sharding)
+                              else sh)
+  p_sh = as_tree(param_shardings or repl, objective.init)
+  c_sh = as_tree(const_shardings or repl, objective.consts)
+  tx = make_optimizer(cfg)
+  run = None
+  if workdir is not None:
+    run = checkpoint.Run(workdir, {"train": dataclasses.asdict(cfg),
+                                   **(fingerprint or {})})
+    if run.done():
+      params = jax.tree.map(_to_host, run.load_final(objective.init))
+      log = _read_log(run.directory)
+      run.close()
+      return Result(params, log)
+
+  init = distributed.put_global(jax.tree.map(np.asarray, objective.init), p_sh)
+  consts = distributed.put_global(
+      jax.tree.map(np.asarray, objective.consts), c_sh)
+  # Optimizer moments are computed elementwise from the params, so jit
+  # gives them the params' shardings; anything else (step counts) is
+  # replicated on the mesh.
+  opt_state = jax.jit(tx.init)(init)
+  state = {"params": init, "opt": opt_state,
+           "step": jnp.zeros((), jnp.int32)}
+  on_mesh = lambda x: (x.sharding if isinstance(x.sharding, NamedSharding)
+                       and x.sharding.mesh == mesh else repl)
+  state_sh = jax.tree.map(on_mesh, state)
+  state = jax.device_put(state, state_sh)
+  start, log = 0, []
+  if run is not None and run.latest_step() is not None:
+    start = int(run.latest_step())
+    state = run.restore(start, state)
+    log = [r for r in _read_log(run.directory) if r["step"] <= start]
+  batch_spec = sharding.batch_sharding(mesh, data_axes).spec
+  key = jax.random.key(cfg.seed)
+
+  def step_fn(state, consts, batch):
+    rng = jax.random.fold_in(key, state["step"])
+    (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+        state["params"], consts, batch, rng)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    if objective.project is not None:
+      params = objective.project(params)
+    finite = {p: jnp.all(jnp.isfinite(x))
+              for p, x in tree_lib.named_leaves(params)}
+    metrics = {"loss": loss, **metrics,
+               "grad_norm": optax.tree.norm(grads)}
+    return ({"params": params, "opt": opt, "step": state["step"] + 1},
+            metrics, finite)
+
+  step = jax.jit(step_fn, donate_argnums=(0,),
+                 out_shardings=(state_sh, repl, repl))
+  bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=desc, leave=False,
+                  disable=not (progress and distributed.is_main()))
+  for s in range(start, cfg.steps):
+    local = batches(s)
+    if s == start:
+      _check_batch(local, mesh, data_axes)  # before the first compile
+    batch = distributed.global_batch(local, mesh, batch_spec)
+    state, metrics, finite = step(state, consts, batch)
+    metrics = {k: _scalar(v) for k, v in metrics.items()}
+    if not math.isfinite(metrics["loss"]):
+      raise FloatingPointError(f"{desc}: non-finite loss {metrics['loss']} "
+                               f"at step {s}; lower the learning rate")
+    bad = _nonfinite_path({p: _scalar(v) for p, v in finite.items()})
+    if bad is not None:
+      raise FloatingPointError(f"{desc}: learned parameter {bad!r} became "
+                               f"non-finite at step {s}")
+    log.append({"step": s + 1, **metrics})
+    bar.update()
+    if (s + 1) % max(1, cfg.log_every) == 0:
+      bar.set_postfix(loss=f"{metrics['loss']:.4g}")
+    if run is not None and cfg.save_every and (s + 1) % cfg.save_every == 0:
+      run.save(s + 1, state)
+      _write_log(run.directory, log)
+  bar.close()
+  params = jax.tree.map(_to_host, state["params"])
+  if run is not None:
+    run.finish(state["params"])
+    _write_log(run.directory, log)
+    run.close()
+  return Result(params, log)
+
+
+def _to_host(x) -> np.ndarray:
+  """A global array as a full numpy array on every process."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.sharding.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def _write_log(directory: str, log: list[dict]) -> None:
+  if distributed.is_main():
+    results.write_json(os.path.join(directory, "train_log.json"), log)
+
+
+def _read_log(directory: str) -> list[dict]:
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(directory, "train_log.json")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
