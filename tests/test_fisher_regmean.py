@@ -341,6 +341,11 @@ def test_regmean_dead_input_and_singular_errors(mlp):
   with pytest.raises(ValueError, match="system for k is singular"):
     regmean.merge_with_grams(base, tvs, [{"k": rank1}, {"k": rank1}],
                              alpha=1.0)
+  # alpha = 1 with fewer rows than inputs: a consistent but singular system.
+  few = _mlp_problem(sizes=(5, 3), seed=2, n=1)
+  with pytest.raises(ValueError, match="layers/0/kernel is singular"):
+    regmean.regmean(few, alpha=1.0)
+  regmean.regmean(few, alpha=0.9)  # shrinking makes it well posed
   with pytest.raises(ValueError, match="regmean needs finetune.mode=standard"):
     regmean.regmean(mlp._replace(mode="tangent"))
   with pytest.raises(ValueError, match="regmean needs finetune.mode=standard"):
