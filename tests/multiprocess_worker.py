@@ -2,10 +2,11 @@
 
 AdaMerging-style (Yang et al., 2024, "AdaMerging: Adaptive Model Merging for
 Multi-Task Learning"): task-wise coefficients `lam` of 3 task vectors are
-learned by Adam on the prediction entropy of the merged linear model over
-unlabeled batches. Params are sharded over an `fsdp` axis, task vectors over
-the task axis, batches over `data`; every host reads only its slice of each
-batch and `distributed.global_batch` assembles the global array.
+learned by `mtmerge.train.fit` (Adam) on the prediction entropy of the
+merged linear model over unlabeled batches. Params are sharded over an
+`fsdp` axis, task vectors over the task axis, batches over `data`; every
+host feeds only its slice of each batch and the trainer assembles the
+global array with `jax.make_array_from_process_local_data`.
 
 `tests/test_distributed.py` imports `learned_merge` to run it in the pytest
 process (8 devices) and spawns this file as a script, once per process:
@@ -39,51 +40,31 @@ def problem():
 
 
 def learned_merge(mesh):
-  """Runs STEPS steps; returns (final coefficients, per-step losses)."""
-  import jax
+  """Runs STEPS steps of `mtmerge.train.fit`; returns (coefficients, losses)."""
   import jax.numpy as jnp
   import numpy as np
-  import optax
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from mtmerge import distributed, sharding
+  from mtmerge import distributed, sharding, train
+  from mtmerge.learned import common
 
   base, tvs, data = problem()
-  base = distributed.put_global(
-      base, sharding.shardings_from_rules(base, RULES, mesh))
-  tvs = distributed.put_global(
-      tvs, sharding.task_vector_sharding(tvs, mesh, RULES))
-  replicated = NamedSharding(mesh, P())
-  lam = distributed.put_global(np.full((TASKS,), 0.3, np.float32), replicated)
-  opt = optax.adam(0.05)
-  opt_state = jax.jit(opt.init, out_shardings=replicated)(lam)
   local_rows = sharding.check_batch_divides(BATCH, mesh, "data")
   rows = distributed.host_local_slice(BATCH)
   assert rows.stop - rows.start == local_rows, (rows, local_rows)
 
-  def loss_fn(lam, base, tvs, x):
-    merged = jax.tree.map(lambda b, t: b + jnp.tensordot(lam, t, axes=1),
-                          base, tvs)
-    logp = jax.nn.log_softmax(x @ merged["w"] + merged["b"])
-    return -jnp.mean(jnp.sum(jnp.exp(logp) * logp, axis=-1))
+  def loss_fn(lam, k, x, rng):
+    del rng
+    merged = common.weighted_merge(k["base"], k["tvs"], lam)
+    return common.entropy(x @ merged["w"] + merged["b"]), {}
 
-  @jax.jit
-  def step(lam, opt_state, base, tvs, x):
-    loss, g = jax.value_and_grad(loss_fn)(lam, base, tvs, x)
-    updates, opt_state = opt.update(g, opt_state, lam)
-    return optax.apply_updates(lam, updates), opt_state, loss
-
-  losses = []
-  for i in range(STEPS):
-    x = distributed.global_batch(data[i][rows], mesh, ("data",))
-    for shard in x.addressable_shards:  # each host fed the rows it owns
-      np.testing.assert_array_equal(np.asarray(shard.data),
-                                    data[i][shard.index])
-    lam, opt_state, loss = step(lam, opt_state, base, tvs, x)
-    # Block on every step: collective steps left in flight can deadlock with
-    # several devices per process (DATA.md).
-    loss.block_until_ready()
-    losses.append(float(np.asarray(loss.addressable_data(0))))
-  return np.asarray(lam.addressable_data(0)), losses
+  objective = train.Objective(np.full((TASKS,), 0.3, np.float32), loss_fn,
+                              {"base": base, "tvs": tvs})
+  cfg = train.TrainConfig.from_dict(dict(
+      steps=STEPS, lr=0.05, mesh=MESH, data_axes=("data",)))
+  # Every host feeds only its rows of each global batch.
+  res = train.fit(objective, lambda step: data[step][rows], cfg, mesh=mesh,
+                  const_shardings=common.const_shardings(
+                      mesh, objective.consts, RULES), progress=False)
+  return np.asarray(res.params), [r["loss"] for r in res.log]
 
 
 def main():
