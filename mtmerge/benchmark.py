@@ -12,7 +12,10 @@
    (average accuracy over tasks, as the papers do) and reports test
    accuracy per task; compressed methods (TALL masks, EMR) are evaluated
    per task on their reconstruction;
-4. prints the table and writes `results.json`, `results.csv` and
+4. runs the learned methods of `config.learned` (AdaMerging, aTLAS,
+   Concrete masks, Twin-Merging, skill localization, Fisher, RegMean;
+   `mtmerge.benchmark_learned`) on the same task vectors;
+5. prints the table and writes `results.json`, `results.csv` and
    `results.png` into the workdir.
 
 Rows: `pretrained` (linear-probe heads), `individual` (each task's own
@@ -22,7 +25,6 @@ normalized accuracy `acc / individual acc` averaged over tasks.
 
 from __future__ import annotations
 
-import itertools
 import os
 import time
 from typing import Any
@@ -32,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import auto as tqdm
 
+from mtmerge import benchmark_learned
 from mtmerge import encoders
 from mtmerge import finetune
 from mtmerge import plots
@@ -39,12 +42,6 @@ from mtmerge import results
 from mtmerge import taskpool
 from mtmerge import tree as tree_lib
 from mtmerge.data import suites
-
-
-def _grid(grid: dict[str, list]) -> list[dict[str, Any]]:
-  keys = sorted(grid)
-  return [dict(zip(keys, vals)) for vals in
-          itertools.product(*(list(grid[k]) for k in keys))] or [{}]
 
 
 class ConfigError(ValueError):
@@ -66,7 +63,7 @@ def _method_entries(config) -> list[tuple[str, str, dict, dict]]:
       name, fixed = methods.parse(entry["method"])
       grid = dict(entry.get("grid") or {})
       spec = methods.get(name)  # unknown method: error listing known ones
-      for hp in _grid(grid):
+      for hp in benchmark_learned.grid_points(grid):
         spec.check({**fixed, **hp}, len(config.tasks))
     except (ValueError, KeyError) as e:
       msg = e.args[0] if e.args else e
@@ -103,6 +100,7 @@ def run(config: Any, workdir: str) -> dict:
   except KeyError as e:
     raise ConfigError(f"config.tasks: {e.args[0]}") from None
   entries = _method_entries(config)  # bad config fails before any work
+  learned_entries = benchmark_learned.entries(config, ConfigError)
   encoder = encoders.load(config.model, num_layers=config.get("num_layers"))
   mode, trainable = config.finetune.mode, config.finetune.trainable
   print(f"encoder {encoder.name}: {tree_lib.tree_size(encoder.params)} "
@@ -149,7 +147,7 @@ def run(config: Any, workdir: str) -> dict:
       # hyperparameters on that task's own validation accuracy.
       best_t = [(-1.0, None, None)] * len(tasks)
       val_scores = []
-      for hp in _grid(grid):
+      for hp in benchmark_learned.grid_points(grid):
         out = methods.merge(name, base_sel, tvs, **fixed, **hp)
         vals = [pool.accuracy(_recon(out, base_sel, i), t, "validation")
                 for i, t in enumerate(tasks)]
@@ -164,7 +162,7 @@ def run(config: Any, workdir: str) -> dict:
       store = methods.storage_bytes(best_t[0][2]) / full_bytes
     else:
       best, best_val, best_out, val_scores = {}, -1.0, None, []
-      for hp in _grid(grid):
+      for hp in benchmark_learned.grid_points(grid):
         out = methods.merge(name, base_sel, tvs, **fixed, **hp)
         val = float(np.mean(list(pool.evaluate(out, "validation").values())))
         val_scores.append({**hp, "val_avg": round(100 * val, 2)})
@@ -179,6 +177,16 @@ def run(config: Any, workdir: str) -> dict:
         "grid": val_scores}))
     tqdm.tqdm.write(f"{label}: test avg {rows[-1]['avg']:.2f} (validation "
                     f"{rows[-1]['val_avg']:.2f}) in {rows[-1]['seconds']} s")
+  if learned_entries:
+    from mtmerge.learned import problem as problem_lib
+    t0 = time.time()
+    problem = problem_lib.from_encoder(
+        encoder, tasks, heads, base_sel, tvs, trainable=trainable, mode=mode,
+        max_len=config.eval.max_len)
+    rows += benchmark_learned.rows(
+        config, workdir, problem, pool, base_sel, learned_entries,
+        lambda label, accs, extra: _row(label, accs, indiv, extra))
+    timing["learned_s"] = time.time() - t0
   timing["total_s"] = time.time() - t_start
 
   table_rows = [{k: v for k, v in r.items() if k != "grid"} for r in rows]

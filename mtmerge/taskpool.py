@@ -77,13 +77,22 @@ class TaskPool:
       task: task name or TaskSpec.
       split: `validation` or `test`.
     """
-    task = suites.get_task(task)
     flat = tree_lib.to_flat_dict(selected)
+    return self.accuracy_of(lambda inputs: self._feats(flat, inputs), task,
+                            split)
+
+  def accuracy_of(self, features, task, split: str = "test") -> float:
+    """Accuracy on one task of any forward `features(inputs) -> [B, D]`.
+
+    For models that are not one set of params, e.g. Twin-Merging's
+    per-input routed model; the task's head is applied to the features.
+    """
+    task = suites.get_task(task)
     head = self.heads[task.name]
     correct = total = 0
     for batch in self.batches(task, split):
       inputs = {k: v for k, v in batch.items() if k not in ("label", "mask")}
-      logits = encoders.logits(head, self._feats(flat, inputs))
+      logits = encoders.logits(head, features(inputs))
       pred = np.asarray(jnp.argmax(logits, -1))
       keep = batch.get("mask", np.ones(len(pred), bool))
       correct += int(np.sum((pred == batch["label"])[keep]))

@@ -111,8 +111,10 @@ def from_encoder(encoder: encoders.Encoder, tasks: Sequence[Any],
     raise ValueError(f"mode must be standard or tangent, got {mode!r}")
 
   def data(task, split, batch_size, *, shuffle=False, seed=0, limit=None):
+    # Every batch padded to max_len: one shape, so one compiled step.
     return taskdata.batcher(encoder, task, split, batch_size, shuffle=shuffle,
-                            seed=seed, limit=limit, max_len=max_len)
+                            seed=seed, limit=limit, max_len=max_len,
+                            multiple=max_len)
   heads = {t: jax.tree.map(jnp.asarray, heads[t]) for t in tasks}
   return MergeProblem(tasks, base, tvs, features, heads, data, mode, capture)
 

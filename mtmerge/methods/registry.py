@@ -163,15 +163,22 @@ def parse(text: str) -> tuple[str, dict[str, Any]]:
   """Parses `"ties_merging(threshold=0.2, merge_func='sum')"`.
 
   Returns:
-    `(name, hparams)`, values parsed as Python literals.
+    `(name, hparams)`, values parsed as Python literals; the name must be a
+    registered method.
   """
+  name, kwargs = parse_call(text)
+  get(name)
+  return name, kwargs
+
+
+def parse_call(text: str) -> tuple[str, dict[str, Any]]:
+  """`"name(key=value, ...)"` -> `(name, {key: value})`, any name."""
   import ast
   m = _CALL.match(text)
   if not m:
     raise ValueError(f"cannot parse method spec {text!r}; expected "
                      "name(key=value, ...)")
   name, args = m.group(1), m.group(2)
-  get(name)
   if not args or not args.strip():
     return name, {}
   try:

@@ -1,0 +1,122 @@
+"""The benchmark's learned-merge rows (`config.learned`).
+
+Each entry is `dict(method="adamerging(granularity='layer')", label=...,
+grid={...}, train={...})`: a learned method (`mtmerge.learned.registry`),
+an optional hyperparameter grid picked on validation accuracy like the
+training-free rows, and `mtmerge.train.TrainConfig` overrides. Runs are
+checkpointed under `workdir/learned/<key>/`, where the key hashes the
+model, tasks and fine-tuning config, so a rerun reuses finished runs and
+a changed fine-tuning never resumes stale coefficients.
+
+What a result is evaluated as depends on what the method returns: merged
+params (one model), a `Compressed` (one model per task, `skill_localization`)
+or a per-input model (`twin_merging`, whose `features(inputs)` routes every
+example).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import time
+from typing import Any
+
+import numpy as np
+from tqdm import auto as tqdm
+
+from mtmerge import train
+
+
+def grid_points(grid: dict[str, list]) -> list[dict[str, Any]]:
+  """Every combination of a `{name: [values]}` grid (`[{}]` if empty)."""
+  keys = sorted(grid)
+  return [dict(zip(keys, vals)) for vals in
+          itertools.product(*(list(grid[k]) for k in keys))] or [{}]
+
+
+def entries(config, error_cls) -> list[tuple[str, str, dict, dict, dict]]:
+  """`(label, name, fixed, grid, train)` per entry, validated up front."""
+  from mtmerge import methods
+  from mtmerge.learned import registry
+  out = []
+  for entry in config.get("learned") or []:
+    entry = dict(entry)
+    unknown = set(entry) - {"method", "grid", "label", "train"}
+    if unknown or "method" not in entry:
+      raise error_cls(f"learned entry {entry} must have 'method' (e.g. "
+                      "\"adamerging(granularity='layer')\") and optionally "
+                      f"'grid', 'label', 'train'; unknown keys "
+                      f"{sorted(unknown)}")
+    try:
+      name, fixed = methods.parse_call(entry["method"])
+      grid = dict(entry.get("grid") or {})
+      for hp in grid_points(grid):
+        registry.check(name, {**fixed, **hp})
+      train_over = dict(entry.get("train") or {})
+      train.TrainConfig.from_dict(train_over)
+    except (ValueError, KeyError) as e:
+      msg = e.args[0] if e.args else e
+      raise error_cls(f"config.learned entry {entry['method']!r}: {msg}"
+                      ) from None
+    out.append((entry.get("label") or name, name, fixed, grid, train_over))
+  return out
+
+
+def _key(config) -> str:
+  what = dict(model=config.model, num_layers=config.get("num_layers"),
+              tasks=list(config.tasks), probe=config.probe.to_dict(),
+              finetune=config.finetune.to_dict())
+  return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()
+                        ).hexdigest()[:12]
+
+
+def _evaluator(pool, base_sel, res, num_tasks: int):
+  """`split -> {task: accuracy}` of a learned result, and its storage."""
+  from mtmerge import methods, tree as tree_lib
+  extra = res.extra or {}
+  full = tree_lib.tree_bytes(base_sel)
+  if "model" in extra:  # a per-input model (Twin-Merging)
+    model = extra["model"]
+    store = float(extra.get("storage_bytes", full)) / full
+    return (lambda split: {t.name: pool.accuracy_of(model.features, t, split)
+                           for t in pool.tasks}), store
+  if "compressed" in extra:  # one model per task
+    c = extra["compressed"]
+    store = methods.storage_bytes(c) / full
+    return (lambda split: {
+        t.name: pool.accuracy(methods.reconstruct(base_sel, c, i), t, split)
+        for i, t in enumerate(pool.tasks)}), store
+  return (lambda split: pool.evaluate(res.params, split)), 1.0
+
+
+def rows(config, workdir, problem, pool, base_sel, learned_entries,
+         row_fn) -> list[dict]:
+  """Runs every learned entry; one result row each (see `benchmark._row`)."""
+  from mtmerge.learned import registry
+  root = os.path.join(workdir, "learned", _key(config))
+  out = []
+  for label, name, fixed, grid, train_over in learned_entries:
+    t0 = time.time()
+    best, best_val, best_eval, scores, best_store = {}, -1.0, None, [], 1.0
+    for hp in grid_points(grid):
+      tag = "-".join(f"{k}={v}" for k, v in sorted({**fixed, **hp}.items()))
+      res = registry.run(
+          name, problem, {**fixed, **hp}, train_config=train_over,
+          workdir=os.path.join(root, f"{label}-{tag}".replace("/", "_")
+                               .replace(" ", "")[:150]),
+          progress=True)
+      evaluate, store = _evaluator(pool, base_sel, res, problem.num_tasks)
+      val = float(np.mean(list(evaluate("validation").values())))
+      scores.append({**hp, "val_avg": round(100 * val, 2)})
+      if val > best_val:
+        best, best_val, best_eval, best_store = hp, val, evaluate, store
+    accs = best_eval("test")
+    out.append(row_fn(label, accs, {
+        "hparams": ", ".join(f"{k}={v}" for k, v in {**fixed, **best}.items()),
+        "val_avg": round(100 * best_val, 2), "storage_x": round(best_store, 3),
+        "seconds": round(time.time() - t0, 1), "grid": scores}))
+    tqdm.tqdm.write(f"{label}: test avg {out[-1]['avg']:.2f} (validation "
+                    f"{out[-1]['val_avg']:.2f}) in {out[-1]['seconds']} s")
+  return out
