@@ -136,6 +136,8 @@ def _np_merge(thetas, fs, scaling, floor, normalize):
       allf = np.concatenate([np.ravel(v) for v in f.values()])
       if normalize == "mean":
         w = f[k] / allf.mean() + floor
+      elif normalize is False:
+        w = f[k] + floor
       else:  # FusionBench: (F + floor) / (||F|| + floor)
         w = (f[k] + floor) / (np.linalg.norm(allf) + floor)
       top, bottom = top + l * w * th[k], bottom + l * w
@@ -143,26 +145,28 @@ def _np_merge(thetas, fs, scaling, floor, normalize):
   return out
 
 
-@pytest.mark.parametrize("normalize", ["mean", "l2"])
-def test_fisher_merging_matches_numpy(mlp, fishers, normalize):
+def test_fisher_merging_matches_numpy(mlp, fishers):
   scaling = [1.0, 0.5, 2.0]
-  got = fisher.fisher_merging(mlp, num_examples=9, batch_size=4,
-                              scaling=scaling, floor=1e-3,
-                              normalize=normalize, chunk_size=2)
   fs = [{k: np.asarray(v, float) for k, v in tree_lib.to_flat_dict(f).items()}
         for f in fishers]
   thetas = [_theta(mlp, t) for t in range(len(TASKS))]
-  want = _np_merge(thetas, fs, scaling, 1e-3, normalize)
-  got = tree_lib.to_flat_dict(got)
-  assert jax.tree.structure(got) == jax.tree.structure(
-      tree_lib.to_flat_dict(mlp.base))
-  for k in want:
-    assert got[k].dtype == jnp.float32
-    np.testing.assert_allclose(got[k], want[k], rtol=2e-4, atol=1e-6,
-                               err_msg=k)
-  # Not the plain average: the Fisher weights matter.
-  avg = np.mean([th["layers/0/kernel"] for th in thetas], axis=0)
-  assert np.abs(got["layers/0/kernel"] - avg).max() > 1e-2
+  merged = fisher.fisher_merging(mlp, num_examples=9, batch_size=4,
+                                 scaling=scaling, floor=1e-3, chunk_size=2)
+  assert jax.tree.structure(merged) == jax.tree.structure(mlp.base)
+  params = [mlp.task_params(t) for t in range(len(TASKS))]
+  for normalize in ("mean", "l2", False):
+    want = _np_merge(thetas, fs, scaling, 1e-3, normalize)
+    got = tree_lib.to_flat_dict(merged if normalize == "mean" else
+                                fisher.merge_with_fishers(
+                                    params, fishers, scaling=scaling,
+                                    floor=1e-3, normalize=normalize))
+    for k in want:
+      assert got[k].dtype == jnp.float32
+      np.testing.assert_allclose(got[k], want[k], rtol=2e-4, atol=1e-6,
+                                 err_msg=f"{normalize} {k}")
+    # Not the plain average: the Fisher weights matter.
+    avg = np.mean([th["layers/0/kernel"] for th in thetas], axis=0)
+    assert np.abs(got["layers/0/kernel"] - avg).max() > 1e-2
 
 
 def test_identical_fishers_give_weight_averaging(mlp, fishers):
@@ -182,8 +186,9 @@ def test_fisher_argument_errors(mlp, fishers):
   thetas = [mlp.task_params(t) for t in range(3)]
   with pytest.raises(ValueError, match="scaling must be 3"):
     fisher.merge_with_fishers(thetas, fishers, scaling=[1.0, 2.0])
-  with pytest.raises(ValueError, match="normalize must be"):
-    fisher.merge_with_fishers(thetas, fishers, normalize="sum")
+  for bad in ("sum", 0):
+    with pytest.raises(ValueError, match="normalize must be"):
+      fisher.merge_with_fishers(thetas, fishers, normalize=bad)
   zero = jax.tree.map(jnp.zeros_like, fishers[0])
   with pytest.raises(ValueError, match="zero everywhere"):
     fisher.merge_with_fishers(thetas, [zero] + fishers[1:])
@@ -243,14 +248,19 @@ def test_linear_grams_bert_excludes_padding():
                                        "attention/value", "attention/out",
                                        "mlp/intermediate", "mlp/output"))
   assert all(float(c) == lengths.sum() for c in counts.values())
-  # Hand-computed Grams from the layer inputs of the real tokens.
-  big_neg = jnp.finfo(jnp.float32).min
-  bias = jnp.where(jnp.asarray(mask)[:, None, None, :] > 0, 0.0, big_neg)
-  h0 = model.embeddings(jnp.asarray(ids), jnp.zeros_like(ids), True)
-  h1 = model.layers[0](h0, bias, True)
-  layer = model.layers[1]
-  h_mid = layer.attention_norm(h1 + layer.attention(h1, bias, True))
-  inter = jax.nn.gelu(layer.mlp.intermediate(h_mid), approximate=False)
+  # Hand-computed Grams from the layer inputs of the real tokens, running
+  # the model's submodules one by one.
+  @jax.jit
+  def layer_inputs(ids, mask):
+    bias = jnp.where(mask[:, None, None, :] > 0, 0.0,
+                     jnp.finfo(jnp.float32).min)
+    h0 = model.embeddings(ids, jnp.zeros_like(ids), True)
+    h1 = model.layers[0](h0, bias, True)
+    layer = model.layers[1]
+    h_mid = layer.attention_norm(h1 + layer.attention(h1, bias, True))
+    return h1, h_mid, jax.nn.gelu(layer.mlp.intermediate(h_mid),
+                                  approximate=False)
+  h1, h_mid, inter = layer_inputs(ids, mask)
   real = np.asarray(mask, bool)
   for path, h in (("attention/query", h1), ("attention/value", h1),
                   ("mlp/intermediate", h_mid), ("mlp/output", inter)):
@@ -262,7 +272,7 @@ def test_linear_grams_bert_excludes_padding():
   wide = {"input_ids": np.pad(ids, ((0, 0), (0, 8))),
           "attention_mask": np.pad(mask, ((0, 0), (0, 8)))}
   wide_grams = step(sub, wide, capture.row_weights(wide))[0]
-  everything = step(sub, wide, None)[0]
+  everything = step(sub, wide, np.ones((3, 16), np.float32))[0]
   for k in grams:
     np.testing.assert_allclose(wide_grams[k], grams[k], rtol=1e-4, atol=1e-4)
   assert not np.allclose(everything["layers/1/mlp/output/kernel"],

@@ -37,7 +37,7 @@ from mtmerge import encoders
 from mtmerge.learned import problem as problem_lib
 
 Tree = Any
-NORMALIZE = (True, False, "mean", "l2")
+NORMALIZE = ("mean", "l2", "none")  # True means "mean", False "none"
 
 
 def _make_step(features, chunk_size: int):
@@ -136,9 +136,9 @@ def fisher_diagonal(problem: problem_lib.MergeProblem, t: int, *,
 def _affine(fisher: Tree, normalize, floor: float, what: str):
   """`(a, c)` with the normalized Fisher F' = a F + c (scalars)."""
   leaves = jax.tree.leaves(fisher)
-  if normalize is False:
+  if normalize == "none":
     return 1.0, floor
-  if normalize in (True, "mean"):
+  if normalize == "mean":
     mean = float(sum(jnp.sum(f) for f in leaves) /
                  sum(f.size for f in leaves))
     if not mean > 0:
@@ -154,9 +154,11 @@ def _check(num, fishers, scaling, floor, normalize):
   if num == 0 or len(fishers) != num:
     raise ValueError(f"need one Fisher per model: {num} models, "
                      f"{len(fishers)} Fishers")
-  if normalize not in NORMALIZE:
-    raise ValueError(f"normalize must be one of {NORMALIZE}, got "
-                     f"{normalize!r}")
+  mode = {True: "mean", False: "none"}.get(normalize) if isinstance(
+      normalize, bool) else normalize
+  if mode not in NORMALIZE:
+    raise ValueError(f"normalize must be True, False or one of {NORMALIZE}, "
+                     f"got {normalize!r}")
   if not floor > 0:
     raise ValueError(f"floor must be > 0 (it keeps the weights positive), "
                      f"got {floor}")
@@ -164,7 +166,7 @@ def _check(num, fishers, scaling, floor, normalize):
   if scaling.shape != (num,) or (scaling < 0).any() or not scaling.sum() > 0:
     raise ValueError(f"scaling must be {num} nonnegative numbers, not all "
                      f"zero; got {np.ravel(scaling).tolist()}")
-  affine = [_affine(f, normalize, floor, f"model {t}")
+  affine = [_affine(f, mode, floor, f"model {t}")
             for t, f in enumerate(fishers)]
   return scaling, affine
 
@@ -191,7 +193,7 @@ def merge_with_fishers(params: Sequence[Tree], fishers: Sequence[Tree], *,
     normalize: `True`/`"mean"`: F'_t = F_t / mean(F_t) + floor, the mean
       over every entry of every leaf, so each task's Fisher averages 1;
       `"l2"`: F'_t = (F_t + floor) / (||F_t||_2 + floor), FusionBench's
-      `normalize_fisher_weight`; `False`: F'_t = F_t + floor.
+      `normalize_fisher_weight`; `False`/`"none"`: F'_t = F_t + floor.
 
   Returns:
     The merged params, structure and dtypes of `params[0]`.
