@@ -62,6 +62,11 @@ LEARNED = [
          label="adamerging(layer)", train=dict(steps=60, lr=1e-2)),
     dict(method="adamerging(granularity='layer', plus=True)",
          label="adamerging++(layer)", train=dict(steps=60, lr=1e-2)),
+    # Statistics only (no training loop): diagonal Fisher of each task's
+    # model on 64 validation inputs (exact expectation over classes);
+    # RegMean on 256 validation inputs per task, alpha picked on validation.
+    dict(method="fisher_merging(num_examples=64)", label="fisher_merging"),
+    dict(method="regmean(num_examples=256)", grid=dict(alpha=[0.5, 0.9])),
 ]
 
 

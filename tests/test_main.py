@@ -22,7 +22,7 @@ def test_default_benchmark_runlocal(tmp_path, monkeypatch):
   out = benchmark.run(config, str(tmp_path / "run"))
   methods = [r["method"] for r in out["rows"]]
   assert methods == ["pretrained", "individual", "task_arithmetic",
-                     "ties_merging", "tall_mask"]
+                     "ties_merging", "tall_mask", "adamerging(layer)"]
   for r in out["rows"]:
     for t in config.tasks:
       assert 0.0 <= r[t] <= 100.0
@@ -37,6 +37,10 @@ def test_default_benchmark_runlocal(tmp_path, monkeypatch):
   ta = out["rows"][2]
   assert ta["hparams"] in ("scaling_factor=0.3", "scaling_factor=0.5")
   assert max(g["val_avg"] for g in ta["grid"]) == ta["val_avg"]
+  # The learned row trained (checkpointed, with its log) and was evaluated.
+  logs = list((tmp_path / "run" / "learned").glob("*/*/train_log.json"))
+  assert len(logs) == 1, logs
+  assert [r["step"] for r in json.loads(logs[0].read_text())] == [1, 2]
 
 
 def test_config_errors_exit_cleanly(tmp_path):

@@ -14,6 +14,8 @@ import importlib
 import inspect
 from typing import Any, Callable
 
+from mtmerge.learned import common
+
 _METHODS = {
     "adamerging": "adamerging:adamerging",
     "atlas": "atlas:atlas",
@@ -76,4 +78,7 @@ def run(name: str, problem, hparams: dict[str, Any], **runtime) -> Any:
   accepted = inspect.signature(fn).parameters
   extra = {k: v for k, v in runtime.items() if k in accepted and
            v is not None}
-  return fn(problem, **hparams, **extra)
+  out = fn(problem, **hparams, **extra)
+  if not isinstance(out, common.LearnedResult):  # statistics-only methods
+    out = common.LearnedResult(out, None, [], {})
+  return out
