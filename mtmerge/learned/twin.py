@@ -1,0 +1,321 @@
+"""Twin-Merging: a shared expert plus routed, SVD-compressed exclusive parts.
+
+"Twin-Merging: Dynamic Integration of Modular Expertise in Model Merging"
+(Lu et al., NeurIPS 2024; official code LZY-the-boys/Twin-Merging):
+
+* shared expert theta* = theta_0 + lambda sum_t tau_t (task arithmetic);
+* exclusive parts theta_t - theta* compressed per tensor by truncated SVD
+  keeping r = max(1, floor(rank_fraction min(m, n))) triplets (the official
+  code floors; we keep at least one). 0-D/1-D tensors are kept whole, more
+  dims are matricized `[prod(shape[:-1]), shape[-1]]` (conv kernels, `[1,
+  N, D]` embeddings);
+* a 3-layer MLP router (official: Linear-BatchNorm-LeakyReLU-Dropout(0.5)
+  twice, then Linear; width 2 D) trained with cross-entropy on task
+  identity (Adam, lr 5e-4) from a few inputs of each task's validation
+  split. Its input, theta*'s mean-pooled last hidden states in the paper,
+  is `problem.features(theta*, x)`: that pooled (L2-normalized) sentence
+  embedding for text encoders, the image embedding for CLIP. BatchNorm is
+  replaced by a fixed standardization with the router set's mean/std (the
+  trainer's objectives are stateless; BatchNorm at inference is a fixed
+  affine map too);
+* per input: w = softmax(router(f(theta*, x))), model theta* + sum_t w_t
+  SVD_r(theta_t - theta*).
+
+`TwinModel.features` runs this per example with `jax.lax.map` over chunks
+of `chunk_size` examples, each chunk materializing its merged params
+(memory: chunk_size models plus the T exclusive parts, held dense because
+mixing them costs T m n per example against T r m n from factors;
+`storage_bytes` counts the factors). `routing="batch"` is the cheap variant:
+one model per batch from the mean weights (exact for one-task batches).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtmerge import encoders
+from mtmerge import sharding
+from mtmerge import train
+from mtmerge import tree as tree_lib
+from mtmerge.learned import common
+from mtmerge.learned import problem as problem_lib
+
+Tree = Any
+ROUTINGS = ("example", "batch")
+TRAIN_DEFAULTS = dict(optimizer="adam")
+
+
+def shared_expert(base: Tree, tvs: Tree, scaling_factor: float) -> Tree:
+  """theta* = theta_0 + lambda sum_t tau_t (host numpy, base's dtypes)."""
+  return jax.tree.map(lambda b, v: (np.asarray(b, np.float32) + scaling_factor
+                                    * np.asarray(v, np.float32).sum(0)
+                                    ).astype(np.asarray(b).dtype), base, tvs)
+
+
+def exclusive_parts(tvs: Tree, scaling_factor: float) -> Tree:
+  """theta_t - theta* = tau_t - lambda sum_s tau_s, stacked `[T, ...]`."""
+  return jax.tree.map(lambda v: np.asarray(v, np.float32) - scaling_factor
+                      * np.asarray(v, np.float32).sum(0, keepdims=True), tvs)
+
+
+def rank_for(shape: Sequence[int], rank_fraction: float) -> int:
+  """Kept rank of a tensor of `shape` (>= 2 dims): floor(f min(m, n)) >= 1."""
+  m, n = int(np.prod(shape[:-1])), int(shape[-1])
+  return max(1, int(math.floor(rank_fraction * min(m, n))))
+
+
+def svd_compress(stacked: Tree, rank_fraction: float) -> Tree:
+  """Per-leaf, per-task truncated SVD of stacked `[T, ...]` tensors.
+
+  Returns a tree with `stacked`'s structure as a prefix: each leaf becomes
+  `{"us": [T, m, r], "vt": [T, r, n]}` (U diag(S), V^T) for tensors of 2+
+  dims, `{"full": [T, ...]}` for 0-D/1-D tensors kept whole.
+  """
+  ok = isinstance(rank_fraction, (int, float, np.floating)) and not isinstance(
+      rank_fraction, bool) and 0 < float(rank_fraction) <= 1
+  _need(ok, f"rank_fraction must be in (0, 1], got {rank_fraction!r}")
+  # LAPACK on the host: XLA:CPU's SVD takes minutes on embedding-sized
+  # tensors; accelerators run their own.
+  svd = (np.linalg.svd if jax.default_backend() == "cpu" else
+         lambda a, **kw: jax.device_get(jnp.linalg.svd(jnp.asarray(a), **kw)))
+
+  def one(x):
+    x = np.asarray(x, np.float32)
+    if x.ndim <= 2:
+      return {"full": x}
+    r = rank_for(x.shape[1:], rank_fraction)
+    u, s, vt = svd(x.reshape(x.shape[0], -1, x.shape[-1]),
+                   full_matrices=False)
+    return {"us": u[:, :, :r] * s[:, None, :r], "vt": vt[:, :r]}
+  return jax.tree.map(one, stacked)
+
+
+def dense_parts(factors: Tree, like: Tree) -> Tree:
+  """SVD_r(theta_t - theta*) as dense `[T, ...]` leaves shaped like `like`."""
+  def one(ref, f):
+    if "full" in f:
+      return jnp.asarray(f["full"])
+    x = jnp.einsum("tmr,trn->tmn", f["us"], f["vt"])
+    return x.reshape((x.shape[0],) + tuple(np.shape(ref)))
+  return jax.tree.map(one, like, factors)
+
+
+def mix(star: Tree, dense: Tree, w: jax.Array) -> Tree:
+  """theta* + sum_t w_t D_t for one weight vector `w` `[T]`."""
+  return jax.tree.map(lambda s, d: (s.astype(jnp.float32) + jnp.tensordot(
+      w.astype(jnp.float32), d.astype(jnp.float32), 1)).astype(s.dtype),
+                      star, dense)
+
+
+def router_init(key: jax.Array, dim: int, hidden: int, num_tasks: int
+                ) -> dict[str, np.ndarray]:
+  """3-layer MLP params, PyTorch's default uniform(+-1/sqrt(fan_in)) init."""
+  sizes = [(dim, hidden), (hidden, hidden), (hidden, num_tasks)]
+  keys = jax.random.split(key, 6)
+  u = lambda k, shape, a: np.asarray(jax.random.uniform(
+      k, shape, minval=-1 / math.sqrt(a), maxval=1 / math.sqrt(a)))
+  return {**{f"w{i + 1}": u(keys[2 * i], s, s[0]) for i, s in enumerate(sizes)},
+          **{f"b{i + 1}": u(keys[2 * i + 1], s[1:], s[0])
+             for i, s in enumerate(sizes)}}
+
+
+def router_apply(p: dict, stats: dict, x: jax.Array, *, dropout: float = 0.0,
+                 rng: jax.Array | None = None) -> jax.Array:
+  """Router logits `[B, T]` of features `x` `[B, D]` (dropout if rng)."""
+  h = (x.astype(jnp.float32) - stats["mean"]) / stats["std"]
+  for i in (1, 2):
+    h = jax.nn.leaky_relu(h @ p[f"w{i}"] + p[f"b{i}"], 0.01)
+    if rng is not None and dropout > 0:
+      rng, k = jax.random.split(rng)
+      h = jnp.where(jax.random.bernoulli(k, 1 - dropout, h.shape),
+                    h / (1 - dropout), 0.0)
+  return h @ p["w3"] + p["b3"]
+
+
+def _weighted(features, chunk, star, dense, w, inputs):
+  if w.ndim == 1:  # one model for the whole batch
+    return features(mix(star, dense, w), inputs)
+
+  def one(args):
+    wi, xi = args
+    return features(mix(star, dense, wi),
+                     jax.tree.map(lambda a: a[None], xi))[0]
+  return jax.lax.map(one, (w, inputs), batch_size=chunk)
+
+
+class TwinModel:
+  """Twin-Merging's input-dependent model: theta*, the `svd_compress`
+  factors, the router and its input standardization (`stats`)."""
+
+  def __init__(self, features, star: Tree, factors: Tree, router: dict,
+               stats: dict, *, routing: str = "example", chunk_size: int = 8):
+    _need(routing in ROUTINGS,
+          f"routing must be one of {ROUTINGS}, got {routing!r}")
+    _need(int(chunk_size) >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+    self.star = jax.tree.map(jnp.asarray, star)
+    self.factors, self.routing_mode = factors, routing
+    self.router = jax.tree.map(jnp.asarray, router)
+    self.stats = jax.tree.map(jnp.asarray, stats)
+    self.chunk_size = int(chunk_size)
+    self.dense = jax.jit(dense_parts)(factors, self.star)
+    self._route = jax.jit(lambda s, r, st, x: jax.nn.softmax(router_apply(
+        r, st, features(s, x))))
+    self._weighted = jax.jit(functools.partial(_weighted, features,
+                                               self.chunk_size))
+
+  num_tasks = property(lambda self: int(self.router["b3"].shape[0]))
+
+  def routing(self, inputs: dict) -> jax.Array:
+    """Routing weights softmax(router(f(theta*, x))), `[B, T]`."""
+    return self._route(self.star, self.router, self.stats,
+                       problem_lib.inputs_of(inputs))
+
+  def features_with_weights(self, inputs: dict, weights) -> jax.Array:
+    """Features under given weights: `[B, T]` per example, `[T]` per batch."""
+    w = jnp.asarray(weights, jnp.float32)
+    _need(w.ndim in (1, 2) and w.shape[-1] == self.num_tasks,
+          f"weights must be [B, {self.num_tasks}] or [{self.num_tasks}], "
+          f"got shape {w.shape}")
+    return self._weighted(self.star, self.dense, w,
+                          problem_lib.inputs_of(inputs))
+
+  def features(self, inputs: dict) -> jax.Array:
+    """The routed forward `[B, D]` (per example, or per batch if so set)."""
+    w = self.routing(inputs)
+    if self.routing_mode == "batch":
+      w = jnp.mean(w, axis=0)
+    return self.features_with_weights(inputs, w)
+
+  def params_for(self, weights) -> Tree:
+    """The merged params theta* + sum_t w_t SVD_r(theta_t - theta*)."""
+    return jax.jit(mix)(self.star, self.dense, jnp.asarray(weights,
+                                                           jnp.float32))
+
+  def storage_bytes(self) -> int:
+    """theta* + compressed exclusive factors + router."""
+    return (tree_lib.tree_bytes(self.star) + tree_lib.tree_bytes(self.factors)
+            + tree_lib.tree_bytes(self.router))
+
+
+def accuracy(model: TwinModel, head: dict, batches) -> float:
+  """Accuracy of `head` on `model.features` over batches with `label`."""
+  correct = total = 0
+  for batch in batches:
+    logits = encoders.logits(head, model.features(batch))
+    keep = np.asarray(batch.get("mask", np.ones(len(batch["label"]), bool)))
+    pred = np.asarray(jnp.argmax(logits, -1))
+    correct += int(np.sum((pred == np.asarray(batch["label"]))[keep]))
+    total += int(np.sum(keep))
+  return correct / max(total, 1)
+
+
+def _need(ok: bool, message: str) -> None:
+  if not ok:
+    raise ValueError(message)
+
+
+def router_set(problem: problem_lib.MergeProblem, star: Tree, split: str,
+               examples_per_task: int, batch_size: int = 32
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """theta*'s features of the first examples of each task, task ids."""
+  feats = jax.jit(problem.features)
+  xs, ys = [], []
+  for t, task in enumerate(problem.tasks):
+    for batch in problem.data(task, split, batch_size,
+                              limit=examples_per_task).epoch(0):
+      f = np.asarray(feats(star, problem_lib.inputs_of(batch)), np.float32)
+      keep = np.asarray(batch.get("mask", np.ones(len(f), bool)))
+      xs.append(f[keep])
+      ys.append(np.full(int(keep.sum()), t, np.int32))
+  return np.concatenate(xs), np.concatenate(ys)
+
+
+def twin_merging(problem: problem_lib.MergeProblem, *,
+                 scaling_factor: float = 0.3, rank_fraction: float = 0.1,
+                 router_hidden: int | None = None, router_steps: int = 300,
+                 router_lr: float = 5e-4, router_batch_size: int = 64,
+                 router_dropout: float = 0.5, examples_per_task: int = 128,
+                 split: str = "validation", routing: str = "example",
+                 chunk_size: int = 8, train_config: dict | None = None,
+                 mesh=None, rules: Sequence[tuple[str, Any]] | None = None,
+                 workdir: str | None = None, progress: bool = True
+                 ) -> common.LearnedResult:
+  """Twin-Merging: shared expert, compressed exclusive parts, a router.
+
+  Args:
+    problem: the merge problem.
+    scaling_factor: lambda of the shared expert (task arithmetic).
+    rank_fraction: kept fraction of each matrix's rank, in (0, 1].
+    router_hidden: router width (default 2 D, as the official code).
+    router_steps, router_lr, router_batch_size, router_dropout: router
+      training (Adam); `train_config` overrides win.
+    examples_per_task, split: the router's labeled-by-task inputs.
+    routing, chunk_size: see `TwinModel`.
+    train_config, mesh, rules, workdir, progress: as in `adamerging`
+      (`rules` unused: only the small router is trained).
+
+  Returns:
+    `LearnedResult(params=theta*, learned=router params, log, extra)`,
+    extra: `model` (the `TwinModel`), `storage_bytes`,
+    `router_train_accuracy`.
+  """
+  del rules
+  _need(isinstance(scaling_factor, (int, float)) and math.isfinite(
+      scaling_factor), f"scaling_factor must be a number, got "
+        f"{scaling_factor!r}")
+  _need(routing in ROUTINGS,
+        f"routing must be one of {ROUTINGS}, got {routing!r}")
+  _need(0 <= router_dropout < 1,
+        f"router_dropout must be in [0, 1), got {router_dropout}")
+  _need(int(examples_per_task) >= 1,
+        f"examples_per_task must be >= 1, got {examples_per_task}")
+  cfg = common.train_config(dict(TRAIN_DEFAULTS, steps=router_steps,
+                                 lr=router_lr), train_config)
+  star = shared_expert(problem.base, problem.tvs, scaling_factor)
+  factors = svd_compress(exclusive_parts(problem.tvs, scaling_factor),
+                         rank_fraction)
+  x, y = router_set(problem, star, split, examples_per_task)
+  _need(len(x) >= router_batch_size,
+        f"router_batch_size={router_batch_size} exceeds the {len(x)} router "
+        f"examples ({examples_per_task} per task of {split!r})")
+  stats = {"mean": x.mean(0), "std": x.std(0) + 1e-6}
+  hidden = int(router_hidden or 2 * x.shape[1])
+  init = router_init(jax.random.key(cfg.seed), x.shape[1], hidden,
+                     problem.num_tasks)
+  nb = len(x) // router_batch_size
+
+  def batches(step):
+    epoch, i = divmod(int(step), nb)
+    perm = np.random.default_rng([cfg.seed, epoch]).permutation(len(x))
+    idx = perm[i * router_batch_size:(i + 1) * router_batch_size]
+    return {"x": x[idx], "label": y[idx]}
+
+  def loss(p, k, batch, rng):
+    z = router_apply(p, k["stats"], batch["x"], dropout=router_dropout, rng=rng)
+    return common.cross_entropy(z, batch["label"]), {
+        "accuracy": common.accuracy(z, batch["label"])}
+
+  objective = train.Objective(init, loss, {"stats": stats})
+  mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
+  res = train.fit(
+      objective, batches, cfg, mesh=mesh, workdir=workdir,
+      const_shardings=common.const_shardings(mesh, objective.consts),
+      fingerprint=dict(method="twin_merging", scaling_factor=scaling_factor,
+                       rank_fraction=rank_fraction, hidden=hidden,
+                       dropout=router_dropout, batch=router_batch_size,
+                       examples_per_task=examples_per_task, split=split,
+                       tasks=problem.tasks),
+      desc="twin_merging router", progress=progress)
+  model = TwinModel(problem.features, star, factors, res.params, stats,
+                    routing=routing, chunk_size=chunk_size)
+  train_acc = float(np.mean(np.argmax(np.asarray(router_apply(
+      model.router, model.stats, jnp.asarray(x))), -1) == y))
+  return common.LearnedResult(star, res.params, res.log, {
+      "model": model, "storage_bytes": model.storage_bytes(),
+      "router_train_accuracy": train_acc})
