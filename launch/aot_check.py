@@ -12,8 +12,14 @@ allocated, and prints the per-device sizes from
 
 Steps are hooks `aot_step(config, mesh) -> (jitted_fn, abstract_args)`:
 `--step merge` (built in: `mtmerge.methods` over a synthetic transformer of
-`--num_params` or `--width`/`--layers`) or `--step package.module:function`
-(e.g. a trainer's step), which reads whatever it needs from `--config`.
+`--num_params` or `--width`/`--layers`), `--step adamerging` (built in: the
+`mtmerge.train` step of layer-wise AdaMerging over the same model, with
+`--batch` inputs of `--seq_len` tokens per task) or
+`--step package.module:function`, which reads whatever it needs from
+`--config`:
+
+  python launch/aot_check.py --num_devices 64 --step adamerging \
+      --mesh data:8,fsdp:-1 --num_params 100M --num_tasks 8 --batch 64
 
 Caveat: the numbers are XLA:CPU's buffer assignment for the same sharded
 program. They track per-device argument/output sizes exactly and temporaries
@@ -132,7 +138,90 @@ def merge_step(config, mesh):
   return fn, (base, tvs, traced)
 
 
-STEPS = {"merge": merge_step}
+def _synthetic_features(layers: int):
+  """A pre-LN transformer forward over `transformer_shapes` params."""
+  import jax
+  import jax.numpy as jnp
+
+  def ln(x):
+    mu = x.mean(-1, keepdims=True)
+    return (x - mu) * jax.lax.rsqrt(((x - mu) ** 2).mean(-1, keepdims=True)
+                                    + 1e-6)
+
+  def features(p, inputs):
+    h = p["embed"]["table"][inputs["tokens"]]
+    d = h.shape[-1]
+    for i in range(layers):
+      blk = p[f"layer_{i}"]
+      dense = lambda x, name: (x @ blk[name[0]][name[1]]["kernel"]
+                               + blk[name[0]][name[1]]["bias"])
+      q, k, v = jnp.split(dense(ln(h) * blk["ln1"]["scale"], ("attn", "qkv")),
+                          3, axis=-1)
+      att = jax.nn.softmax(q @ k.swapaxes(-1, -2) / jnp.sqrt(d), axis=-1)
+      h = h + dense(att @ v, ("attn", "out"))
+      x = jax.nn.gelu(dense(ln(h) * blk["ln2"]["scale"], ("mlp", "in")))
+      h = h + dense(x, ("mlp", "out"))
+    pooled = h.mean(1)
+    return pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True)
+  return features
+
+
+def adamerging_step(config, mesh):
+  """AOT hook for the learned-merge trainer: one layer-wise AdaMerging step.
+
+  The full `mtmerge.train` step (entropy of every task's merged model,
+  backward, Adam, clamp) over the synthetic transformer of `merge_step`,
+  with `config.aot.batch` inputs of `seq_len` tokens per task sharded over
+  the mesh's data axes. Reads `config.aot` like `merge_step` plus `batch`,
+  `seq_len`, `classes` and `data_axes`.
+  """
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from mtmerge import sharding, train, tree as tree_lib
+  from mtmerge.learned import adamerging, common
+  from mtmerge.learned import problem as problem_lib
+  a = config.aot
+  width = a.width or width_for(parse_count(a.num_params), a.layers, a.vocab)
+  shapes = transformer_shapes(width, a.layers, a.vocab)
+  dtype = np.dtype(a.dtype)
+  rules = [tuple(r) for r in (config.get("param_rules") or DEFAULT_RULES)]
+  base = tree_lib.from_flat_dict(
+      {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()})
+  tvs = tree_lib.from_flat_dict(
+      {k: jax.ShapeDtypeStruct((a.num_tasks,) + s, dtype)
+       for k, s in shapes.items()})
+  tasks = tuple(f"task{i}" for i in range(a.num_tasks))
+  classes = a.get("classes", 10)
+  heads = {t: {"kernel": jax.ShapeDtypeStruct((width, classes), dtype),
+               "bias": jax.ShapeDtypeStruct((classes,), dtype)}
+           for t in tasks}
+  problem = problem_lib.MergeProblem(tasks, base, tvs,
+                                     _synthetic_features(a.layers), heads,
+                                     data=None)
+  coeffs = adamerging.init_coeffs(base, a.num_tasks, "layer")
+  objective = adamerging.entropy_objective(problem, tvs, coeffs, (0.0, 1.0))
+  data_axes = tuple(a.get("data_axes", None) or
+                    [x for x in ("data", "fsdp") if x in mesh.shape])
+  tx = train.make_optimizer(train.TrainConfig(steps=500, lr=1e-3))
+  repl = NamedSharding(mesh, P())
+  p_sh = jax.tree.map(lambda _: repl, coeffs)
+  state_sh = train.state_shardings(train.abstract(coeffs, p_sh), tx, mesh)
+  state = train.abstract(
+      {"params": coeffs, "opt": jax.eval_shape(tx.init, coeffs),
+       "step": np.zeros((), np.int32)}, state_sh)
+  c_sh = common.const_shardings(mesh, objective.consts, rules)
+  consts = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=sh), objective.consts, c_sh)
+  b_sh = sharding.batch_sharding(mesh, data_axes)
+  batch = {t: {"tokens": jax.ShapeDtypeStruct(
+      (a.get("batch", 16), a.get("seq_len", 128)), np.int32, sharding=b_sh)}
+           for t in tasks}
+  step = train.build_step(objective, tx, 0, state_sh, mesh)
+  return step, (state, consts, batch)
+
+
+STEPS = {"merge": merge_step, "adamerging": adamerging_step}
 
 
 def resolve_step(name: str):
@@ -205,6 +294,10 @@ def main(argv=None) -> int:
   p.add_argument("--num_tasks", type=int, default=8)
   p.add_argument("--dtype", default="float32")
   p.add_argument("--task_axis", default="task")
+  p.add_argument("--batch", type=int, default=16,
+                 help="adamerging step: global inputs per task")
+  p.add_argument("--seq_len", type=int, default=128)
+  p.add_argument("--classes", type=int, default=10)
   args = p.parse_args(argv)
   _ensure_devices(args.num_devices, argv)
 
@@ -218,7 +311,8 @@ def main(argv=None) -> int:
     config.aot = ml_collections.ConfigDict(dict(
         method=args.method, num_params=args.num_params, width=args.width,
         layers=args.layers, vocab=args.vocab, num_tasks=args.num_tasks,
-        dtype=args.dtype, task_axis=args.task_axis))
+        dtype=args.dtype, task_axis=args.task_axis, batch=args.batch,
+        seq_len=args.seq_len, classes=args.classes))
   mesh_spec = args.mesh or config.get("mesh") or [("fsdp", -1)]
   mesh = sharding.make_mesh(mesh_spec, jax.devices()[:args.num_devices])
   if args.task_axis not in mesh.shape:

@@ -150,6 +150,62 @@ class Objective(NamedTuple):
   project: Callable[[Tree], Tree] | None = None
 
 
+def abstract(tree: Tree, shardings: Tree) -> Tree:
+  """`jax.ShapeDtypeStruct`s of `tree` carrying `shardings`."""
+  return jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(
+      np.shape(x), x.dtype if hasattr(x, "dtype") else np.result_type(x),
+      sharding=sh), tree, shardings)
+
+
+def state_shardings(params: Tree, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh) -> dict:
+  """Shardings of the train state `{params, opt, step}`.
+
+  Args:
+    params: abstract learned params carrying their shardings (`abstract`).
+    tx: the optimizer.
+    mesh: the mesh.
+
+  Optimizer moments are elementwise functions of the params, so XLA's
+  propagation through `tx.init` gives them the params' shardings; anything
+  else (step counts) is replicated on the mesh.
+  """
+  repl = NamedSharding(mesh, P())
+  opt = jax.jit(tx.init).lower(params).compile().output_shardings
+  on_mesh = lambda sh: (sh if isinstance(sh, NamedSharding) and sh.mesh == mesh
+                        else repl)
+  return {"params": jax.tree.map(lambda x: x.sharding, params),
+          "opt": jax.tree.map(on_mesh, opt), "step": repl}
+
+
+def build_step(objective: Objective, tx: optax.GradientTransformation,
+               seed: int, state_sh: dict, mesh: jax.sharding.Mesh):
+  """The jitted train step `(state, consts, batch) -> (state, metrics, ok)`.
+
+  The state is donated (updated in place); `ok` holds one finiteness flag
+  per learned leaf, so a non-finite value is reported by its path.
+  """
+  repl = NamedSharding(mesh, P())
+  key = jax.random.key(seed)
+
+  def step_fn(state, consts, batch):
+    rng = jax.random.fold_in(key, state["step"])
+    (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(
+        state["params"], consts, batch, rng)
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    if objective.project is not None:
+      params = objective.project(params)
+    finite = {p: jnp.all(jnp.isfinite(x))
+              for p, x in tree_lib.named_leaves(params)}
+    metrics = {"loss": loss, **metrics, "grad_norm": optax.tree.norm(grads)}
+    return ({"params": params, "opt": opt, "step": state["step"] + 1},
+            metrics, finite)
+
+  return jax.jit(step_fn, donate_argnums=(0,),
+                 out_shardings=(state_sh, repl, repl))
+
+
 class Result(NamedTuple):
   """`params`: the learned params; `log`: per-step metrics (dicts)."""
   params: Tree
@@ -240,44 +296,19 @@ def fit(objective: Objective, batches: Callable[[int], Tree],
       run.close()
       return Result(params, log)
 
+  state_sh = state_shardings(abstract(objective.init, p_sh), tx, mesh)
   init = distributed.put_global(jax.tree.map(np.asarray, objective.init), p_sh)
   consts = distributed.put_global(
       jax.tree.map(np.asarray, objective.consts), c_sh)
-  # Optimizer moments are computed elementwise from the params, so jit
-  # gives them the params' shardings; anything else (step counts) is
-  # replicated on the mesh.
-  opt_state = jax.jit(tx.init)(init)
-  state = {"params": init, "opt": opt_state,
-           "step": jnp.zeros((), jnp.int32)}
-  on_mesh = lambda x: (x.sharding if isinstance(x.sharding, NamedSharding)
-                       and x.sharding.mesh == mesh else repl)
-  state_sh = jax.tree.map(on_mesh, state)
-  state = jax.device_put(state, state_sh)
+  state = jax.device_put({"params": init, "opt": jax.jit(tx.init)(init),
+                          "step": jnp.zeros((), jnp.int32)}, state_sh)
   start, log = 0, []
   if run is not None and run.latest_step() is not None:
     start = int(run.latest_step())
     state = run.restore(start, state)
     log = [r for r in _read_log(run.directory) if r["step"] <= start]
   batch_spec = sharding.batch_sharding(mesh, data_axes).spec
-  key = jax.random.key(cfg.seed)
-
-  def step_fn(state, consts, batch):
-    rng = jax.random.fold_in(key, state["step"])
-    (loss, metrics), grads = jax.value_and_grad(objective.loss, has_aux=True)(
-        state["params"], consts, batch, rng)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    if objective.project is not None:
-      params = objective.project(params)
-    finite = {p: jnp.all(jnp.isfinite(x))
-              for p, x in tree_lib.named_leaves(params)}
-    metrics = {"loss": loss, **metrics,
-               "grad_norm": optax.tree.norm(grads)}
-    return ({"params": params, "opt": opt, "step": state["step"] + 1},
-            metrics, finite)
-
-  step = jax.jit(step_fn, donate_argnums=(0,),
-                 out_shardings=(state_sh, repl, repl))
+  step = build_step(objective, tx, cfg.seed, state_sh, mesh)
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=desc, leave=False,
                   disable=not (progress and distributed.is_main()))
   for s in range(start, cfg.steps):

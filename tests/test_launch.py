@@ -136,6 +136,26 @@ def test_aot_check_merge_on_8_devices():
   assert res["peak_estimate_bytes"] >= res["argument_size_in_bytes"]
 
 
+def test_aot_check_adamerging_step_on_8_devices():
+  mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("task", 2)])
+  config = ml_collections.ConfigDict(dict(aot=dict(
+      num_params="0", width=64, layers=2, vocab=128, num_tasks=4,
+      dtype="float32", task_axis="task", batch=8, seq_len=16, classes=3)))
+  step, (state, consts, batch) = aot_check.adamerging_step(config, mesh)
+  # Task vectors split over fsdp and task; every task's batch over data
+  # and fsdp; coefficients (one [T] per leaf) replicated.
+  kernel = consts["tvs"]["layer_0"]["mlp"]["in"]["kernel"]
+  assert kernel.sharding.shard_shape(kernel.shape) == (2, 64, 128)
+  tokens = batch["task0"]["tokens"]
+  assert tokens.sharding.shard_shape(tokens.shape) == (2, 16)
+  assert state["params"]["layer_1"]["attn"]["qkv"]["bias"].shape == (4,)
+  res = aot_check.check(config, mesh, "adamerging")
+  assert res["num_devices"] == 8
+  # The donated state aliases its output.
+  assert res["alias_size_in_bytes"] > 0
+  assert res["peak_estimate_bytes"] >= res["argument_size_in_bytes"]
+
+
 def test_aot_check_helpers():
   assert aot_check.parse_count("1.5B") == 1_500_000_000
   assert aot_check.parse_count("125M") == 125_000_000
