@@ -55,13 +55,35 @@ def entries(config, error_cls) -> list[tuple[str, str, dict, dict, dict]]:
       for hp in grid_points(grid):
         registry.check(name, {**fixed, **hp})
       train_over = dict(entry.get("train") or {})
-      train.TrainConfig.from_dict(train_over)
+      _check_train(name, fixed, grid, train.TrainConfig.from_dict(train_over))
     except (ValueError, KeyError) as e:
       msg = e.args[0] if e.args else e
       raise error_cls(f"config.learned entry {entry['method']!r}: {msg}"
                       ) from None
     out.append((entry.get("label") or name, name, fixed, grid, train_over))
   return out
+
+
+def _check_train(name, fixed, grid, cfg: train.TrainConfig) -> None:
+  """The mesh fits the devices and every batch size divides its data axes."""
+  import jax
+  from mtmerge import sharding
+  from mtmerge.learned import registry
+  shape = sharding.mesh_shape(cfg.mesh, jax.device_count())
+  missing = [a for a in cfg.data_axes if a not in shape]
+  if missing:
+    raise ValueError(f"train.data_axes {missing} are not mesh axes "
+                     f"{tuple(shape)}")
+  shards = 1
+  for a in cfg.data_axes:
+    shards *= shape[a]
+  default = registry.hyperparameters(name).get("batch_size")
+  for hp in grid_points(grid):
+    bs = {**fixed, **hp}.get("batch_size", default)
+    if isinstance(bs, int) and bs % shards:
+      raise ValueError(f"batch_size={bs} does not divide over the "
+                       f"{shards} data shards of mesh {shape}; use a "
+                       f"multiple of {shards}")
 
 
 def _key(config) -> str:

@@ -97,3 +97,21 @@ def test_notebook_runs_the_same_run_function(tmp_path, monkeypatch):
   ns = {}
   exec(code[-1], ns)  # noqa: S102
   assert set(ns["merged"]) == set(ns["base"])
+
+
+@pytest.mark.parametrize("entry,match", [
+    (dict(method="adamerging(gran='task')"), "unknown parameter 'gran'"),
+    (dict(method="adamergin"), "unknown learned method 'adamergin'"),
+    (dict(method="adamerging", train=dict(stepz=3)),
+     "unknown training option"),
+    (dict(method="adamerging", train=dict(mesh=[("data", 3)])),
+     "need a multiple of 3 devices"),
+    (dict(method="adamerging(batch_size=12)"),
+     "batch_size=12 does not divide over the 8 data shards"),
+])
+def test_bad_learned_entries_fail_before_work(tmp_path, entry, match):
+  config = default.get_config("runlocal")
+  config.learned = [entry]
+  with pytest.raises(benchmark.ConfigError, match=match):
+    benchmark.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w" / "finetune").exists()
