@@ -11,22 +11,19 @@ coefficient per (task, leaf, group). Objectives (`objective=`):
 * `few_shot`: cross-entropy on `k_shot` examples per class of a `target`'s
   train split, composing the other tasks' vectors (AdamW lr 1e-1, cosine);
 * `test_time`, the paper's unsupervised FixMatch (UFM; AdamW 1e-3, cosine):
-  the softmax of the plain view (no gradient) is the soft target of a
-  strongly augmented view where its top probability exceeds `threshold`.
-  Per class, the `min(N / C / 10, 100)` test examples with the highest
-  initial (theta_0) probability of that class are trusted: their target is
-  the one-hot initial prediction (so they always count) and they fill 1/4
-  of every batch. As in the official code, but all classes' trusted
-  examples are flagged (the code flags only the last class's) and its no-op
-  sharpening (probabilities times 0.5, renormalized) is left out;
+  the plain view's softmax (no gradient) is the soft target of a strongly
+  augmented view where its top probability exceeds `threshold`. Per class,
+  the `min(N / C / 10, 100)` test examples of highest initial (theta_0)
+  probability of that class are trusted: their target is the one-hot
+  initial prediction and they fill 1/4 of every batch. As in the official
+  code, except that all classes' trusted examples are flagged (the code
+  flags only the last class's) and its no-op sharpening is left out;
 * `negation`: -CE(target) + CE(control) on validation data with the
-  target's own vector (AdamW 5e-3: the code's 1e-3 times its per-dataset
-  multiplier of 5 to 10).
+  target's own vector (AdamW 5e-3: the code's 1e-3 times 5 to 10).
 
-Gradients are clipped to norm 1, as in the official code. Unlike it, "x K"
-partitions every leaf (the code only 2-D weights), there is no per-epoch
-selection of the best coefficients, and text gets token dropout as its
-strong view (`token_dropout`; images: `image_augment`).
+Gradients are clipped to norm 1 as in the official code. Unlike it, "x K"
+partitions every leaf (the code only 2-D weights), no per-epoch selection
+of the best coefficients is made, and text's strong view is token dropout.
 """
 
 from __future__ import annotations
@@ -44,13 +41,11 @@ from mtmerge.learned import common
 from mtmerge.learned import problem as problem_lib
 
 Tree = Any
-_CLIP = dict(optimizer="adamw", weight_decay=0.1, clip_norm=1.0, steps=500)
-TRAIN_DEFAULTS = {
-    "task_addition": dict(_CLIP, lr=1e-3),
-    "few_shot": dict(_CLIP, lr=1e-1, schedule="cosine"),
-    "test_time": dict(_CLIP, lr=1e-3, schedule="cosine"),
-    "negation": dict(_CLIP, lr=5e-3),
-}
+_ADAMW = dict(optimizer="adamw", weight_decay=0.1, clip_norm=1.0, steps=500)
+TRAIN_DEFAULTS = dict(task_addition=dict(_ADAMW, lr=1e-3),
+                      few_shot=dict(_ADAMW, lr=1e-1, schedule="cosine"),
+                      test_time=dict(_ADAMW, lr=1e-3, schedule="cosine"),
+                      negation=dict(_ADAMW, lr=5e-3))
 SPLITS = dict(task_addition="validation", few_shot="train", test_time="test",
               negation="validation")
 OBJECTIVES = tuple(TRAIN_DEFAULTS)
@@ -72,8 +67,11 @@ def init_coeffs(base: Tree, num_sources: int, partitions: int = 1) -> Tree:
 
 def token_dropout(inputs: dict, rng: jax.Array, rate: float = 0.2,
                   mask_id: int | None = None) -> dict:
-  """Strong text view: drops real tokens but the first and last (right-padded
-  inputs) from the attention mask, or turns them into `mask_id` (BERT: 103)."""
+  """Text's strong view: drops real tokens but the first and the last.
+
+  Dropped tokens leave the attention mask, or become `mask_id` (BERT's
+  [MASK] is 103). Inputs are right-padded.
+  """
   ids, am = inputs["input_ids"], inputs["attention_mask"]
   pos, last = jnp.arange(ids.shape[1])[None], jnp.sum(am, 1, keepdims=True) - 1
   drop = (jax.random.bernoulli(rng, rate, ids.shape) & (am > 0) & (pos > 0)
@@ -85,8 +83,11 @@ def token_dropout(inputs: dict, rng: jax.Array, rate: float = 0.2,
 
 def image_augment(images: jax.Array, rng: jax.Array, min_area: float = 0.5,
                   flip: bool = True, noise: float = 0.05) -> jax.Array:
-  """Strong NHWC view: a square crop of `min_area`..1 of the image resized
-  back (the code's RandomResizedCrop(scale=(0.5, 1))), flip, noise std."""
+  """NHWC images' strong view: resized random crop, flip, Gaussian noise.
+
+  The square crop covers `min_area`..1 of the image, as the official
+  RandomResizedCrop(scale=(0.5, 1)); `noise` is a std in normalized units.
+  """
   b, h, w, c = images.shape
   k = jax.random.split(rng, 5)
   side = jnp.sqrt(jax.random.uniform(k[0], (b,), minval=min_area, maxval=1.0))
@@ -119,7 +120,7 @@ def few_shot_indices(labels: np.ndarray, k_shot: int, num_classes: int,
   for c in range(num_classes):
     idx = np.flatnonzero(np.asarray(labels) == c)
     if len(idx) < k_shot:
-      raise ValueError(f"k_shot={k_shot} but class {c} has only {len(idx)} "
+      raise ValueError(f"k_shot={k_shot} but class {c} has {len(idx)} "
                        "examples")
     out.append(np.random.default_rng([seed, c]).permutation(idx)[:k_shot])
   return np.sort(np.concatenate(out))
@@ -127,8 +128,8 @@ def few_shot_indices(labels: np.ndarray, k_shot: int, num_classes: int,
 
 def trusted_samples(probs: np.ndarray, per_class: int | None = None
                     ) -> tuple[np.ndarray, np.ndarray]:
-  """UFM's trusted examples: per class c the `per_class` (default
-  min(N / C / 10, 100)) of highest p(c|x); (sorted indices, their argmax)."""
+  """UFM's trusted examples (sorted) and targets (their argmax): per class
+  c, the `per_class` (default min(N / C / 10, 100)) of highest p(c|x)."""
   n, c = probs.shape
   k = max(1, per_class or min(n // c // 10, 100))
   idx = np.unique(np.concatenate(
@@ -138,11 +139,8 @@ def trusted_samples(probs: np.ndarray, per_class: int | None = None
 
 def ufm_loss(plain: jax.Array, strong: jax.Array, target: jax.Array,
              threshold: float) -> jax.Array:
-  """UFM: soft-target CE of the strong view over the confident rows.
-
-  Targets are softmax(plain) (no gradient), or one-hot `target` where it
-  is >= 0 (trusted rows); rows count where the target's max > threshold.
-  """
+  """UFM: CE of the strong view against softmax(plain) (no gradient), or a
+  one-hot `target` where >= 0 (trusted), over rows whose max > threshold."""
   q = jax.nn.softmax(jax.lax.stop_gradient(plain).astype(jnp.float32))
   q = jnp.where(target[:, None] >= 0, jax.nn.one_hot(target, q.shape[-1]), q)
   w = (jnp.max(q, -1) > threshold).astype(jnp.float32)
@@ -155,9 +153,12 @@ def make_objective(problem: problem_lib.MergeProblem, objective: str,
                    signs: dict[str, float] | None = None,
                    threshold: float = 0.99,
                    augment: Callable | None = None) -> train.Objective:
-  """The loss summed over a batch's tasks `{task: labeled batch}` (test_time:
-  `{task: {"inputs", "target"}}`, see `ufm_loss`); `signs[task]` weights a CE
-  (negation: -1 for the target); `augment` makes test_time's strong view."""
+  """The loss summed over a batch's tasks `{task: labeled batch}`.
+
+  test_time's batches are `{task: {"inputs", "target"}}` (see `ufm_loss`)
+  and `augment` makes their strong view; `signs[task]` weights a task's
+  cross-entropy (negation: -1 for the target).
+  """
   consts = {"base": problem.base, "tvs": tvs, "heads": problem.heads,
             **({} if groups is None else {"groups": groups})}
 
@@ -212,24 +213,38 @@ def _ufm_batches(problem, targets, split, bs, limit, seed, per_class):
     trusted[t], labels = trusted_samples(probs, per_class)
     target = np.full(len(probs), -1, np.int32)  # -1: not trusted
     target[trusted[t]] = labels
-    data[t] = (b, target, np.flatnonzero(target < 0),
-               min(max(1, bs // 4), len(labels)))
+    data[t] = (b, target, min(max(1, bs // 4), len(labels)))
 
   def at(step):
     out = {}
-    for t, (b, target, rest, n) in data.items():
-      rows = np.concatenate([_rows(rest, bs - n, seed, step),
-                             _rows(trusted[t], n, seed, step)])
+    for t, (b, target, n) in data.items():
+      rows = np.concatenate([_rows(np.flatnonzero(target < 0), bs - n, seed,
+                                   step), _rows(trusted[t], n, seed, step)])
       out[t] = {"inputs": problem_lib.inputs_of(b.transform(
           [b.source[int(j)] for j in rows])), "target": target[rows]}
     return out
   return at, trusted
 
 
+def _few_shot_batches(problem, target, split, bs, limit, k_shot, seed, shuffle):
+  if k_shot is None or int(k_shot) < 1:
+    raise ValueError(f"few_shot needs k_shot >= 1, got {k_shot!r}")
+  b = problem.data(target, split, bs, shuffle=False, limit=limit)
+  labels = np.concatenate([x["label"][x.get("mask", slice(None))]
+                           for x in _all_rows(b)])
+  try:
+    shots = few_shot_indices(labels, int(k_shot), np.shape(
+        problem.heads[target]["kernel"])[-1], seed)
+  except ValueError as e:
+    raise ValueError(f"task {target!r} split {split!r}: {e}") from None
+  return (lambda s: {target: b.transform([b.source[int(j)] for j in _rows(
+      shots, min(bs, len(shots)), shuffle, s)])}), shots
+
+
 def _tasks(problem, names, what) -> tuple[str, ...]:
   names = (names,) if isinstance(names, str) else tuple(names)
-  if (not set(names) <= set(problem.tasks) or not names
-      or len(set(names)) != len(names)):
+  if not names or len(set(names)) != len(names) or set(names) - set(
+      problem.tasks):
     raise ValueError(f"{what} must be distinct tasks of the problem "
                      f"{problem.tasks}; got {names}")
   return names
@@ -252,16 +267,15 @@ def atlas(problem: problem_lib.MergeProblem, *,
   Args:
     problem: the merge problem.
     objective: one of `OBJECTIVES` (see the module docstring).
-    target: the task(s) whose data drive the loss: all tasks by default
-      (task_addition, test_time); one task, required (few_shot, negation).
+    target: the task(s) whose data drive the loss: default all (task_addition,
+      test_time); one, required (few_shot, negation).
     control: negation's task to keep (required there, refused elsewhere).
-    sources: the task vectors composed; default all tasks (task_addition,
-      test_time; the paper's test-time protocol leaves the target out), all
-      but the target (few_shot; name it to include it), the target's own
-      (negation).
+    sources: the task vectors composed; default all tasks (the paper's
+      test-time protocol leaves the target out), all but the target
+      (few_shot; name it to include it), the target's own (negation).
     k_shot: few_shot's examples per class (drawn with `seed`).
     partitions: K of aTLAS x K (1: one coefficient per task per leaf).
-    threshold, trusted_per_class: test_time's pseudo-label confidence and
+    threshold, trusted_per_class: test_time's confidence threshold and
       trusted examples per class (default min(N / C / 10, 100)).
     augment: `(inputs, rng) -> inputs`: test_time's strong view (default
       `default_augment`) or a few_shot training augmentation (default none).
@@ -277,9 +291,9 @@ def atlas(problem: problem_lib.MergeProblem, *,
     `trusted` (test_time: per task) indices into the split.
   """
   fingerprint = dict(method="atlas", tasks=problem.tasks, **{
-      k: v for k, v in locals().items() if k not in (
-          "problem", "train_config", "mesh", "rules", "workdir", "progress")})
-  fingerprint["augment"] = getattr(augment, "__qualname__", repr(augment))
+      k: getattr(v, "__qualname__", v) for k, v in locals().items() if k
+      not in ("problem", "train_config", "mesh", "rules", "workdir",
+              "progress")})
   if objective not in OBJECTIVES:
     raise ValueError(f"unknown objective {objective!r}; one of {OBJECTIVES}")
   if int(partitions) < 1 or not 0.0 <= threshold < 1.0:
@@ -288,8 +302,8 @@ def atlas(problem: problem_lib.MergeProblem, *,
   if objective in ("few_shot", "negation") and not isinstance(target, str):
     raise ValueError(f"{objective} needs one target task, got {target!r}")
   targets = _tasks(problem, target or problem.tasks, "target")
-  if (control is None) == (objective == "negation") or (control and
-                                                         control == target):
+  if (control is None) == (objective == "negation") or (
+      control is not None and control == target):
     raise ValueError(f"negation (only) needs a control task other than its "
                      f"target; got control={control!r} for {objective}")
   controls = _tasks(problem, control, "control") if control else ()
@@ -298,10 +312,8 @@ def atlas(problem: problem_lib.MergeProblem, *,
       "negation": [target]}.get(objective, problem.tasks), "sources")
   cfg = common.train_config(TRAIN_DEFAULTS[objective], train_config)
   split = split or SPLITS[objective]
-  tvs = jax.tree.map(lambda v: np.asarray(v)[[problem.tasks.index(s) for s in
-                                             sources]], problem.tvs)
-  groups = (partition_groups(problem.base, partitions, seed)
-            if partitions > 1 else None)
+  groups = partition_groups(problem.base, partitions, seed) \
+      if partitions > 1 else None
   extra = {"sources": sources, "groups": groups}
   if objective == "test_time":
     batches, extra["trusted"] = _ufm_batches(
@@ -310,23 +322,14 @@ def atlas(problem: problem_lib.MergeProblem, *,
     jax.eval_shape(augment, batches(0)[targets[0]]["inputs"],
                    jax.random.key(0))  # an unusable augment fails here
   elif objective == "few_shot":
-    if k_shot is None or int(k_shot) < 1:
-      raise ValueError(f"few_shot needs k_shot >= 1, got {k_shot!r}")
-    b = problem.data(target, split, batch_size, shuffle=False, limit=limit)
-    labels = np.concatenate([x["label"][x.get("mask", slice(None))]
-                             for x in _all_rows(b)])
-    try:
-      shots = few_shot_indices(labels, int(k_shot), np.shape(
-          problem.heads[target]["kernel"])[-1], seed)
-    except ValueError as e:
-      raise ValueError(f"task {target!r} split {split!r}: {e}") from None
-    batches = lambda s: {target: b.transform([b.source[int(j)] for j in _rows(
-        shots, min(batch_size, len(shots)), cfg.seed, s)])}
-    extra["shots"] = shots
+    batches, extra["shots"] = _few_shot_batches(
+        problem, target, split, batch_size, limit, k_shot, seed, cfg.seed)
   else:
     batches = common.task_batches(problem, split, batch_size, seed=cfg.seed,
                                   limit=limit, labels=True,
                                   tasks=targets + controls)
+  tvs = jax.tree.map(lambda v: np.asarray(v)[[problem.tasks.index(s) for s in
+                                             sources]], problem.tvs)
   obj = make_objective(problem, objective, tvs,
                        init_coeffs(problem.base, len(sources), partitions),
                        groups, signs={target: -1.0} if control else None,
