@@ -5,10 +5,9 @@
 
 * shared expert theta* = theta_0 + lambda sum_t tau_t (task arithmetic);
 * exclusive parts theta_t - theta* compressed per tensor by truncated SVD
-  keeping r = max(1, floor(rank_fraction min(m, n))) triplets (the official
-  code floors; we keep at least one). 0-D/1-D tensors are kept whole, more
-  dims are matricized `[prod(shape[:-1]), shape[-1]]` (conv kernels, `[1,
-  N, D]` embeddings);
+  to rank max(1, floor(rank_fraction min(m, n))) (the official code floors);
+  0-D/1-D tensors kept whole, more dims matricized `[prod(shape[:-1]),
+  shape[-1]]` (conv kernels, `[1, N, D]` embeddings);
 * a 3-layer MLP router (official: Linear-BatchNorm-LeakyReLU-Dropout(0.5)
   twice, then Linear; width 2 D) trained with cross-entropy on task
   identity (Adam, lr 5e-4) from a few inputs of each task's validation
@@ -21,12 +20,12 @@
 * per input: w = softmax(router(f(theta*, x))), model theta* + sum_t w_t
   SVD_r(theta_t - theta*).
 
-`TwinModel.features` runs this per example with `jax.lax.map` over chunks
-of `chunk_size` examples, each chunk materializing its merged params
-(memory: chunk_size models plus the T exclusive parts, held dense because
-mixing them costs T m n per example against T r m n from factors;
-`storage_bytes` counts the factors). `routing="batch"` is the cheap variant:
-one model per batch from the mean weights (exact for one-task batches).
+`TwinModel.features` runs this per example: `jax.lax.map` over chunks of
+`chunk_size` examples, each materializing its merged params (memory:
+chunk_size models plus the T exclusive parts, held dense since mixing them
+costs T m n per example against T r m n from factors; `storage_bytes`
+counts the factors). `routing="batch"` is the cheap variant: one model per
+batch from the mean weights (exact for one-task batches).
 """
 
 from __future__ import annotations
@@ -98,11 +97,8 @@ def svd_compress(stacked: Tree, rank_fraction: float) -> Tree:
 
 def dense_parts(factors: Tree, like: Tree) -> Tree:
   """SVD_r(theta_t - theta*) as dense `[T, ...]` leaves shaped like `like`."""
-  def one(ref, f):
-    if "full" in f:
-      return jnp.asarray(f["full"])
-    x = jnp.einsum("tmr,trn->tmn", f["us"], f["vt"])
-    return x.reshape((x.shape[0],) + tuple(np.shape(ref)))
+  one = lambda ref, f: (jnp.asarray(f["full"]) if "full" in f else jnp.einsum(
+      "tmr,trn->tmn", f["us"], f["vt"]).reshape((-1,) + tuple(np.shape(ref))))
   return jax.tree.map(one, like, factors)
 
 
@@ -113,16 +109,16 @@ def mix(star: Tree, dense: Tree, w: jax.Array) -> Tree:
                       star, dense)
 
 
-def router_init(key: jax.Array, dim: int, hidden: int, num_tasks: int
+def router_init(seed: int, dim: int, hidden: int, num_tasks: int
                 ) -> dict[str, np.ndarray]:
   """3-layer MLP params, PyTorch's default uniform(+-1/sqrt(fan_in)) init."""
-  sizes = [(dim, hidden), (hidden, hidden), (hidden, num_tasks)]
-  keys = jax.random.split(key, 6)
-  u = lambda k, shape, a: np.asarray(jax.random.uniform(
-      k, shape, minval=-1 / math.sqrt(a), maxval=1 / math.sqrt(a)))
-  return {**{f"w{i + 1}": u(keys[2 * i], s, s[0]) for i, s in enumerate(sizes)},
-          **{f"b{i + 1}": u(keys[2 * i + 1], s[1:], s[0])
-             for i, s in enumerate(sizes)}}
+  rng = np.random.default_rng(seed)  # host: no compile per shape
+  out = {}
+  for i, (a, b) in enumerate([(dim, hidden), (hidden, hidden),
+                              (hidden, num_tasks)], 1):
+    for name, shape in ((f"w{i}", (a, b)), (f"b{i}", (b,))):
+      out[name] = (rng.uniform(-1, 1, shape) / math.sqrt(a)).astype(np.float32)
+  return out
 
 
 def router_apply(p: dict, stats: dict, x: jax.Array, *, dropout: float = 0.0,
@@ -142,10 +138,8 @@ def _weighted(features, chunk, star, dense, w, inputs):
   if w.ndim == 1:  # one model for the whole batch
     return features(mix(star, dense, w), inputs)
 
-  def one(args):
-    wi, xi = args
-    return features(mix(star, dense, wi),
-                     jax.tree.map(lambda a: a[None], xi))[0]
+  one = lambda a: features(mix(star, dense, a[0]),  # a: (w_i, x_i)
+                           jax.tree.map(lambda v: v[None], a[1]))[0]
   return jax.lax.map(one, (w, inputs), batch_size=chunk)
 
 
@@ -155,19 +149,16 @@ class TwinModel:
 
   def __init__(self, features, star: Tree, factors: Tree, router: dict,
                stats: dict, *, routing: str = "example", chunk_size: int = 8):
-    _need(routing in ROUTINGS,
-          f"routing must be one of {ROUTINGS}, got {routing!r}")
-    _need(int(chunk_size) >= 1, f"chunk_size must be >= 1, got {chunk_size}")
+    _need(routing in ROUTINGS and int(chunk_size) >= 1, f"need routing in "
+          f"{ROUTINGS} and chunk_size >= 1, got {routing!r}, {chunk_size}")
     self.star = jax.tree.map(jnp.asarray, star)
     self.factors, self.routing_mode = factors, routing
-    self.router = jax.tree.map(jnp.asarray, router)
-    self.stats = jax.tree.map(jnp.asarray, stats)
-    self.chunk_size = int(chunk_size)
+    self.router, self.stats = jax.tree.map(jnp.asarray, (router, stats))
     self.dense = jax.jit(dense_parts)(factors, self.star)
     self._route = jax.jit(lambda s, r, st, x: jax.nn.softmax(router_apply(
         r, st, features(s, x))))
     self._weighted = jax.jit(functools.partial(_weighted, features,
-                                               self.chunk_size))
+                                               int(chunk_size)))
 
   num_tasks = property(lambda self: int(self.router["b3"].shape[0]))
 
@@ -192,27 +183,19 @@ class TwinModel:
       w = jnp.mean(w, axis=0)
     return self.features_with_weights(inputs, w)
 
-  def params_for(self, weights) -> Tree:
-    """The merged params theta* + sum_t w_t SVD_r(theta_t - theta*)."""
-    return jax.jit(mix)(self.star, self.dense, jnp.asarray(weights,
-                                                           jnp.float32))
-
   def storage_bytes(self) -> int:
     """theta* + compressed exclusive factors + router."""
-    return (tree_lib.tree_bytes(self.star) + tree_lib.tree_bytes(self.factors)
-            + tree_lib.tree_bytes(self.router))
+    return sum(map(tree_lib.tree_bytes, (self.star, self.factors,
+                                         self.router)))
 
 
 def accuracy(model: TwinModel, head: dict, batches) -> float:
   """Accuracy of `head` on `model.features` over batches with `label`."""
-  correct = total = 0
-  for batch in batches:
-    logits = encoders.logits(head, model.features(batch))
-    keep = np.asarray(batch.get("mask", np.ones(len(batch["label"]), bool)))
-    pred = np.asarray(jnp.argmax(logits, -1))
-    correct += int(np.sum((pred == np.asarray(batch["label"]))[keep]))
-    total += int(np.sum(keep))
-  return correct / max(total, 1)
+  hits = []
+  for b in batches:
+    pred = np.argmax(np.asarray(encoders.logits(head, model.features(b))), -1)
+    hits.append((pred == b["label"])[b.get("mask", np.ones(len(pred), bool))])
+  return float(np.mean(np.concatenate(hits)))
 
 
 def _need(ok: bool, message: str) -> None:
@@ -266,15 +249,11 @@ def twin_merging(problem: problem_lib.MergeProblem, *,
     `router_train_accuracy`.
   """
   del rules
-  _need(isinstance(scaling_factor, (int, float)) and math.isfinite(
-      scaling_factor), f"scaling_factor must be a number, got "
-        f"{scaling_factor!r}")
-  _need(routing in ROUTINGS,
-        f"routing must be one of {ROUTINGS}, got {routing!r}")
-  _need(0 <= router_dropout < 1,
-        f"router_dropout must be in [0, 1), got {router_dropout}")
-  _need(int(examples_per_task) >= 1,
-        f"examples_per_task must be >= 1, got {examples_per_task}")
+  _need(math.isfinite(scaling_factor), f"bad scaling_factor {scaling_factor}")
+  _need(routing in ROUTINGS, f"routing must be in {ROUTINGS}, got {routing!r}")
+  _need(0 <= router_dropout < 1 and examples_per_task >= 1,
+        f"need router_dropout in [0, 1) and examples_per_task >= 1, got "
+        f"{router_dropout} and {examples_per_task}")
   cfg = common.train_config(dict(TRAIN_DEFAULTS, steps=router_steps,
                                  lr=router_lr), train_config)
   star = shared_expert(problem.base, problem.tvs, scaling_factor)
@@ -286,8 +265,7 @@ def twin_merging(problem: problem_lib.MergeProblem, *,
         f"examples ({examples_per_task} per task of {split!r})")
   stats = {"mean": x.mean(0), "std": x.std(0) + 1e-6}
   hidden = int(router_hidden or 2 * x.shape[1])
-  init = router_init(jax.random.key(cfg.seed), x.shape[1], hidden,
-                     problem.num_tasks)
+  init = router_init(cfg.seed, x.shape[1], hidden, problem.num_tasks)
   nb = len(x) // router_batch_size
 
   def batches(step):
