@@ -79,6 +79,7 @@ def _exclusive_ref(p, fraction, lam=0.3):
 def test_svd_compress_matches_numpy_reconstruction():
   rng = np.random.default_rng(0)
   stacked = {"w": rng.standard_normal((3, 12, 7)).astype(np.float32),
+             "wide": rng.standard_normal((3, 6, 11)).astype(np.float32),
              "conv": rng.standard_normal((3, 2, 3, 4, 5)).astype(np.float32),
              "b": rng.standard_normal((3, 7)).astype(np.float32)}
   like = jax.tree.map(lambda x: x[0], stacked)
@@ -88,12 +89,14 @@ def test_svd_compress_matches_numpy_reconstruction():
     for t in range(3):
       np.testing.assert_allclose(dense["w"][t], _svd_ref(stacked["w"][t], f),
                                  atol=2e-5)
+      np.testing.assert_allclose(dense["wide"][t],
+                                 _svd_ref(stacked["wide"][t], f), atol=2e-5)
       np.testing.assert_allclose(dense["conv"][t],
                                  _svd_ref(stacked["conv"][t], f), atol=2e-5)
     np.testing.assert_array_equal(dense["b"], stacked["b"])  # kept whole
-    assert factors["w"]["us"].shape == (3, 12, max(1, math.floor(f * 7)))
+    assert factors["w"]["u"].shape == (3, 12, max(1, math.floor(f * 7)))
     # conv: matricized [2 * 3 * 4, 5].
-    assert factors["conv"]["vt"].shape == (3, max(1, math.floor(f * 5)), 5)
+    assert factors["conv"]["v"].shape == (3, max(1, math.floor(f * 5)), 5)
   # rank 1 of a [24, 5] conv matricization: floor(0.1 * 5) = 0 -> 1.
   assert twin.rank_for((2, 3, 4, 5), 0.1) == 1
   assert twin.rank_for((40, 30), 0.1) == 3

@@ -9,23 +9,21 @@
   0-D/1-D tensors kept whole, more dims matricized `[prod(shape[:-1]),
   shape[-1]]` (conv kernels, `[1, N, D]` embeddings);
 * a 3-layer MLP router (official: Linear-BatchNorm-LeakyReLU-Dropout(0.5)
-  twice, then Linear; width 2 D) trained with cross-entropy on task
-  identity (Adam, lr 5e-4) from a few inputs of each task's validation
-  split. Its input, theta*'s mean-pooled last hidden states in the paper,
-  is `problem.features(theta*, x)`: that pooled (L2-normalized) sentence
-  embedding for text encoders, the image embedding for CLIP. BatchNorm is
-  replaced by a fixed standardization with the router set's mean/std (the
-  trainer's objectives are stateless; BatchNorm at inference is a fixed
-  affine map too);
+  twice, then Linear; width 2 D), trained by cross-entropy on task identity
+  (Adam, lr 5e-4) on a few validation inputs per task. Its input (theta*'s
+  mean-pooled last hidden states in the paper) is `problem.features(theta*,
+  x)`: that pooled, L2-normalized sentence embedding for text encoders, the
+  image embedding for CLIP. BatchNorm becomes a fixed standardization by
+  the router set's mean/std (objectives are stateless; BatchNorm at
+  inference is a fixed affine map too);
 * per input: w = softmax(router(f(theta*, x))), model theta* + sum_t w_t
   SVD_r(theta_t - theta*).
 
 `TwinModel.features` runs this per example: `jax.lax.map` over chunks of
 `chunk_size` examples, each materializing its merged params (memory:
-chunk_size models plus the T exclusive parts, held dense since mixing them
-costs T m n per example against T r m n from factors; `storage_bytes`
-counts the factors). `routing="batch"` is the cheap variant: one model per
-batch from the mean weights (exact for one-task batches).
+chunk_size models plus the T exclusive parts, held dense: mixing costs T m
+n per example, against T r m n from factors; `storage_bytes` counts
+factors). `routing="batch"`: one model per batch from the mean weights.
 """
 
 from __future__ import annotations
@@ -73,32 +71,36 @@ def svd_compress(stacked: Tree, rank_fraction: float) -> Tree:
   """Per-leaf, per-task truncated SVD of stacked `[T, ...]` tensors.
 
   Returns a tree with `stacked`'s structure as a prefix: each leaf becomes
-  `{"us": [T, m, r], "vt": [T, r, n]}` (U diag(S), V^T) for tensors of 2+
-  dims, `{"full": [T, ...]}` for 0-D/1-D tensors kept whole.
+  `{"u": [T, m, r], "v": [T, r, n]}` (u @ v is the truncation) for tensors
+  of 2+ dims, `{"full": [T, ...]}` for 0-D/1-D tensors kept whole. The
+  truncation of A is U_r U_r^T A, U_r the top eigenvectors of the smaller
+  Gram matrix A A^T or A^T A: exact, and ~6x faster than LAPACK's SVD on
+  the 2-core CPU (~1 s per 384 x 1536 matrix there).
   """
   ok = isinstance(rank_fraction, (int, float, np.floating)) and not isinstance(
       rank_fraction, bool) and 0 < float(rank_fraction) <= 1
   _need(ok, f"rank_fraction must be in (0, 1], got {rank_fraction!r}")
-  # LAPACK on the host: XLA:CPU's SVD takes minutes on embedding-sized
-  # tensors; accelerators run their own.
-  svd = (np.linalg.svd if jax.default_backend() == "cpu" else
-         lambda a, **kw: jax.device_get(jnp.linalg.svd(jnp.asarray(a), **kw)))
+  xp = np if jax.default_backend() == "cpu" else jnp  # host float64 on CPU
 
   def one(x):
-    x = np.asarray(x, np.float32)
-    if x.ndim <= 2:
-      return {"full": x}
-    r = rank_for(x.shape[1:], rank_fraction)
-    u, s, vt = svd(x.reshape(x.shape[0], -1, x.shape[-1]),
-                   full_matrices=False)
-    return {"us": u[:, :, :r] * s[:, None, :r], "vt": vt[:, :r]}
+    if np.ndim(x) <= 2:
+      return {"full": np.asarray(x, np.float32)}
+    a = xp.asarray(x, np.float64 if xp is np else np.float32)
+    a = a.reshape(a.shape[0], -1, a.shape[-1])
+    flip = a.shape[1] > a.shape[2]
+    a = xp.swapaxes(a, 1, 2) if flip else a  # now [T, k, n'], k <= n'
+    _, vecs = xp.linalg.eigh(a @ xp.swapaxes(a, 1, 2))  # ascending
+    u = vecs[..., ::-1][..., :rank_for(a.shape[1:], rank_fraction)]
+    v = xp.swapaxes(u, 1, 2) @ a
+    u, v = (xp.swapaxes(v, 1, 2), xp.swapaxes(u, 1, 2)) if flip else (u, v)
+    return {"u": np.asarray(u, np.float32), "v": np.asarray(v, np.float32)}
   return jax.tree.map(one, stacked)
 
 
 def dense_parts(factors: Tree, like: Tree) -> Tree:
   """SVD_r(theta_t - theta*) as dense `[T, ...]` leaves shaped like `like`."""
   one = lambda ref, f: (jnp.asarray(f["full"]) if "full" in f else jnp.einsum(
-      "tmr,trn->tmn", f["us"], f["vt"]).reshape((-1,) + tuple(np.shape(ref))))
+      "tmr,trn->tmn", f["u"], f["v"]).reshape((-1,) + tuple(np.shape(ref))))
   return jax.tree.map(one, like, factors)
 
 
@@ -199,8 +201,7 @@ def accuracy(model: TwinModel, head: dict, batches) -> float:
 
 
 def _need(ok: bool, message: str) -> None:
-  if not ok:
-    raise ValueError(message)
+  if not ok: raise ValueError(message)  # pylint: disable=multiple-statements
 
 
 def router_set(problem: problem_lib.MergeProblem, star: Tree, split: str,
@@ -213,9 +214,8 @@ def router_set(problem: problem_lib.MergeProblem, star: Tree, split: str,
     for batch in problem.data(task, split, batch_size,
                               limit=examples_per_task).epoch(0):
       f = np.asarray(feats(star, problem_lib.inputs_of(batch)), np.float32)
-      keep = np.asarray(batch.get("mask", np.ones(len(f), bool)))
-      xs.append(f[keep])
-      ys.append(np.full(int(keep.sum()), t, np.int32))
+      xs.append(f[batch.get("mask", np.ones(len(f), bool))])
+      ys.append(np.full(len(xs[-1]), t, np.int32))
   return np.concatenate(xs), np.concatenate(ys)
 
 
