@@ -54,9 +54,10 @@ OBJECTIVES = tuple(TRAIN_DEFAULTS)
 def partition_groups(base: Tree, partitions: int, seed: int = 0) -> Tree:
   """aTLAS x K's fixed random group (0..K-1) of every entry of every leaf."""
   leaves, treedef = jax.tree.flatten(base)
-  return jax.tree.unflatten(treedef, [np.random.default_rng([seed, i]).integers(
-      0, partitions, np.shape(x)).astype(np.int8 if partitions < 128 else
-                                        np.int32) for i, x in enumerate(leaves)])
+  dtype = np.int8 if partitions < 128 else np.int32
+  return jax.tree.unflatten(treedef, [
+      np.random.default_rng([seed, i]).integers(0, partitions, np.shape(x))
+      .astype(dtype) for i, x in enumerate(leaves)])
 
 
 def init_coeffs(base: Tree, num_sources: int, partitions: int = 1) -> Tree:
@@ -77,30 +78,34 @@ def token_dropout(inputs: dict, rng: jax.Array, rate: float = 0.2,
   drop = (jax.random.bernoulli(rng, rate, ids.shape) & (am > 0) & (pos > 0)
           & (pos < last))
   if mask_id is None:
-    return {**inputs, "attention_mask": jnp.where(drop, 0, am).astype(am.dtype)}
-  return {**inputs, "input_ids": jnp.where(drop, mask_id, ids).astype(ids.dtype)}
+    return {**inputs, "attention_mask": jnp.where(drop, 0, am).astype(
+        am.dtype)}
+  return {**inputs, "input_ids": jnp.where(drop, mask_id, ids).astype(
+      ids.dtype)}
 
 
 def image_augment(images: jax.Array, rng: jax.Array, min_area: float = 0.5,
-                  flip: bool = True, noise: float = 0.05) -> jax.Array:
-  """NHWC images' strong view: resized random crop, flip, Gaussian noise.
+                  flip: float = 0.5, noise: float = 0.05) -> jax.Array:
+  """NHWC images' strong view: resized random crop, flip, uniform noise.
 
-  The square crop covers `min_area`..1 of the image, as the official
-  RandomResizedCrop(scale=(0.5, 1)); `noise` is a std in normalized units.
+  The square crop covers `min_area`..1 of the image (bilinear; as the
+  official RandomResizedCrop(scale=(0.5, 1))), mirrored with probability
+  `flip`; the noise has std `noise` in normalized pixel units.
   """
   b, h, w, c = images.shape
-  k = jax.random.split(rng, 5)
-  side = jnp.sqrt(jax.random.uniform(k[0], (b,), minval=min_area, maxval=1.0))
-  y0 = jax.random.uniform(k[1], (b,)) * (1 - side) * h
-  x0 = jax.random.uniform(k[2], (b,)) * (1 - side) * w
-  crop = lambda img, s, y, x: jax.image.scale_and_translate(  # o -> y + o s
-      img.astype(jnp.float32), (h, w, c), (0, 1), jnp.stack([1 / s, 1 / s]),
-      jnp.stack([-y / s, -x / s]), "linear")
-  out = jax.vmap(crop)(images, side, y0, x0)
-  if flip:
-    out = jnp.where(jax.random.bernoulli(k[3], 0.5, (b, 1, 1, 1)),
-                    out[:, :, ::-1], out)
-  return (out + noise * jax.random.normal(k[4], out.shape)).astype(images.dtype)
+  # One draw for everything: each threefry op compiles slowly on XLA:CPU.
+  u = jax.random.uniform(rng, (b, 4 + h * w * c))
+  side = jnp.sqrt(min_area + (1 - min_area) * u[:, :1])
+
+  def lerp(v, n):  # [b, out, in] bilinear weights: output o reads start + o s
+    src = jnp.clip(v * (1 - side) * n + (jnp.arange(n) + 0.5) * side - 0.5, 0,
+                   n - 1)
+    return jnp.maximum(0.0, 1 - jnp.abs(src[..., None] - jnp.arange(n)))
+  out = jnp.einsum("boi,bijc,bpj->bopc", lerp(u[:, 1:2], h),
+                   images.astype(jnp.float32), lerp(u[:, 2:3], w))
+  out = jnp.where(u[:, 3, None, None, None] < flip, out[:, :, ::-1], out)
+  jitter = (u[:, 4:].reshape(out.shape) - 0.5) * (12 ** 0.5 * noise)
+  return (out + jitter).astype(images.dtype)
 
 
 def default_augment(inputs: dict, rng: jax.Array) -> dict:
@@ -203,13 +208,14 @@ def _rows(idx, n: int, seed: int, step: int) -> np.ndarray:
 
 def _ufm_batches(problem, targets, split, bs, limit, seed, per_class):
   """UFM's `step -> batches` (3/4 untrusted, 1/4 trusted), trusted sets."""
-  fwd = jax.jit(lambda h, x: jax.nn.softmax(common.task_logits(
-      problem, h, problem.base, x).astype(jnp.float32)))
+  fwd = jax.jit(lambda p, h, x: jax.nn.softmax(common.task_logits(
+      problem, h, p, x).astype(jnp.float32)))
   data, trusted = {}, {}
   for t in targets:
     b = problem.data(t, split, bs, shuffle=False, limit=limit)
-    probs = np.concatenate([np.asarray(fwd(problem.heads[t], x))[
-        x.get("mask", slice(None))] for x in _all_rows(b)])
+    probs = np.concatenate([
+        np.asarray(fwd(problem.base, problem.heads[t], x))[
+            x.get("mask", slice(None))] for x in _all_rows(b)])
     trusted[t], labels = trusted_samples(probs, per_class)
     target = np.full(len(probs), -1, np.int32)  # -1: not trusted
     target[trusted[t]] = labels

@@ -60,20 +60,22 @@ def relaxed_bernoulli(logits: jax.Array, uniform: jax.Array,
 
 
 def sample_mask(logits: Tree, rng: jax.Array, temperature: float) -> Tree:
-  """A relaxed-Bernoulli sample of every leaf (leaf i uses fold_in(rng, i))."""
+  """A relaxed-Bernoulli sample of every leaf (one key of `split` per leaf)."""
   leaves, treedef = jax.tree.flatten(logits)
-  eps = float(jnp.finfo(jnp.float32).eps)
-  out = [relaxed_bernoulli(x, jax.random.uniform(
-      jax.random.fold_in(rng, i), x.shape, jnp.float32, eps, 1 - eps),
-      temperature) for i, x in enumerate(leaves)]
-  return jax.tree.unflatten(treedef, out)
+  eps = float(np.finfo(np.float32).eps)  # u in [eps, 1 - eps], as torch
+  uniform = lambda k, x: jax.random.uniform(k, x.shape, jnp.float32, eps,
+                                            1 - eps)
+  return jax.tree.unflatten(treedef, [
+      relaxed_bernoulli(x, uniform(k, x), temperature)
+      for k, x in zip(jax.random.split(rng, len(leaves)), leaves)])
 
 
 def rescale(mask: Tree) -> Tree:
-  """m / mean(m) per leaf (an all-zero leaf stays zero)."""
+  """m / mean(m) per leaf (an all-zero leaf stays zero); numpy in, numpy out."""
   def one(m):
-    m = jnp.asarray(m, jnp.float32)
-    return m / jnp.maximum(jnp.mean(m), jnp.finfo(jnp.float32).tiny)
+    xp = np if isinstance(m, (np.ndarray, np.bool_)) else jnp
+    m = xp.asarray(m, xp.float32)
+    return m / xp.maximum(xp.mean(m), np.finfo(np.float32).tiny)
   return jax.tree.map(one, mask)
 
 
@@ -84,8 +86,8 @@ def hard_mask(logits: Tree) -> Tree:
 
 def masked_tvs(tvs: Tree, mask: Tree) -> Tree:
   """tau_t * rescale(mask), the mask shared across the task axis."""
-  return jax.tree.map(lambda v, m: np.asarray(v * m[None].astype(v.dtype)),
-                      tvs, rescale(mask))
+  return jax.tree.map(lambda v, m: np.asarray(v) * m[None].astype(v.dtype),
+                      tvs, rescale(jax.tree.map(np.asarray, mask)))
 
 
 def _merge(base, tvs, mask, coeffs):
@@ -99,8 +101,8 @@ def _merge(base, tvs, mask, coeffs):
 
 
 def _entropy(problem, heads, params, batch):
-  per_task = {t: common.entropy(common.task_logits(problem, heads[t], params,
-                                                   b)) for t, b in batch.items()}
+  per_task = {t: common.entropy(common.task_logits(problem, heads[t], params, b))
+              for t, b in batch.items()}
   return sum(per_task.values()), per_task
 
 
@@ -196,8 +198,8 @@ def concrete_task_arithmetic(
                        batch_size=batch_size, split=split, limit=limit,
                        tasks=problem.tasks), progress)
   mask = hard_mask(res.params)
-  merged = jax.tree.map(np.asarray, _merge(problem.base, tv_sum,
-                                           rescale(mask), scale))
+  merged = jax.tree.map(np.asarray, jax.jit(_merge)(
+      problem.base, tv_sum, rescale(mask), scale))
   return common.LearnedResult(merged, res.params, res.log, {"mask": mask})
 
 
@@ -267,7 +269,7 @@ def concrete_adamerging(
       fingerprint=dict(method="concrete_adamerging/adamerging",
                        mask_train=dataclasses.asdict(mask_cfg),
                        inner_lr=inner_lr, **common_fp), progress=progress)
-  merged = jax.tree.map(np.asarray, common.weighted_merge(
+  merged = jax.tree.map(np.asarray, jax.jit(common.weighted_merge)(
       problem.base, tvs, res2.params))
   log = ([dict(r, phase="mask") for r in res.log]
          + [dict(r, phase="adamerging") for r in res2.log])
