@@ -165,12 +165,19 @@ def build_inputs(args) -> dict:
 # Children: one tool each, printing `RESULT {json}`.
 
 
-def _step_stats(step_s: list[float], warmup: int, steps: int) -> dict:
-  """Step 0 (compile/first), then `warmup` untimed steps, then timed ones."""
-  timed = step_s[1 + warmup:1 + warmup + steps]
-  return dict(first_step_s=step_s[0], step_s=step_s,
-              timed_steps=len(timed), step_mean_s=statistics.fmean(timed),
-              step_median_s=statistics.median(timed), step_min_s=min(timed))
+def _step_stats(step_s: list[float], cpu_s: list[float], warmup: int,
+                steps: int) -> dict:
+  """Step 0 (compile/first), then `warmup` untimed steps, then timed ones.
+
+  `cpu_s` is the process CPU time of each step (all threads): on a busy
+  host it changes less than the wall time.
+  """
+  timed = slice(1 + warmup, 1 + warmup + steps)
+  wall, cpu = step_s[timed], cpu_s[timed]
+  return dict(first_step_s=step_s[0], step_s=step_s, step_cpu_s=cpu_s,
+              timed_steps=len(wall), step_mean_s=statistics.fmean(wall),
+              step_median_s=statistics.median(wall), step_min_s=min(wall),
+              step_cpu_mean_s=statistics.fmean(cpu))
 
 
 def child_mtmerge(cfg, args):
@@ -225,7 +232,7 @@ def child_mtmerge(cfg, args):
 
     def stamped(examples):
       if task == tasks[0]:
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), time.process_time()))
       return transform(examples)
     b.transform = stamped
     return b
@@ -243,9 +250,10 @@ def child_mtmerge(cfg, args):
   coeffs = flat(res.learned)
   np.savez(os.path.join(args.workdir, "coeffs_mtmerge.npz"),
            **{n: np.asarray(coeffs[path_of[n]]) for n in names})
-  step_s = [b - a for a, b in zip(stamps, stamps[1:])]
-  return dict(**_step_stats(step_s, args.warmup, args.steps),
-              setup_s=(t1 - t0) + (stamps[0] - t1),
+  step_s = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])]
+  cpu_s = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])]
+  return dict(**_step_stats(step_s, cpu_s, args.warmup, args.steps),
+              setup_s=stamps[0][0] - t0,
               adamerging_call_s=t2 - t1, peak_rss=rss,
               rss_after_imports=rss0,
               loss=[r["loss"] for r in res.log],
@@ -311,9 +319,9 @@ def child_fusionbench(cfg, args):
   module.train()
   module.merge_weights()
   t1 = time.perf_counter()
-  step_s, losses = [], []
+  step_s, cpu_s, losses = [], [], []
   for _ in range(args.total_steps):
-    s0 = time.perf_counter()
+    s0, c0 = time.perf_counter(), time.process_time()
     total = 0.0
     for t in range(T):  # test_time_adaptation's loop body
       loss = entropy_loss(compute_logits(module, t))
@@ -326,11 +334,13 @@ def child_fusionbench(cfg, args):
     _ = (module.merge_weight.max().item(), module.merge_weight.min().item(),
          module.merge_weight.mean().item())  # its per-step metrics
     step_s.append(time.perf_counter() - s0)
+    cpu_s.append(time.process_time() - c0)
   rss = merge_bench._maxrss_bytes()
   w = module.merge_weight.detach().clamp(0, 1).numpy()  # what it merges with
   np.savez(os.path.join(args.workdir, "coeffs_fusionbench.npz"),
            **{n: w[:, i] for i, n in enumerate(order)})
-  return dict(**_step_stats(step_s, args.warmup, args.steps), setup_s=t1 - t0,
+  return dict(**_step_stats(step_s, cpu_s, args.warmup, args.steps),
+              setup_s=t1 - t0,
               peak_rss=rss, rss_after_imports=rss0, loss=losses,
               torch_version=torch.__version__,
               torch_threads=torch.get_num_threads(),
@@ -441,8 +451,9 @@ def table(results, check, cfg, args):
       f"steps (+1 untimed to close the last)",
       f"mtmerge {args.revision}; mtmerge XLA_FLAGS: "
       f"{ok.get('mtmerge', {}).get('xla_flags') or '(none)'}; "
-      "other CPU-s = CPU time of other processes during that child"]
-  hdr = (f"{'tool':<13}{'s/step':>9}{'median':>9}{'min':>9}"
+      "other CPU-s = CPU time of other processes during that child; "
+      "CPU s/step = the tool's own CPU time (all threads) per timed step"]
+  hdr = (f"{'tool':<13}{'s/step':>9}{'median':>9}{'min':>9}{'CPU s/step':>12}"
          f"{'first step s':>14}{'setup s':>9}{'RSS GiB':>9}"
          f"{'FB/mt step':>12}{'mt/FB RSS':>11}{'other CPU-s':>13}")
   lines += [hdr, "-" * len(hdr)]
@@ -462,7 +473,8 @@ def table(results, check, cfg, args):
     peer = name == "fusionbench" and ratio
     lines.append(
         f"{TOOLS[name]:<13}{r['step_mean_s']:>9.3f}{r['step_median_s']:>9.3f}"
-        f"{r['step_min_s']:>9.3f}{r['first_step_s']:>14.2f}"
+        f"{r['step_min_s']:>9.3f}{r['step_cpu_mean_s']:>12.2f}"
+        f"{r['first_step_s']:>14.2f}"
         f"{r['setup_s']:>9.2f}{r['peak_rss'] / GiB:>9.2f}"
         f"{merge_bench._fmt(ratio['speedup_per_step'] if peer else None, '12.2f'):>12}"
         f"{merge_bench._fmt(ratio['rss_ratio'] if peer else None, '11.2f'):>11}"

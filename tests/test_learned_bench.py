@@ -47,6 +47,7 @@ def _check_tool(r, name):
   assert 0 < r["step_min_s"] <= r["step_median_s"] <= max(r["step_s"])
   assert r["step_mean_s"] == pytest.approx(np.mean(r["step_s"][1:3]))
   assert r["first_step_s"] > 0 and r["setup_s"] > 0
+  assert len(r["step_cpu_s"]) == len(r["step_s"]) and r["step_cpu_mean_s"] > 0
   assert 0.1 * 2**30 < r["peak_rss"] < 16 * 2**30
   assert len(r["loss"]) == TOTAL_STEPS
   # Two tasks, two classes: the summed entropy is at most 2 ln 2.
