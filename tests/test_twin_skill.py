@@ -12,6 +12,7 @@ import pytest
 import learned_helpers
 from mtmerge import encoders
 from mtmerge import selection
+from mtmerge import sharding
 from mtmerge.learned import common
 from mtmerge.learned import problem as problem_lib
 from mtmerge.learned import skill
@@ -287,12 +288,20 @@ def test_skill_localization_grafts_recover_fine_tuned_accuracy():
     res.extra["reconstruct"](3)
 
 
-def test_learned_grafts_beat_the_base_patch():
-  # Dense random task vectors: the top-10% base patch alone is poor.
-  p = _tiny(n=128)
-  res = skill.skill_localization(p, sparsity=0.1, batch_size=32,
-                                 train_config=dict(steps=60, lr=1e5),
-                                 select_on=None, progress=False)
+# Dense random task vectors: the top-10% base patch alone is poor.
+_RANDOM_GRAFTS = dict(sparsity=0.1, batch_size=32, select_on=None,
+                      train_config=dict(steps=60, lr=1e5), progress=False)
+
+
+@pytest.fixture(scope="module")
+def random_grafts():
+  """Grafts of the n=128 tiny problem on the default mesh (8 devices)."""
+  assert jax.device_count() == 8
+  return skill.skill_localization(_tiny(n=128), **_RANDOM_GRAFTS)
+
+
+def test_learned_grafts_beat_the_base_patch(random_grafts):
+  p, res = _tiny(n=128), random_grafts
   masks, scores = _np(res.learned), res.extra["scores"]
   gbase = _np(skill.base_patch(p.tvs, 0.1))
   # Rounding, by hand: base entries stay while S < b, others join if S > b.
@@ -305,9 +314,23 @@ def test_learned_grafts_beat_the_base_patch():
   assert learned > patch + 0.1, (learned, patch)
 
 
+def test_skill_sharded_over_8_devices_equals_one_device(random_grafts):
+  one = skill.skill_localization(_tiny(n=128), mesh=sharding.make_mesh(
+      [("data", -1)], devices=jax.devices()[:1]), **_RANDOM_GRAFTS)
+  jax.tree.map(np.testing.assert_array_equal, _np(one.learned),
+               _np(random_grafts.learned))
+  # The scores themselves agree only loosely: summation order moves them by
+  # ~1e-5 relative per step, which lr 1e5 amplifies where S nears b
+  # (sigmoid' grows 5000x). The first step's loss is the same computation.
+  np.testing.assert_allclose(one.log[0]["loss"],
+                             random_grafts.log[0]["loss"], rtol=1e-5)
+  assert one.log[0]["loss"] != one.log[-1]["loss"]
+
+
 def test_skill_localization_without_steps_is_the_base_patch():
   p = _tiny()
   res = skill.skill_localization(p, sparsity=0.1, train_config=dict(steps=0),
                                  select_on=None, progress=False)
   jax.tree.map(np.testing.assert_array_equal, _np(res.learned),
                _np(skill.base_patch(p.tvs, 0.1)))
+
