@@ -210,7 +210,7 @@ def test_trusted_samples_and_ufm_loss_match_numpy():
   np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
-def test_test_time_uses_trusted_quarter_and_learns(prob):
+def test_test_time_trusted_sets_and_batches(prob):
   noise = lambda x, r: {"x": x["x"] + 0.3 * jax.random.normal(r, x["x"].shape)}
   res = atlas.atlas(prob, objective="test_time", target=("a", "b"),
                     augment=noise, threshold=0.5, trusted_per_class=2,

@@ -230,8 +230,10 @@ def concrete_adamerging(
     batch_size: unlabeled examples per task per batch (the mask phase reads
       two batches per step).
     split, limit: the data adapted on.
-    mask_train_config: mask phase overrides (default 1000 Adam steps, 1e-3).
-    train_config: AdaMerging phase overrides (default 1000 steps, 1e-3).
+    train_config: `TrainConfig` overrides of the AdaMerging phase (default
+      1000 Adam steps at 1e-3) and, unless `mask_train_config` is given, of
+      the mask phase (default the same).
+    mask_train_config: the mask phase's overrides instead.
     mesh, rules, progress: as in `adamerging.adamerging`.
     workdir: checkpoints of the phases go to `workdir/mask` and
       `workdir/adamerging` (resumable).
@@ -246,7 +248,9 @@ def concrete_adamerging(
     raise ValueError(f"clamp must be (low, high) with low <= high, got "
                      f"{clamp}")
   clamp = None if clamp is None else tuple(clamp)
-  mask_cfg = common.train_config(MASK_DEFAULTS, mask_train_config)
+  mask_cfg = common.train_config(MASK_DEFAULTS, train_config if
+                                 mask_train_config is None else
+                                 mask_train_config)
   cfg = common.train_config(ADAMERGING_DEFAULTS, train_config)
   coeffs = adamerging.init_coeffs(problem.base, problem.num_tasks,
                                   granularity, init)
