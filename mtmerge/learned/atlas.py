@@ -334,8 +334,9 @@ def atlas(problem: problem_lib.MergeProblem, *,
     batches = common.task_batches(problem, split, batch_size, seed=cfg.seed,
                                   limit=limit, labels=True,
                                   tasks=targets + controls)
-  tvs = jax.tree.map(lambda v: np.asarray(v)[[problem.tasks.index(s) for s in
-                                             sources]], problem.tvs)
+  idx = np.array([problem.tasks.index(s) for s in sources])
+  tvs = problem.tvs if sources == problem.tasks else jax.tree.map(
+      lambda v: v[idx], problem.tvs)  # a copy only for a subset
   obj = make_objective(problem, objective, tvs,
                        init_coeffs(problem.base, len(sources), partitions),
                        groups, signs={target: -1.0} if control else None,
