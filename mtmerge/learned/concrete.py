@@ -153,7 +153,7 @@ def mask_objective(problem: problem_lib.MergeProblem, tvs: Tree,
       lambda x: np.zeros(np.shape(x), np.float32), problem.base), loss, consts)
 
 
-def _fit_mask(problem, objective, batches, cfg, mesh, rules, workdir, desc,
+def _fit_mask(objective, batches, cfg, mesh, rules, workdir, desc,
               fingerprint, progress):
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
   # Logits and their Adam moments are model-sized: shard them like theta_0.
@@ -191,13 +191,12 @@ def concrete_task_arithmetic(
     raise ValueError(f"temperature must be > 0, got {temperature}")
   cfg = common.train_config(TRAIN_DEFAULTS, train_config)
   # One lambda for all tasks: sum_t m * tau_t = m * sum_t tau_t.
-  tv_sum = jax.tree.map(lambda v: np.asarray(v).sum(0, keepdims=True),
-                        problem.tvs)
+  tv_sum = jax.tree.map(lambda v: v.sum(0, keepdims=True), problem.tvs)
   scale = np.full((1,), scaling_factor, np.float32)
   objective = mask_objective(problem, tv_sum, scale, temperature)
   batches = common.task_batches(problem, split, batch_size, seed=cfg.seed,
                                 limit=limit)
-  res = _fit_mask(problem, objective, batches, cfg, mesh, rules, workdir,
+  res = _fit_mask(objective, batches, cfg, mesh, rules, workdir,
                   "concrete task arithmetic",
                   dict(method="concrete_task_arithmetic",
                        scaling_factor=scaling_factor, temperature=temperature,
@@ -262,8 +261,8 @@ def concrete_adamerging(
   common_fp = dict(granularity=granularity, init=init, clamp=clamp,
                    temperature=temperature, batch_size=batch_size,
                    split=split, limit=limit, tasks=problem.tasks)
-  res = _fit_mask(problem, objective, lambda s: {"inner": tb(2 * s),
-                                                 "outer": tb(2 * s + 1)},
+  res = _fit_mask(objective, lambda s: {"inner": tb(2 * s),
+                                        "outer": tb(2 * s + 1)},
                   mask_cfg, mesh, rules, sub("mask"), "concrete mask",
                   dict(method="concrete_adamerging/mask", inner_lr=inner_lr,
                        **common_fp), progress)
