@@ -143,15 +143,16 @@ def test_routed_forward_equals_per_example_loop():
                              atol=1e-5)
   np.testing.assert_allclose(np.asarray(model.features({"x": x})),
                              np.stack(want), atol=2e-5)
-  # Batch routing: one model from the mean weights.
-  wm = w.mean(0)
-  params = jax.tree.map(lambda s, *d: s + sum(
-      wm[t] * d[t] for t in range(p.num_tasks)), star_ref, *dense_ref)
+  # Batch routing: one model from the mean weights of the real rows.
   batch_model = twin.TwinModel(p.features, star, factors, router, stats,
                                routing="batch")
-  np.testing.assert_allclose(np.asarray(batch_model.features({"x": x})),
-                             np.asarray(p.features(params, {"x": x})),
-                             atol=2e-5)
+  for keep in (np.ones(7, bool), np.arange(7) < 5):
+    wm = w[keep].mean(0)
+    params = jax.tree.map(lambda s, *d: s + sum(
+        wm[t] * d[t] for t in range(p.num_tasks)), star_ref, *dense_ref)
+    np.testing.assert_allclose(
+        np.asarray(batch_model.features({"x": x, "mask": keep})),
+        np.asarray(p.features(params, {"x": x})), atol=2e-5)
 
 
 def test_one_hot_weights_give_each_task_model():
@@ -186,10 +187,9 @@ def test_router_learns_task_identity_and_routes_to_experts():
   assert res.log[-1]["loss"] < 0.5 * res.log[0]["loss"]
   routed, shared = [], []
   for t, task in enumerate(p.tasks):
-    b = next(iter(p.data(task, "test", 96).epoch(0)))
-    w = np.asarray(model.routing(b))
+    batches = list(p.data(task, "test", 96).epoch(0))  # one batch
+    w = np.asarray(model.routing(batches[0]))
     assert np.mean(np.argmax(w, -1) == t) > 0.8  # chance: 1/3
-    batches = list(p.data(task, "test", 32).epoch(0))
     routed.append(twin.accuracy(model, p.heads[task], batches))
     shared.append(_accuracy(p, res.params, task))
   # Full-rank experts with a near-perfect router recover the fine-tuned
@@ -231,10 +231,10 @@ def test_graft_fraction_and_rounding_match_hand_computation():
 
 def test_base_patch_is_global_top_fraction_by_movement():
   p = _tiny()
-  masks = _np(skill.base_patch(p.tvs, 0.05))
+  masks = _np(skill.base_patch(p.tvs, 0.1))
   leaves = jax.tree.leaves(p.tvs)
   n = sum(x[0].size for x in leaves)
-  k = selection.keep_count(0.05, n)
+  k = selection.keep_count(0.1, n)
   for t in range(p.num_tasks):
     mags = np.concatenate([np.abs(np.asarray(x[t])).ravel() for x in leaves])
     kept = np.concatenate([m[t].ravel() for m in jax.tree.leaves(masks)])

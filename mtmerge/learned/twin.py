@@ -162,8 +162,6 @@ class TwinModel:
     self._weighted = jax.jit(functools.partial(_weighted, features,
                                                int(chunk_size)))
 
-  num_tasks = property(lambda self: int(self.router["b3"].shape[0]))
-
   def routing(self, inputs: dict) -> jax.Array:
     """Routing weights softmax(router(f(theta*, x))), `[B, T]`."""
     return self._route(self.star, self.router, self.stats,
@@ -171,18 +169,18 @@ class TwinModel:
 
   def features_with_weights(self, inputs: dict, weights) -> jax.Array:
     """Features under given weights: `[B, T]` per example, `[T]` per batch."""
-    w = jnp.asarray(weights, jnp.float32)
-    _need(w.ndim in (1, 2) and w.shape[-1] == self.num_tasks,
-          f"weights must be [B, {self.num_tasks}] or [{self.num_tasks}], "
-          f"got shape {w.shape}")
+    w, T = jnp.asarray(weights, jnp.float32), self.router["b3"].shape[0]
+    _need(w.ndim in (1, 2) and w.shape[-1] == T,
+          f"weights must be [B, {T}] or [{T}], got shape {w.shape}")
     return self._weighted(self.star, self.dense, w,
                           problem_lib.inputs_of(inputs))
 
   def features(self, inputs: dict) -> jax.Array:
     """The routed forward `[B, D]` (per example, or per batch if so set)."""
     w = self.routing(inputs)
-    if self.routing_mode == "batch":
-      w = jnp.mean(w, axis=0)
+    if self.routing_mode == "batch":  # mean over the real (unpadded) rows
+      m = jnp.asarray(inputs.get("mask", np.ones(len(w))), jnp.float32)
+      w = m @ w / jnp.maximum(m.sum(), 1.0)
     return self.features_with_weights(inputs, w)
 
   def storage_bytes(self) -> int:
