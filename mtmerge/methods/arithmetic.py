@@ -1,8 +1,11 @@
 """Task arithmetic and its sparsified variants: TA, TIES, DARE, magnitude.
 
 All are chains of `mtmerge.transforms` primitives followed by
-`theta_0 + tau_merged` (TIES runs its chain as one fused kernel); see each
-docstring for the paper.
+`theta_0 + tau_merged`; see each docstring for the paper. TIES runs its
+chain as a fused two-pass kernel, and `ties_merging` is orchestrated
+(`registry.register(..., jit=False)`): one jitted threshold search, then
+per-leaf kernels compiled once per leaf shape, so a first-ever merge of a
+152-leaf ViT compiles in seconds instead of ~20 s.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from mtmerge import task_vectors
 from mtmerge import transforms as tx
 from mtmerge.methods import registry
 from mtmerge.methods import validate as v
+from mtmerge.transforms import combine
 
 Tree = Any
 
@@ -45,6 +49,22 @@ def task_arithmetic(base: Tree, tvs: Tree, scaling_factor: Any = 0.3) -> Tree:
   return task_vectors.apply(base, tx.run(chain, tvs))
 
 
+# The threshold search over all leaves as one program per (shapes, fraction,
+# scope); it groups leaves by shape internally (`selection._group`), so it
+# compiles in ~2.4 s at 152 leaves.
+_topk_thresholds = jax.jit(selection.topk_thresholds,
+                           static_argnames=("fraction", "scope", "count"))
+
+
+def _ties_thresholds(tvs: Tree, threshold: float, scope: str) -> Tree:
+  """Per-leaf TIES thresholds; all zero (keep everything) at threshold 1."""
+  tx.check_fraction("threshold", threshold)
+  if threshold >= 1.0:
+    zero = jnp.zeros((), jnp.float32)
+    return jax.tree.map(lambda x: zero, tvs)
+  return _topk_thresholds(tvs, fraction=threshold, scope=scope)
+
+
 def ties_vector(tvs: Tree, threshold: float = 0.2, merge_func: str = "sum",
                 scope: str = "global", sign_method: str = "sum",
                 zero_sign: str = "majority", weights: Any = None) -> Tree:
@@ -57,11 +77,7 @@ def ties_vector(tvs: Tree, threshold: float = 0.2, merge_func: str = "sum",
   T = task_vectors.num_tasks(tvs)
   if weights is not None:
     weights = tx.check_coeffs(weights, T, "weights")
-  tx.check_fraction("threshold", threshold)
-  if threshold >= 1.0:
-    thr = jax.tree.map(lambda x: jnp.zeros((), jnp.float32), tvs)
-  else:
-    thr = selection.topk_thresholds(tvs, threshold, scope)
+  thr = _ties_thresholds(tvs, threshold, scope)
   return tx.trimmed_disjoint_merge(tvs, thr, sign_method, zero_sign,
                                    merge_func, weights)
 
@@ -79,7 +95,7 @@ _TIES_VALIDATORS = {
 
 
 @registry.register("ties_merging", static=_TIES_STATIC,
-                   validators=_TIES_VALIDATORS)
+                   validators=_TIES_VALIDATORS, jit=False)
 def ties_merging(base: Tree, tvs: Tree, scaling_factor: Any = 0.3,
                  threshold: float = 0.2, merge_func: str = "sum",
                  scope: str = "global", sign_method: str = "sum",
@@ -99,10 +115,18 @@ def ties_merging(base: Tree, tvs: Tree, scaling_factor: Any = 0.3,
       code) or `positive` (mergekit).
     weights: optional per-task weights applied before the vote, with the
       disjoint mean divided by the agreeing weights (mergekit's `ties`).
+
+  Runs orchestrated (`jit=False`): the jitted threshold search, then
+  `combine.ties_apply`'s per-leaf kernels, which add `scaling_factor * tau`
+  to `base` leaf by leaf; equal to `task_vectors.apply(base,
+  ties_vector(...), scaling_factor)`.
   """
-  tau = ties_vector(tvs, threshold, merge_func, scope, sign_method, zero_sign,
-                    weights)
-  return task_vectors.apply(base, tau, scaling_factor)
+  T = task_vectors.num_tasks(tvs)
+  if weights is not None:
+    weights = tx.check_coeffs(weights, T, "weights")
+  thr = _ties_thresholds(tvs, threshold, scope)
+  return combine.ties_apply(base, tvs, thr, scaling_factor, sign_method,
+                            zero_sign, merge_func, weights)
 
 
 @registry.register("magnitude_prune", static=("threshold", "scope"),
