@@ -9,9 +9,9 @@ model, tasks and fine-tuning config, so a rerun reuses finished runs and
 a changed fine-tuning never resumes stale coefficients.
 
 What a result is evaluated as depends on what the method returns: merged
-params (one model), a `Compressed` (one model per task, `skill_localization`)
-or a per-input model (`twin_merging`, whose `features(inputs)` routes every
-example).
+params (one model), one model per task (a `Compressed`, or a
+`reconstruct(t)` as `skill_localization` returns) or a per-input model
+(`twin_merging`, whose `features(inputs)` routes every example).
 """
 
 from __future__ import annotations
@@ -110,6 +110,11 @@ def _evaluator(pool, base_sel, res, num_tasks: int):
     return (lambda split: {
         t.name: pool.accuracy(methods.reconstruct(base_sel, c, i), t, split)
         for i, t in enumerate(pool.tasks)}), store
+  if "reconstruct" in extra:  # one model per task (skill localization)
+    rec = extra["reconstruct"]
+    store = float(extra.get("storage_bytes", full)) / full
+    return (lambda split: {t.name: pool.accuracy(rec(i), t, split)
+                           for i, t in enumerate(pool.tasks)}), store
   return (lambda split: pool.evaluate(res.params, split)), 1.0
 
 

@@ -116,9 +116,11 @@ class TrainConfig:
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
   """The optax optimizer (and schedule) a `TrainConfig` describes."""
-  if cfg.schedule == "cosine":
+  if cfg.schedule == "cosine" and cfg.warmup:
     lr = optax.warmup_cosine_decay_schedule(
-        0.0, cfg.lr, max(1, cfg.warmup), max(cfg.steps, cfg.warmup + 1), 0.0)
+        0.0, cfg.lr, cfg.warmup, max(cfg.steps, cfg.warmup + 1), 0.0)
+  elif cfg.schedule == "cosine":  # full lr at step 0, decaying to 0
+    lr = optax.cosine_decay_schedule(cfg.lr, max(cfg.steps, 1))
   elif cfg.warmup:
     lr = optax.linear_schedule(0.0, cfg.lr, cfg.warmup)
   else:
@@ -291,7 +293,10 @@ def fit(objective: Objective, batches: Callable[[int], Tree],
     run = checkpoint.Run(workdir, {"train": dataclasses.asdict(cfg),
                                    **(fingerprint or {})})
     if run.done():
-      params = jax.tree.map(_to_host, run.load_final(objective.init))
+      # Wrapped in a dict: orbax's StandardSave takes no bare array (a
+      # task-wise coefficient vector is one).
+      params = jax.tree.map(_to_host, run.load_final(
+          {"params": objective.init})["params"])
       log = _read_log(run.directory)
       run.close()
       return Result(params, log)
@@ -335,7 +340,7 @@ def fit(objective: Objective, batches: Callable[[int], Tree],
   bar.close()
   params = jax.tree.map(_to_host, state["params"])
   if run is not None:
-    run.finish(state["params"])
+    run.finish({"params": state["params"]})
     _write_log(run.directory, log)
     run.close()
   return Result(params, log)

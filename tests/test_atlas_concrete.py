@@ -9,6 +9,7 @@ import pytest
 import learned_helpers
 from mtmerge import train
 from mtmerge.learned import atlas
+from mtmerge.learned import augment
 from mtmerge.learned import common
 from mtmerge.learned import concrete
 
@@ -232,19 +233,19 @@ def test_default_augment_text_and_images():
   ids = np.tile(np.arange(1, 33, dtype=np.int32), (64, 1))
   am = np.ones((64, 32), np.int32)
   am[:, 20:] = 0
-  out = jax.jit(atlas.default_augment)(
+  out = jax.jit(augment.default_augment)(
       {"input_ids": ids, "attention_mask": am}, jax.random.key(0))
   np.testing.assert_array_equal(out["input_ids"], ids)
   dropped = (am == 1) & (np.asarray(out["attention_mask"]) == 0)
   assert not dropped[:, [0, 19]].any() and (out["attention_mask"][:, 20:]
                                             == 0).all()
   assert 0.15 < dropped[:, 1:19].mean() < 0.25
-  masked = jax.jit(atlas.token_dropout, static_argnames="mask_id")(
+  masked = jax.jit(augment.token_dropout, static_argnames="mask_id")(
       {"input_ids": ids, "attention_mask": am}, jax.random.key(0),
       mask_id=103)
   np.testing.assert_array_equal(masked["input_ids"] == 103, dropped)
   img = np.random.default_rng(0).normal(size=(8, 6, 5, 3)).astype(np.float32)
-  aug, key = jax.jit(atlas.image_augment), jax.random.key(1)
+  aug, key = jax.jit(augment.image_augment), jax.random.key(1)
   u = np.asarray(jax.random.uniform(key, (8, 4 + 6 * 5 * 3)))
   # A full-area crop without noise leaves each image as is or mirrored.
   flip_only = np.asarray(aug(img, key, 1.0, 0.5, 0.0))
@@ -262,7 +263,7 @@ def test_default_augment_text_and_images():
   np.testing.assert_allclose(crop, want, atol=1e-5)
   noisy = np.asarray(aug(img, key, 1.0, 0.0, 0.1))
   assert 0.09 < np.std(noisy - img) < 0.11
-  out = jax.eval_shape(atlas.default_augment, {"image": img}, key)["image"]
+  out = jax.eval_shape(augment.default_augment, {"image": img}, key)["image"]
   assert out.shape == img.shape and out.dtype == img.dtype
 
 

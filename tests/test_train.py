@@ -96,10 +96,13 @@ def test_layerwise_adamerging_matches_numpy_reference(prob, optimizer, lr,
                res.params, merged)
 
 
-def test_taskwise_learns_and_clamps(prob):
-  res = adamerging.adamerging(prob, granularity="task", batch_size=8,
-                              train_config=dict(steps=40, lr=0.2),
-                              progress=False)
+def test_taskwise_learns_and_clamps(prob, tmp_path):
+  kw = dict(granularity="task", batch_size=8, progress=False,
+            train_config=dict(steps=40, lr=0.2), workdir=str(tmp_path))
+  res = adamerging.adamerging(prob, **kw)
+  # A bare [T] vector round-trips through the final checkpoint.
+  np.testing.assert_array_equal(adamerging.adamerging(prob, **kw).learned,
+                                res.learned)
   c = np.asarray(res.learned)
   assert c.shape == (3,) and np.all((c >= 0) & (c <= 1)), c
   assert res.log[-1]["loss"] < res.log[0]["loss"]

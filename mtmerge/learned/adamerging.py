@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtmerge import encoders
 from mtmerge import sharding
 from mtmerge import train
 from mtmerge import transforms
@@ -71,8 +72,9 @@ def entropy_objective(problem: problem_lib.MergeProblem, tvs: Tree,
   def loss(c, k, batch, rng):
     del rng
     merged = common.weighted_merge(k["base"], k["tvs"], c, k.get("groups"))
-    per_task = {t: common.entropy(common.task_logits(
-        problem, k["heads"][t], merged, batch[t])) for t in batch}
+    feats = common.multi_task_features(problem, merged, batch)
+    per_task = {t: common.entropy(encoders.logits(k["heads"][t], f))
+                for t, f in feats.items()}
     total = sum(per_task.values())
     return total, {f"entropy/{t}": h for t, h in per_task.items()}
 

@@ -37,6 +37,7 @@ import numpy as np
 from mtmerge import sharding
 from mtmerge import train
 from mtmerge.data import pipeline
+from mtmerge.learned import augment as augment_lib
 from mtmerge.learned import common
 from mtmerge.learned import problem as problem_lib
 
@@ -64,58 +65,6 @@ def init_coeffs(base: Tree, num_sources: int, partitions: int = 1) -> Tree:
   """Zero coefficients: `[S]` per leaf, or `[S, K]` with K partitions."""
   shape = (num_sources,) + ((partitions,) if partitions > 1 else ())
   return jax.tree.map(lambda _: np.zeros(shape, np.float32), base)
-
-
-def token_dropout(inputs: dict, rng: jax.Array, rate: float = 0.2,
-                  mask_id: int | None = None) -> dict:
-  """Text's strong view: drops real tokens but the first and the last.
-
-  Dropped tokens leave the attention mask, or become `mask_id` (BERT's
-  [MASK] is 103). Inputs are right-padded.
-  """
-  ids, am = inputs["input_ids"], inputs["attention_mask"]
-  pos, last = jnp.arange(ids.shape[1])[None], jnp.sum(am, 1, keepdims=True) - 1
-  drop = (jax.random.bernoulli(rng, rate, ids.shape) & (am > 0) & (pos > 0)
-          & (pos < last))
-  if mask_id is None:
-    return {**inputs, "attention_mask": jnp.where(drop, 0, am).astype(
-        am.dtype)}
-  return {**inputs, "input_ids": jnp.where(drop, mask_id, ids).astype(
-      ids.dtype)}
-
-
-def image_augment(images: jax.Array, rng: jax.Array, min_area: float = 0.5,
-                  flip: float = 0.5, noise: float = 0.05) -> jax.Array:
-  """NHWC images' strong view: resized random crop, flip, uniform noise.
-
-  The square crop covers `min_area`..1 of the image (bilinear; as the
-  official RandomResizedCrop(scale=(0.5, 1))), mirrored with probability
-  `flip`; the noise has std `noise` in normalized pixel units.
-  """
-  b, h, w, c = images.shape
-  # One draw for everything: each threefry op compiles slowly on XLA:CPU.
-  u = jax.random.uniform(rng, (b, 4 + h * w * c))
-  side = jnp.sqrt(min_area + (1 - min_area) * u[:, :1])
-
-  def lerp(v, n):  # [b, out, in] bilinear weights: output o reads start + o s
-    src = jnp.clip(v * (1 - side) * n + (jnp.arange(n) + 0.5) * side - 0.5, 0,
-                   n - 1)
-    return jnp.maximum(0.0, 1 - jnp.abs(src[..., None] - jnp.arange(n)))
-  out = jnp.einsum("boi,bijc,bpj->bopc", lerp(u[:, 1:2], h),
-                   images.astype(jnp.float32), lerp(u[:, 2:3], w))
-  out = jnp.where(u[:, 3, None, None, None] < flip, out[:, :, ::-1], out)
-  jitter = (u[:, 4:].reshape(out.shape) - 0.5) * (12 ** 0.5 * noise)
-  return (out + jitter).astype(images.dtype)
-
-
-def default_augment(inputs: dict, rng: jax.Array) -> dict:
-  """`image` -> `image_augment`; `input_ids`+`attention_mask` -> tokens."""
-  if "image" in inputs:
-    return {**inputs, "image": image_augment(inputs["image"], rng)}
-  if "input_ids" in inputs and "attention_mask" in inputs:
-    return token_dropout(inputs, rng)
-  raise ValueError(f"no default augmentation for inputs {sorted(inputs)}; "
-                   "pass augment=(inputs, rng) -> inputs")
 
 
 def few_shot_indices(labels: np.ndarray, k_shot: int, num_classes: int,
@@ -284,7 +233,7 @@ def atlas(problem: problem_lib.MergeProblem, *,
     threshold, trusted_per_class: test_time's confidence threshold and
       trusted examples per class (default min(N / C / 10, 100)).
     augment: `(inputs, rng) -> inputs`: test_time's strong view (default
-      `default_augment`) or a few_shot training augmentation (default none).
+      `augment.default_augment`) or a few_shot training augmentation (default none).
     batch_size: examples per task per step.
     split, limit: the split (default `SPLITS[objective]`), its first N only.
     seed: seed of the x K groups and of the k-shot draw.
@@ -324,7 +273,7 @@ def atlas(problem: problem_lib.MergeProblem, *,
   if objective == "test_time":
     batches, extra["trusted"] = _ufm_batches(
         problem, targets, split, batch_size, limit, cfg.seed, trusted_per_class)
-    augment = augment or default_augment
+    augment = augment or augment_lib.default_augment
     jax.eval_shape(augment, batches(0)[targets[0]]["inputs"],
                    jax.random.key(0))  # an unusable augment fails here
   elif objective == "few_shot":

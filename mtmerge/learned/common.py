@@ -91,6 +91,32 @@ def task_logits(problem: problem_lib.MergeProblem, head: dict, params: Tree,
       params, problem_lib.inputs_of(inputs)))
 
 
+def multi_task_features(problem: problem_lib.MergeProblem, params: Tree,
+                        batch: dict[str, dict]) -> dict[str, jax.Array]:
+  """`{task: features}` of one model on every task's inputs.
+
+  When the tasks' inputs have the same keys, dtypes and per-row shapes
+  (text padded to one length, images of one size) they go through the
+  model as ONE concatenated batch: one forward and one backward instead of
+  T, which compiles faster and runs faster on every backend. Otherwise
+  each task is run on its own.
+  """
+  tasks = list(batch)
+  ins = [problem_lib.inputs_of(batch[t]) for t in tasks]
+  sig = lambda d: tuple(sorted((k, np.shape(v)[1:], jnp.result_type(v))
+                               for k, v in d.items()))
+  if len(tasks) == 1 or any(sig(d) != sig(ins[0]) for d in ins):
+    return {t: problem.features(params, d) for t, d in zip(tasks, ins)}
+  sizes = [len(next(iter(d.values()))) for d in ins]
+  joined = {k: jnp.concatenate([d[k] for d in ins]) for k in ins[0]}
+  feats = problem.features(params, joined)
+  out, start = {}, 0
+  for t, n in zip(tasks, sizes):
+    out[t] = feats[start:start + n]
+    start += n
+  return out
+
+
 def entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Mean Shannon entropy of softmax(logits) over the (unmasked) rows."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
