@@ -1,0 +1,181 @@
+"""Orchestrated TIES: per-leaf-shape kernels, same results as the whole jit.
+
+`ties_merging` is registered with `jit=False`: `merge()` runs a jitted
+threshold search, then `combine.ties_apply`'s vote and apply kernels once
+per leaf, compiled once per leaf shape. These tests check that it equals
+the whole-method jit bit for bit and the NumPy reference, compiles one
+program per distinct shape (and none on a new `scaling_factor`), resolves
+zero votes with the model-wide majority across leaves, and keeps shardings.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference_numpy as ref
+from mtmerge import methods, selection, sharding, task_vectors, testing
+from mtmerge import tree as tree_lib
+from mtmerge.methods import arithmetic, registry
+from mtmerge.transforms import combine
+
+
+def _whole_jit(base, tvs, **hp):
+  """The method as one jitted program (what `merge` ran before)."""
+  spec = methods.get("ties_merging")
+  full = spec.check(hp, task_vectors.num_tasks(tvs))
+  static = {k: v for k, v in full.items() if k in spec.static}
+  traced = {k: v for k, v in full.items() if k not in spec.static}
+  return registry.jitted(spec, static)(base, tvs, traced)
+
+
+def _assert_same(got, want):
+  for (k, a), (_, b) in zip(tree_lib.named_leaves(got),
+                            tree_lib.named_leaves(want)):
+    assert a.dtype == b.dtype and a.shape == b.shape, k
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(b, np.float32), err_msg=k)
+
+
+def test_registry_flag():
+  assert methods.get("ties_merging").jit is False
+  assert methods.get("task_arithmetic").jit is True
+  assert methods.get("dare_ties").jit is True
+
+
+def test_merge_runs_orchestrated_methods_eagerly(monkeypatch):
+  base = testing.random_params(0)
+  tvs = task_vectors.from_models(base, testing.random_models(base, 3, 1))
+  calls = []
+  real = registry.jitted
+
+  def spy(spec, static):
+    calls.append(spec.name)
+    return real(spec, static)
+  monkeypatch.setattr(registry, "jitted", spy)
+  methods.merge("ties_merging", base, tvs)
+  methods.merge("task_arithmetic", base, tvs)
+  assert calls == ["task_arithmetic"]
+
+
+@pytest.mark.parametrize("hp, dtype", [
+    (dict(threshold=0.2, merge_func="sum"), np.float32),
+    (dict(threshold=0.3, merge_func="mean", scope="per_tensor",
+          zero_sign="positive", weights=[1.0, 0.5, 2.0], scaling_factor=1.0),
+     np.float32),
+    (dict(threshold=1.0, merge_func="max", sign_method="count"), np.float32),
+    (dict(threshold=0.4, merge_func="sum"), jnp.bfloat16),
+])
+def test_equals_whole_method_jit_bitwise(hp, dtype):
+  base = testing.random_params(0, dtype=dtype)
+  models = testing.random_models(base, 3, 1)
+  tvs = jax.tree.map(lambda x: jnp.asarray(x, dtype),
+                     task_vectors.from_models(base, models))
+  _assert_same(methods.merge("ties_merging", base, tvs, **hp),
+               _whole_jit(base, tvs, **hp))
+
+
+def test_one_program_per_leaf_shape_and_reference():
+  # 30 leaves of 3 shapes no other test uses; T = 3.
+  shapes = {}
+  for i in range(10):
+    shapes.update({f"l{i}/w": (11, 7), f"l{i}/b": (7,),
+                   f"l{i}/k": (3, 11, 2)})
+  base = testing.random_params(5, shapes)
+  models = testing.random_models(base, 3, 6)
+  tvs = task_vectors.from_models(base, models)
+  sizes = lambda: (combine._vote_kernel._cache_size(),
+                   combine._apply_kernel._cache_size(),
+                   arithmetic._topk_thresholds._cache_size())
+  before = sizes()
+  got = methods.merge("ties_merging", base, tvs, threshold=0.3,
+                      scaling_factor=0.4)
+  after = sizes()
+  assert [a - b for a, b in zip(after, before)] == [3, 3, 1]
+  # A new traced value (lambda) compiles nothing.
+  got2 = methods.merge("ties_merging", base, tvs, threshold=0.3,
+                       scaling_factor=0.8)
+  assert sizes() == after
+  b, fts = testing.to_numpy(base), [testing.to_numpy(m) for m in models]
+  for out, lam in ((got, 0.4), (got2, 0.8)):
+    want = ref.ties_merging(b, fts, scaling_factor=lam, threshold=0.3,
+                            merge_func="sum")
+    for k, x in testing.to_numpy(out).items():
+      np.testing.assert_allclose(x, want[k], rtol=2e-5, atol=2e-6,
+                                 err_msg=k)
+
+
+@pytest.mark.parametrize("other_sign", [-1.0, 1.0])
+def test_zero_votes_take_the_model_wide_majority(other_sign):
+  # Leaf "a": task 1 = -task 0, so every vote is exactly 0. Leaf "b" has
+  # more entries, all of sign `other_sign` in both tasks: it decides the
+  # model-wide majority that fills a's zero votes.
+  a0 = np.array([0.5, -0.25, 0.75, 1.0], np.float32)
+  b0 = other_sign * np.linspace(0.1, 0.9, 9, dtype=np.float32).reshape(3, 3)
+  base = {"a": np.zeros(4, np.float32), "b": np.ones((3, 3), np.float32)}
+  tvs = {"a": np.stack([a0, -a0]), "b": np.stack([b0, 0.5 * b0])}
+  got = methods.merge("ties_merging", base, tvs, threshold=1.0,
+                      merge_func="sum", scaling_factor=1.0)
+  # The agreeing entry of each pair is the one with sign `other_sign`.
+  want_a = np.where(np.sign(a0) == other_sign, a0, -a0)
+  np.testing.assert_array_equal(np.asarray(got["a"]), want_a)
+  np.testing.assert_allclose(np.asarray(got["b"]), 1.0 + 1.5 * b0,
+                             rtol=1e-6)
+  models = [{k: base[k] + tvs[k][t] for k in base} for t in range(2)]
+  want = ref.ties_merging(base, models, scaling_factor=1.0, threshold=1.0,
+                          merge_func="sum")
+  np.testing.assert_allclose(np.asarray(got["a"]), want["a"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["task", "param"])
+def test_sharded_inputs_keep_shardings(mesh8, mode):
+  base = testing.random_params(2)
+  tvs = task_vectors.from_models(base, testing.random_models(base, 8, 3))
+  want = methods.merge("ties_merging", base, tvs)
+  b = testing.shard(base, mesh8, mode, lead=0)
+  got = methods.merge("ties_merging", b, testing.shard(tvs, mesh8, mode))
+  _assert_same(got, want)
+  for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(b)):
+    assert x.sharding.is_equivalent_to(y.sharding, x.ndim), (
+        x.sharding, y.sharding)
+
+
+def test_task_and_fsdp_mesh():
+  mesh = sharding.make_mesh([("task", 4), ("fsdp", 2)])
+  rules = [(r"embed/table", ("fsdp", None)), (r".*/kernel", (None, "fsdp")),
+           (r".*", None)]
+  base = testing.random_params(0)
+  tvs = task_vectors.from_models(base, testing.random_models(base, 4, 1))
+  want = methods.merge("ties_merging", base, tvs, merge_func="mean")
+  base_sh = sharding.shardings_from_rules(base, rules, mesh)
+  got = methods.merge(
+      "ties_merging", jax.device_put(base, base_sh),
+      jax.device_put(tvs, sharding.task_vector_sharding(tvs, mesh, rules)),
+      merge_func="mean")
+  _assert_same(got, want)
+  for x, s in zip(jax.tree.leaves(got), jax.tree.leaves(base_sh)):
+    assert x.sharding.is_equivalent_to(s, x.ndim)
+
+
+def test_global_topk_flat_view_with_padding():
+  # 2 x 20011 entries per task: the flat view has 2 rows and 1 padded zero.
+  tvs = {"w": jnp.asarray(np.random.default_rng(0).standard_normal(
+      (2, 101, 198)), jnp.float32),
+         "v": jnp.asarray(np.random.default_rng(1).laplace(size=(2, 13)),
+                          jnp.float32)}
+  n = 101 * 198 + 13
+  flat = np.concatenate([np.abs(np.asarray(tvs[k])).reshape(2, -1)
+                         for k in ("v", "w")], axis=1)
+  for frac in (0.001, 0.3):
+    thr = jax.jit(lambda t: selection.topk_thresholds(t, frac))(tvs)
+    k = selection.keep_count(frac, n)
+    kept = np.concatenate([np.abs(np.asarray(tvs[key])).reshape(2, -1) >=
+                           np.asarray(thr[key]).reshape(2, 1)
+                           for key in ("v", "w")], axis=1)
+    for t in range(2):
+      order = np.argsort(-flat[t], kind="stable")
+      assert kept[t].sum() == k
+      assert kept[t][order[:k]].all()
+  np.testing.assert_array_equal(
+      selection.kth_largest(tvs, lambda m: 57),
+      np.sort(flat, axis=1)[:, ::-1][:, 56])
