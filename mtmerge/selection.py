@@ -94,11 +94,8 @@ class _Groups(NamedTuple):
 
 
 def _group(leaves) -> _Groups:
-  by_shape: dict = {}
-  for i, x in enumerate(leaves):
-    by_shape.setdefault(_view3(x).shape, []).append(i)
   arrays, members = [], []
-  for idx in by_shape.values():
+  for idx in _members([x.shape for x in leaves]):
     arrays.append(jnp.stack([_view3(leaves[i]).astype(jnp.float32)
                              for i in idx]))
     members.append(idx)
@@ -311,28 +308,51 @@ def _global_thresholds(groups: _Groups, k: jax.Array, n: int) -> jax.Array:
   return _search(count_fn, k, maxval, lo, hi)
 
 
-def topk_thresholds(tvs: Tree, fraction: float | Tree,
-                    scope: Scope = "global",
-                    count: Callable[[int], int] | None = None) -> Tree:
-  """Per-leaf magnitude thresholds keeping the top `fraction` of entries.
+def _members(shapes) -> list[list[int]]:
+  """Leaf indices grouped by view shape, in `_group`'s order."""
+  by_shape: dict = {}
+  for i, s in enumerate(shapes):
+    by_shape.setdefault(_view3_shape(s), []).append(i)
+  return list(by_shape.values())
 
-  Args:
-    tvs: stacked task vectors, leaves `[T, ...]`.
-    fraction: kept fraction in (0, 1] (a float, or for `per_tensor`/`row`
-      a tree of floats matching `tvs`).
-    scope: `global` = one threshold per task over all leaves (TIES paper);
-      `per_tensor` = one per task and leaf (mergekit); `row` = one per task
-      and row of the leaf's last axis (Model Breadcrumbs).
-    count: optional `n -> k` giving the number kept out of a group of `n`
-      entries, overriding `fraction`'s `keep_count`; k = 0 keeps nothing
-      (threshold +inf).
 
-  Returns:
-    A tree whose leaves are float32 thresholds broadcastable against the
-    leaf: `[T, 1, ..., 1]` (global, per_tensor) or `[T, ..., 1]` (row).
-    Keep `|tau| >= thr`.
+def _view3_shape(shape) -> tuple[int, ...]:
+  """The shape of `_view3` of a stacked leaf of this shape."""
+  if len(shape) <= 2:
+    return (shape[0], 1, int(np.prod(shape[1:], dtype=np.int64)))
+  return (shape[0], int(np.prod(shape[1:-1], dtype=np.int64)), shape[-1])
+
+
+def threshold_offsets(tvs: Tree, scope: Scope = "global") -> list[int]:
+  """Where each leaf's thresholds start in `flat_thresholds`' vector.
+
+  Leaf i (in `jax.tree.leaves` order) owns `T` entries (global,
+  per_tensor; one per task) or `T * rows` (row) from `offsets[i]`; every
+  leaf shares entries 0..T-1 for the global scope. Shapes only, no JAX work.
   """
-  leaves, treedef = jax.tree.flatten(tvs)
+  shapes = [np.shape(x) for x in jax.tree.leaves(tvs)]
+  if scope == "global":
+    return [0] * len(shapes)
+  offsets, start = [0] * len(shapes), 0
+  for idx in _members(shapes):
+    v = _view3_shape(shapes[idx[0]])
+    size = v[0] * (v[1] if scope == "row" else 1)
+    for j, i in enumerate(idx):
+      offsets[i] = start + j * size
+    start += len(idx) * size
+  return offsets
+
+
+def flat_thresholds(tvs: Tree, fraction: float | Tree,
+                    scope: Scope = "global",
+                    count: Callable[[int], int] | None = None) -> jax.Array:
+  """`topk_thresholds` as one float32 vector; see `threshold_offsets`.
+
+  A jitted caller gets one output instead of one per leaf: at 152 leaves the
+  per-leaf outputs of a per-tensor search are ~150 slicing fusions, which
+  take most of its XLA compile time.
+  """
+  leaves = jax.tree.leaves(tvs)
   if not leaves:
     raise ValueError("topk_thresholds got an empty tree")
   if scope not in ("global", "per_tensor", "row"):
@@ -353,12 +373,9 @@ def topk_thresholds(tvs: Tree, fraction: float | Tree,
                        "uint32 counter; use scope='per_tensor'")
     kn = int(kf[0](n))
     if kn <= 0:
-      return jax.tree.map(
-          lambda x: jnp.full((T,) + (1,) * (x.ndim - 1), jnp.inf), tvs)
-    thr = _global_thresholds(_flat_group(leaves),
-                             jnp.full((T,), kn, jnp.uint32), n)
-    out = [thr.reshape((T,) + (1,) * (x.ndim - 1)) for x in leaves]
-    return jax.tree.unflatten(treedef, out)
+      return jnp.full((T,), jnp.inf, jnp.float32)
+    return _global_thresholds(_flat_group(leaves),
+                              jnp.full((T,), kn, jnp.uint32), n)
 
   # Per-tensor and per-row searches run jointly over one flat vector of
   # search groups, so one pass counts every group of every leaf.
@@ -397,16 +414,59 @@ def topk_thresholds(tvs: Tree, fraction: float | Tree,
   kk = jnp.concatenate(ks)
   thr = _search(count_fn, jnp.maximum(kk, 1), jnp.concatenate(maxes),
                 jnp.concatenate(los), jnp.concatenate(his))
-  thr = jnp.where(kk <= 0, jnp.inf, thr)
-  out = [None] * len(leaves)
-  for part, shp, idx in zip(jnp.split(thr, splits), shapes, groups.members):
-    part = part.reshape(shp)
-    for j, i in enumerate(idx):
-      x = leaves[i]
-      if per_tensor or x.ndim <= 2:
-        out[i] = part[j].reshape((T,) + (1,) * (x.ndim - 1))
-      else:
-        out[i] = part[j].reshape(x.shape[:-1] + (1,))
+  return jnp.where(kk <= 0, jnp.inf, thr)
+
+
+def leaf_thresholds(flat: jax.Array, offset: Any, shape) -> jax.Array:
+  """One leaf's thresholds from `flat_thresholds`, broadcastable to it.
+
+  Args:
+    flat: the vector from `flat_thresholds` (global or per_tensor scope).
+    offset: the leaf's entry of `threshold_offsets` (an int, or a traced
+      int32 scalar so one compiled kernel serves every leaf of a shape).
+    shape: the stacked leaf's shape `[T, ...]`.
+
+  Returns:
+    `[T, 1, ..., 1]` float32.
+  """
+  T = shape[0]
+  if isinstance(offset, int):
+    part = flat[offset:offset + T]
+  else:
+    part = jax.lax.dynamic_slice(flat, (offset,), (T,))
+  return part.reshape((T,) + (1,) * (len(shape) - 1))
+
+
+def topk_thresholds(tvs: Tree, fraction: float | Tree,
+                    scope: Scope = "global",
+                    count: Callable[[int], int] | None = None) -> Tree:
+  """Per-leaf magnitude thresholds keeping the top `fraction` of entries.
+
+  Args:
+    tvs: stacked task vectors, leaves `[T, ...]`.
+    fraction: kept fraction in (0, 1] (a float, or for `per_tensor`/`row`
+      a tree of floats matching `tvs`).
+    scope: `global` = one threshold per task over all leaves (TIES paper);
+      `per_tensor` = one per task and leaf (mergekit); `row` = one per task
+      and row of the leaf's last axis (Model Breadcrumbs).
+    count: optional `n -> k` giving the number kept out of a group of `n`
+      entries, overriding `fraction`'s `keep_count`; k = 0 keeps nothing
+      (threshold +inf).
+
+  Returns:
+    A tree whose leaves are float32 thresholds broadcastable against the
+    leaf: `[T, 1, ..., 1]` (global, per_tensor) or `[T, ..., 1]` (row).
+    Keep `|tau| >= thr`.
+  """
+  leaves, treedef = jax.tree.flatten(tvs)
+  flat = flat_thresholds(tvs, fraction, scope, count)
+  out = []
+  for x, off in zip(leaves, threshold_offsets(tvs, scope)):
+    if scope != "row" or x.ndim <= 2:
+      out.append(leaf_thresholds(flat, off, x.shape))
+    else:
+      size = int(np.prod(x.shape[:-1], dtype=np.int64))
+      out.append(flat[off:off + size].reshape(x.shape[:-1] + (1,)))
   return jax.tree.unflatten(treedef, out)
 
 

@@ -86,7 +86,7 @@ def test_one_program_per_leaf_shape_and_reference():
   tvs = task_vectors.from_models(base, models)
   sizes = lambda: (combine._vote_kernel._cache_size(),
                    combine._apply_kernel._cache_size(),
-                   arithmetic._topk_thresholds._cache_size())
+                   arithmetic._flat_thresholds._cache_size())
   before = sizes()
   got = methods.merge("ties_merging", base, tvs, threshold=0.3,
                       scaling_factor=0.4)

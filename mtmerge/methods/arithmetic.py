@@ -50,9 +50,8 @@ def task_arithmetic(base: Tree, tvs: Tree, scaling_factor: Any = 0.3) -> Tree:
 
 
 # The threshold search over all leaves as one program per (shapes, fraction,
-# scope); it groups leaves by shape internally (`selection._group`), so it
-# compiles in ~2.4 s at 152 leaves.
-_topk_thresholds = jax.jit(selection.topk_thresholds,
+# scope), returning one flat vector (~1 s to compile at 152 leaves).
+_flat_thresholds = jax.jit(selection.flat_thresholds,
                            static_argnames=("fraction", "scope", "count"))
 
 
@@ -62,7 +61,17 @@ def _ties_thresholds(tvs: Tree, threshold: float, scope: str) -> Tree:
   if threshold >= 1.0:
     zero = jnp.zeros((), jnp.float32)
     return jax.tree.map(lambda x: zero, tvs)
-  return _topk_thresholds(tvs, fraction=threshold, scope=scope)
+  return selection.topk_thresholds(tvs, threshold, scope)
+
+
+def _ties_flat_thresholds(tvs: Tree, threshold: float, scope: str):
+  """`(flat thresholds, per-leaf offsets)` from one jitted search."""
+  tx.check_fraction("threshold", threshold)
+  offsets = selection.threshold_offsets(tvs, scope)
+  if threshold >= 1.0:  # keep everything
+    T = task_vectors.num_tasks(tvs)
+    return jnp.zeros((T,), jnp.float32), [0] * len(offsets)
+  return _flat_thresholds(tvs, fraction=threshold, scope=scope), offsets
 
 
 def ties_vector(tvs: Tree, threshold: float = 0.2, merge_func: str = "sum",
@@ -124,9 +133,9 @@ def ties_merging(base: Tree, tvs: Tree, scaling_factor: Any = 0.3,
   T = task_vectors.num_tasks(tvs)
   if weights is not None:
     weights = tx.check_coeffs(weights, T, "weights")
-  thr = _ties_thresholds(tvs, threshold, scope)
+  thr, offsets = _ties_flat_thresholds(tvs, threshold, scope)
   return combine.ties_apply(base, tvs, thr, scaling_factor, sign_method,
-                            zero_sign, merge_func, weights)
+                            zero_sign, merge_func, weights, offsets)
 
 
 @registry.register("magnitude_prune", static=("threshold", "scope"),

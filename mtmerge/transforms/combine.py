@@ -15,7 +15,9 @@ from typing import Any, Literal, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from mtmerge import selection
 from mtmerge import tree as tree_lib
 from mtmerge.transforms import base
 
@@ -241,9 +243,15 @@ def trimmed_disjoint_merge(tvs: Tree, thresholds: Tree,
 # Kernels of `ties_apply`, one program per (leaf shape, dtype, sharding,
 # static args): jax.jit's own cache keys on exactly these.
 
+def _leaf_thr(thr, off, x):
+  """The leaf's thresholds: `thr` itself, or its slice of a flat vector."""
+  return thr if off is None else selection.leaf_thresholds(thr, off, x.shape)
+
+
 @functools.partial(jax.jit, static_argnames=("sign_method",))
-def _vote_kernel(x, thr, w, total, sign_method):
+def _vote_kernel(x, thr, off, w, total, sign_method):
   """int8 votes of one leaf, and `total` plus their (exact) sum."""
+  thr = _leaf_thr(thr, off, x)
   # The barrier makes the sum read the int8 votes back (1 byte per entry)
   # rather than fuse a second copy of the vote, which re-reads all tasks.
   v = jax.lax.optimization_barrier(
@@ -255,8 +263,9 @@ def _vote_kernel(x, thr, w, total, sign_method):
 
 
 @functools.partial(jax.jit, static_argnames=("zero_sign", "merge_func"))
-def _apply_kernel(b, x, thr, v, total, w, scale, zero_sign, merge_func):
+def _apply_kernel(b, x, thr, off, v, total, w, scale, zero_sign, merge_func):
   """`theta_0 + scale * tau` of one leaf, tau from its votes (pass 2)."""
+  thr = _leaf_thr(thr, off, x)
   s = jnp.where(v == 0, _fill(total, zero_sign), v.astype(jnp.float32))
   tau = _leaf_merge(x, thr, s, w, merge_func)
   out = b.astype(jnp.float32) + scale * tau.astype(jnp.float32)
@@ -266,7 +275,8 @@ def _apply_kernel(b, x, thr, v, total, w, scale, zero_sign, merge_func):
 def ties_apply(base: Tree, tvs: Tree, thresholds: Tree, scale: Any = 1.0,
                sign_method: str = "sum", zero_sign: str = "majority",
                merge_func: Literal["mean", "sum", "max"] = "mean",
-               weights: Sequence[float] | None = None) -> Tree:
+               weights: Sequence[float] | None = None,
+               offsets: Sequence[int] | None = None) -> Tree:
   """`base + scale * trimmed_disjoint_merge(...)`, one leaf at a time.
 
   Same arithmetic as `task_vectors.apply(base, trimmed_disjoint_merge(tvs,
@@ -283,9 +293,12 @@ def ties_apply(base: Tree, tvs: Tree, thresholds: Tree, scale: Any = 1.0,
   Args:
     base: pretrained params (leaves without the task axis).
     tvs: stacked task vectors `[T, ...]`, same structure as `base`.
-    thresholds: as `trimmed_disjoint_merge`.
+    thresholds: as `trimmed_disjoint_merge`, or with `offsets` the vector
+      of `selection.flat_thresholds` (global or per_tensor scope).
     scale: lambda, a number (traced: a new value reuses the kernels).
     sign_method, zero_sign, merge_func, weights: as `trimmed_disjoint_merge`.
+    offsets: `selection.threshold_offsets` for a flat `thresholds`; each
+      kernel slices its leaf's entries (a traced offset: no recompiles).
 
   Returns:
     Merged params with the structure and dtypes of `base`.
@@ -294,17 +307,20 @@ def ties_apply(base: Tree, tvs: Tree, thresholds: Tree, scale: Any = 1.0,
   _check_merge_func(merge_func)
   xs, treedef = jax.tree.flatten(tvs)
   bs = treedef.flatten_up_to(base)
-  ths = treedef.flatten_up_to(thresholds)
+  if offsets is None:
+    ths, offs = treedef.flatten_up_to(thresholds), [None] * len(xs)
+  else:
+    ths, offs = [thresholds] * len(xs), [np.int32(o) for o in offsets]
   w = _weights(weights, xs[0].shape[0])
   scale = jnp.asarray(scale, jnp.float32)
   total = jnp.zeros((), jnp.float32)
   votes = []
-  for x, thr in zip(xs, ths):
-    v, total = _vote_kernel(x, thr, w, total, sign_method=sign_method)
+  for x, thr, off in zip(xs, ths, offs):
+    v, total = _vote_kernel(x, thr, off, w, total, sign_method=sign_method)
     votes.append(v)
   out = []
-  for i, (b, x, thr) in enumerate(zip(bs, xs, ths)):
+  for i, (b, x, thr, off) in enumerate(zip(bs, xs, ths, offs)):
     v, votes[i] = votes[i], None  # free each leaf's votes once used
-    out.append(_apply_kernel(b, x, thr, v, total, w, scale,
+    out.append(_apply_kernel(b, x, thr, off, v, total, w, scale,
                              zero_sign=zero_sign, merge_func=merge_func))
   return jax.tree.unflatten(treedef, out)
