@@ -15,8 +15,10 @@ subprocess so that peak RSS is per tool:
 
 Each child reports load+merge wall time (after imports), merge-only time and
 peak RSS (`ru_maxrss`, read right after the merge, before the result is
-saved); mtmerge children also report a second ("warm", already compiled)
-call. Results are saved to the work dir and compared tensor by tensor.
+saved); mtmerge children also report the XLA compile time inside the first
+merge (`compile s`: JAX's backend-compile events; 0 when every program came
+from the persistent cache) and a second ("warm", already compiled) call.
+Results are saved to the work dir and compared tensor by tensor.
 
     python benchmarks/merge_bench.py --params 2e6 --tasks 4      # smoke, <1 min
     python benchmarks/merge_bench.py --tasks 8 --params 88e6 \
@@ -221,6 +223,10 @@ def child_mtmerge(name, base_path, model_paths, threshold, out_path):
   if cache_dir:  # as the CLI does: JAX's persistent compile cache
     runtime.enable_compile_cache(cache_dir)
   cache_files0 = len(os.listdir(cache_dir)) if cache_dir else 0
+  compiles = []  # seconds of each XLA backend compile (not cache hits)
+  jax.monitoring.register_event_duration_secs_listener(
+      lambda event, secs, **kw: compiles.append(secs)
+      if event == "/jax/core/compile/backend_compile_duration" else None)
   T = len(model_paths)
   if name == "mtmerge_ties_global":
     method, hp = "ties_merging", dict(threshold=threshold, merge_func="sum",
@@ -236,8 +242,10 @@ def child_mtmerge(name, base_path, model_paths, threshold, out_path):
   base, tvs, how = _load_mtmerge(base_path, model_paths)
   jax.block_until_ready((base, tvs))
   t1 = time.perf_counter()
+  n0 = len(compiles)
   out = jax.block_until_ready(methods.merge(method, base, tvs, **hp))
   t2 = time.perf_counter()
+  first = compiles[n0:]
   rss_merge = _maxrss_bytes()
   out2 = jax.block_until_ready(methods.merge(method, base, tvs, **hp))
   t3 = time.perf_counter()
@@ -246,6 +254,8 @@ def child_mtmerge(name, base_path, model_paths, threshold, out_path):
   from safetensors.numpy import save_file
   save_file({k: np.asarray(v) for k, v in out.items()}, out_path)
   return dict(load_s=t1 - t0, merge_s=t2 - t1, wall_s=t2 - t0, warm_s=t3 - t2,
+              compile_s=sum(first), compiled_programs=len(first),
+              warm_compiled_programs=len(compiles) - n0 - len(first),
               peak_rss=rss_merge, peak_rss_incl_warm=rss_warm,
               xla_flags=os.environ.get("XLA_FLAGS", ""),
               compile_cache=cache_dir or "off",
@@ -416,8 +426,10 @@ def spawn(name, python, args, env_extra=None):
   env["XLA_FLAGS"] = " ".join(flags)
   waited = wait_quiet(args.wait_quiet) if args.wait_quiet > 0 else 0.0
   mem_free = _mem_available_gib()
+  load = os.getloadavg()
   print(f"-- {name} ({python}; waited {waited:.0f}s for an idle host, "
-        f"{mem_free:.1f} GiB available)", flush=True)
+        f"{mem_free:.1f} GiB available, load average "
+        f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f})", flush=True)
   t0 = time.perf_counter()
   busy0, own0 = _busy_cpu_s(), _children_cpu_s()
   proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=None,
@@ -436,6 +448,7 @@ def spawn(name, python, args, env_extra=None):
     return dict(name=name, error=why)
   result["process_s"] = time.perf_counter() - t0
   result["mem_available_gib_at_start"] = mem_free
+  result["loadavg_at_start"] = list(load)
   result["waited_for_idle_s"] = waited
   # CPU time used by OTHER processes while this child ran: > a few seconds
   # means the timings were taken on a shared, busy machine.
@@ -443,6 +456,9 @@ def spawn(name, python, args, env_extra=None):
   result["other_cpu_s"] = max(0.0, (busy1 - busy0) - (own1 - own0))
   print(f"   load+merge {result['wall_s']:.2f}s (load {result['load_s']:.2f}s, "
         f"merge {result['merge_s']:.2f}s"
+        + (f" incl. XLA compile {result['compile_s']:.2f}s of "
+           f"{result['compiled_programs']} programs"
+           if "compile_s" in result else "")
         + (f", warm {result['warm_s']:.2f}s" if result.get("warm_s") else "")
         + f"), peak RSS {result['peak_rss'] / GiB:.2f} GiB; other processes "
         f"used {result['other_cpu_s']:.1f} CPU-s meanwhile", flush=True)
@@ -563,6 +579,8 @@ def table(results, checks, cfg, args):
   lines.append(f"host: {os.cpu_count()} cores; times exclude Python/library "
                "imports; wall = load+merge (mtmerge: incl. compile); "
                "warm = 2nd mtmerge call (merge only);")
+  lines.append("compile s = XLA compile inside mtmerge's first merge "
+               "(programs compiled; 0 = all from the persistent cache);")
   lines.append("other CPU-s = CPU time used by other processes on the host "
                "during that child (noise indicator)")
   mt_flags = sorted({r.get("xla_flags", "") for n, r in ok.items()
@@ -573,8 +591,11 @@ def table(results, checks, cfg, args):
            if n.startswith("mtmerge")}
   lines.append(f"mtmerge compile cache: {args.compile_cache} (entries found "
                f"at start per child: {cache})")
+  loads = {n: round(r["loadavg_at_start"][0], 2) for n, r in ok.items()
+           if "loadavg_at_start" in r}
+  lines.append(f"1-min load average at each child's start: {loads}")
   hdr = (f"{'method':<17}{'tool':<13}{'wall s':>8}{'load s':>8}{'merge s':>9}"
-         f"{'warm s':>8}{'RSS GiB':>9}{'peer/mt wall':>14}{'peer/mt merge':>15}"
+         f"{'warm s':>8}{'compile s':>12}{'RSS GiB':>9}{'peer/mt wall':>14}{'peer/mt merge':>15}"
          f"{'mt/peer RSS':>13}{'other CPU-s':>13}")
   lines.append(hdr)
   lines.append("-" * len(hdr))
@@ -598,9 +619,12 @@ def table(results, checks, cfg, args):
         ratios[n] = dict(peer_over_mtmerge_wall=rw,
                          peer_over_mtmerge_merge=rm,
                          mtmerge_over_peer_rss=rr)
+      comp = (None if r.get("compile_s") is None else
+              f"{r['compile_s']:.2f} ({r['compiled_programs']})")
       lines.append(
           f"{method:<17}{tool:<13}{r['wall_s']:>8.2f}{r['load_s']:>8.2f}"
           f"{r['merge_s']:>9.2f}{_fmt(r.get('warm_s'), '8.2f'):>8}"
+          f"{comp or '-':>12}"
           f"{r['peak_rss'] / GiB:>9.2f}{_fmt(rw, '14.2f'):>14}"
           f"{_fmt(rm, '15.2f'):>15}{_fmt(rr, '13.2f'):>13}"
           f"{_fmt(r.get('other_cpu_s'), '13.1f'):>13}")
