@@ -595,7 +595,8 @@ def table(results, checks, cfg, args):
            if "loadavg_at_start" in r}
   lines.append(f"1-min load average at each child's start: {loads}")
   hdr = (f"{'method':<17}{'tool':<13}{'wall s':>8}{'load s':>8}{'merge s':>9}"
-         f"{'warm s':>8}{'compile s':>12}{'RSS GiB':>9}{'peer/mt wall':>14}{'peer/mt merge':>15}"
+         f"{'warm s':>8}{'compile s':>12}{'RSS GiB':>9}{'peer/mt wall':>14}"
+         f"{'peer/mt merge':>15}"
          f"{'mt/peer RSS':>13}{'other CPU-s':>13}")
   lines.append(hdr)
   lines.append("-" * len(hdr))

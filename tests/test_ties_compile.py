@@ -96,6 +96,12 @@ def test_one_program_per_leaf_shape_and_reference():
   got2 = methods.merge("ties_merging", base, tvs, threshold=0.3,
                        scaling_factor=0.8)
   assert sizes() == after
+  # Zero votes going positive need no model-wide sum: one kernel per shape.
+  got3 = methods.merge("ties_merging", base, tvs, threshold=0.3,
+                       zero_sign="positive")
+  assert [a - b for a, b in zip(sizes(), after)] == [0, 3, 0]
+  _assert_same(got3, _whole_jit(base, tvs, threshold=0.3,
+                                zero_sign="positive"))
   b, fts = testing.to_numpy(base), [testing.to_numpy(m) for m in models]
   for out, lam in ((got, 0.4), (got2, 0.8)):
     want = ref.ties_merging(b, fts, scaling_factor=lam, threshold=0.3,
@@ -127,11 +133,20 @@ def test_zero_votes_take_the_model_wide_majority(other_sign):
   np.testing.assert_allclose(np.asarray(got["a"]), want["a"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("mode", ["task", "param"])
-def test_sharded_inputs_keep_shardings(mesh8, mode):
-  base = testing.random_params(2)
+@pytest.fixture(scope="module")
+def eight():
+  """8 task vectors and their unsharded merge, shared by the mesh tests."""
+  # Few distinct shapes (fewer sharded kernels to compile), awkward ones kept.
+  base = testing.random_params(2, {k: testing.SHAPES[k] for k in (
+      "embed/table", "block_0/attn/kernel", "block_1/norm/scale",
+      "head/temperature")})
   tvs = task_vectors.from_models(base, testing.random_models(base, 8, 3))
-  want = methods.merge("ties_merging", base, tvs)
+  return base, tvs, methods.merge("ties_merging", base, tvs)
+
+
+@pytest.mark.parametrize("mode", ["task", "param"])
+def test_sharded_inputs_keep_shardings(mesh8, eight, mode):
+  base, tvs, want = eight
   b = testing.shard(base, mesh8, mode, lead=0)
   got = methods.merge("ties_merging", b, testing.shard(tvs, mesh8, mode))
   _assert_same(got, want)
@@ -140,18 +155,17 @@ def test_sharded_inputs_keep_shardings(mesh8, mode):
         x.sharding, y.sharding)
 
 
-def test_task_and_fsdp_mesh():
+def test_task_and_fsdp_mesh(eight):
+  base, tvs, want = eight
   mesh = sharding.make_mesh([("task", 4), ("fsdp", 2)])
   rules = [(r"embed/table", ("fsdp", None)), (r".*/kernel", (None, "fsdp")),
            (r".*", None)]
-  base = testing.random_params(0)
-  tvs = task_vectors.from_models(base, testing.random_models(base, 4, 1))
-  want = methods.merge("ties_merging", base, tvs, merge_func="mean")
   base_sh = sharding.shardings_from_rules(base, rules, mesh)
-  got = methods.merge(
-      "ties_merging", jax.device_put(base, base_sh),
-      jax.device_put(tvs, sharding.task_vector_sharding(tvs, mesh, rules)),
-      merge_func="mean")
+  tvs_sh = sharding.task_vector_sharding(tvs, mesh, rules)
+  assert tree_lib.to_flat_dict(tvs_sh)["block_0/attn/kernel"].spec == (
+      jax.sharding.PartitionSpec("task", None, "fsdp"))
+  got = methods.merge("ties_merging", jax.device_put(base, base_sh),
+                      jax.device_put(tvs, tvs_sh))
   _assert_same(got, want)
   for x, s in zip(jax.tree.leaves(got), jax.tree.leaves(base_sh)):
     assert x.sharding.is_equivalent_to(s, x.ndim)
@@ -166,16 +180,15 @@ def test_global_topk_flat_view_with_padding():
   n = 101 * 198 + 13
   flat = np.concatenate([np.abs(np.asarray(tvs[k])).reshape(2, -1)
                          for k in ("v", "w")], axis=1)
-  for frac in (0.001, 0.3):
-    thr = jax.jit(lambda t: selection.topk_thresholds(t, frac))(tvs)
-    k = selection.keep_count(frac, n)
-    kept = np.concatenate([np.abs(np.asarray(tvs[key])).reshape(2, -1) >=
-                           np.asarray(thr[key]).reshape(2, 1)
-                           for key in ("v", "w")], axis=1)
-    for t in range(2):
-      order = np.argsort(-flat[t], kind="stable")
-      assert kept[t].sum() == k
-      assert kept[t][order[:k]].all()
+  thr = jax.jit(lambda t: selection.topk_thresholds(t, 0.3))(tvs)
+  k = selection.keep_count(0.3, n)
+  kept = np.concatenate([np.abs(np.asarray(tvs[key])).reshape(2, -1) >=
+                         np.asarray(thr[key]).reshape(2, 1)
+                         for key in ("v", "w")], axis=1)
+  for t in range(2):
+    order = np.argsort(-flat[t], kind="stable")
+    assert kept[t].sum() == k
+    assert kept[t][order[:k]].all()
   np.testing.assert_array_equal(
       selection.kth_largest(tvs, lambda m: 57),
       np.sort(flat, axis=1)[:, ::-1][:, 56])

@@ -262,10 +262,18 @@ def _vote_kernel(x, thr, off, w, total, sign_method):
   return v, total + part
 
 
-@functools.partial(jax.jit, static_argnames=("zero_sign", "merge_func"))
-def _apply_kernel(b, x, thr, off, v, total, w, scale, zero_sign, merge_func):
-  """`theta_0 + scale * tau` of one leaf, tau from its votes (pass 2)."""
+@functools.partial(jax.jit, static_argnames=("sign_method", "zero_sign",
+                                             "merge_func"))
+def _apply_kernel(b, x, thr, off, v, total, w, scale, sign_method, zero_sign,
+                  merge_func):
+  """`theta_0 + scale * tau` of one leaf, tau from its votes (pass 2).
+
+  With `v=None` (zero votes go positive, so no model-wide sum is needed) it
+  also forms the votes: one kernel and one read of the leaf.
+  """
   thr = _leaf_thr(thr, off, x)
+  if v is None:
+    v = _leaf_vote(x, thr, w, sign_method)
   s = jnp.where(v == 0, _fill(total, zero_sign), v.astype(jnp.float32))
   tau = _leaf_merge(x, thr, s, w, merge_func)
   out = b.astype(jnp.float32) + scale * tau.astype(jnp.float32)
@@ -286,7 +294,9 @@ def ties_apply(base: Tree, tvs: Tree, thresholds: Tree, scale: Any = 1.0,
   and the kernels are reused by every later merge of a model with those
   shapes. Between the passes only int8 votes (1 byte per entry) and one
   scalar, the sum of all votes for `zero_sign='majority'`, are kept; pass 2
-  adds the merged leaf to `base` in the same kernel. Called eagerly, the
+  adds the merged leaf to `base` in the same kernel. With
+  `zero_sign='positive'` nothing is model-wide, so each leaf takes one
+  kernel that votes and merges in one pass. Called eagerly, the
   kernels keep their inputs' shardings; under an outer `jax.jit` they are
   inlined like any nested jit.
 
@@ -314,13 +324,16 @@ def ties_apply(base: Tree, tvs: Tree, thresholds: Tree, scale: Any = 1.0,
   w = _weights(weights, xs[0].shape[0])
   scale = jnp.asarray(scale, jnp.float32)
   total = jnp.zeros((), jnp.float32)
-  votes = []
-  for x, thr, off in zip(xs, ths, offs):
-    v, total = _vote_kernel(x, thr, off, w, total, sign_method=sign_method)
-    votes.append(v)
+  votes = [None] * len(xs)
+  if zero_sign != "positive":  # pass 1: votes and their model-wide sum
+    for i, (x, thr, off) in enumerate(zip(xs, ths, offs)):
+      votes[i], total = _vote_kernel(x, thr, off, w, total,
+                                     sign_method=sign_method)
   out = []
+  fused_sign = sign_method if zero_sign == "positive" else None
   for i, (b, x, thr, off) in enumerate(zip(bs, xs, ths, offs)):
     v, votes[i] = votes[i], None  # free each leaf's votes once used
     out.append(_apply_kernel(b, x, thr, off, v, total, w, scale,
-                             zero_sign=zero_sign, merge_func=merge_func))
+                             sign_method=fused_sign, zero_sign=zero_sign,
+                             merge_func=merge_func))
   return jax.tree.unflatten(treedef, out)
