@@ -5,6 +5,9 @@
   count of positive minus negative tasks ("count", mergekit option); entries
   of each task that disagree with it are zeroed.
 * `disjoint_merge` — TIES' disjoint mean / sum / max over agreeing tasks.
+* `trimmed_disjoint_merge` — trim, elect and merge fused in two passes, for
+  use inside a jit; `ties_apply` — the same plus `theta_0 + lambda * tau`,
+  run eagerly as per-leaf kernels compiled once per leaf shape.
 * `sum_tasks` / `mean_tasks` — task arithmetic and weight averaging.
 """
 
