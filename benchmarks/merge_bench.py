@@ -222,11 +222,21 @@ def child_mtmerge(name, base_path, model_paths, threshold, out_path):
   cache_dir = os.environ.get("MTMERGE_BENCH_CACHE")
   if cache_dir:  # as the CLI does: JAX's persistent compile cache
     runtime.enable_compile_cache(cache_dir)
+    min_s = os.environ.get("MTMERGE_BENCH_CACHE_MIN_S")
+    if min_s:
+      jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                        float(min_s))
   cache_files0 = len(os.listdir(cache_dir)) if cache_dir else 0
-  compiles = []  # seconds of each XLA backend compile (not cache hits)
+  # JAX's backend-compile event also covers persistent-cache hits; its
+  # retrieval event tells them apart.
+  compiles, hits = [], []
   jax.monitoring.register_event_duration_secs_listener(
-      lambda event, secs, **kw: compiles.append(secs)
-      if event == "/jax/core/compile/backend_compile_duration" else None)
+      lambda event, secs, **kw: (
+          compiles.append(secs)
+          if event == "/jax/core/compile/backend_compile_duration" else
+          hits.append(secs)
+          if event == "/jax/compilation_cache/cache_retrieval_time_sec"
+          else None))
   T = len(model_paths)
   if name == "mtmerge_ties_global":
     method, hp = "ties_merging", dict(threshold=threshold, merge_func="sum",
@@ -242,10 +252,10 @@ def child_mtmerge(name, base_path, model_paths, threshold, out_path):
   base, tvs, how = _load_mtmerge(base_path, model_paths)
   jax.block_until_ready((base, tvs))
   t1 = time.perf_counter()
-  n0 = len(compiles)
+  n0, h0 = len(compiles), len(hits)
   out = jax.block_until_ready(methods.merge(method, base, tvs, **hp))
   t2 = time.perf_counter()
-  first = compiles[n0:]
+  first, first_hits = compiles[n0:], hits[h0:]
   rss_merge = _maxrss_bytes()
   out2 = jax.block_until_ready(methods.merge(method, base, tvs, **hp))
   t3 = time.perf_counter()
@@ -254,8 +264,11 @@ def child_mtmerge(name, base_path, model_paths, threshold, out_path):
   from safetensors.numpy import save_file
   save_file({k: np.asarray(v) for k, v in out.items()}, out_path)
   return dict(load_s=t1 - t0, merge_s=t2 - t1, wall_s=t2 - t0, warm_s=t3 - t2,
-              compile_s=sum(first), compiled_programs=len(first),
-              warm_compiled_programs=len(compiles) - n0 - len(first),
+              compile_s=sum(first) - sum(first_hits),
+              compiled_programs=len(first) - len(first_hits),
+              cache_hits=len(first_hits), cache_retrieval_s=sum(first_hits),
+              warm_compiled_programs=(len(compiles) - n0 - len(first)
+                                      - (len(hits) - h0 - len(first_hits))),
               peak_rss=rss_merge, peak_rss_incl_warm=rss_warm,
               xla_flags=os.environ.get("XLA_FLAGS", ""),
               compile_cache=cache_dir or "off",
@@ -580,7 +593,7 @@ def table(results, checks, cfg, args):
                "imports; wall = load+merge (mtmerge: incl. compile); "
                "warm = 2nd mtmerge call (merge only);")
   lines.append("compile s = XLA compile inside mtmerge's first merge "
-               "(programs compiled; 0 = all from the persistent cache);")
+               "(programs compiled, programs from the persistent cache);")
   lines.append("other CPU-s = CPU time used by other processes on the host "
                "during that child (noise indicator)")
   mt_flags = sorted({r.get("xla_flags", "") for n, r in ok.items()
@@ -590,7 +603,9 @@ def table(results, checks, cfg, args):
   cache = {n: r.get("compile_cache_entries_before") for n, r in ok.items()
            if n.startswith("mtmerge")}
   lines.append(f"mtmerge compile cache: {args.compile_cache} (entries found "
-               f"at start per child: {cache})")
+               f"at start per child: {cache}"
+               + (f"; min compile time to cache {args.cache_min_compile_s} s"
+                  if args.cache_min_compile_s is not None else "") + ")")
   loads = {n: round(r["loadavg_at_start"][0], 2) for n, r in ok.items()
            if "loadavg_at_start" in r}
   lines.append(f"1-min load average at each child's start: {loads}")
@@ -621,7 +636,8 @@ def table(results, checks, cfg, args):
                          peer_over_mtmerge_merge=rm,
                          mtmerge_over_peer_rss=rr)
       comp = (None if r.get("compile_s") is None else
-              f"{r['compile_s']:.2f} ({r['compiled_programs']})")
+              f"{r['compile_s']:.2f} ({r['compiled_programs']},"
+              f"{r.get('cache_hits', 0)})")
       lines.append(
           f"{method:<17}{tool:<13}{r['wall_s']:>8.2f}{r['load_s']:>8.2f}"
           f"{r['merge_s']:>9.2f}{_fmt(r.get('warm_s'), '8.2f'):>8}"
@@ -698,6 +714,11 @@ def main(argv=None):
                       "child once untimed first (a repeat merge), 'cold' "
                       "empties it before each child (first-ever merge), 'off' "
                       "disables it")
+  p.add_argument("--cache-min-compile-s", type=float, default=None,
+                 help="mtmerge children: override JAX's "
+                      "jax_persistent_cache_min_compile_time_secs (the CLI's "
+                      "mtmerge.runtime sets 0.5 s: faster-compiling programs "
+                      "are not cached)")
   p.add_argument("--wait-quiet", type=float, default=0.0,
                  help="before each child wait up to this many seconds for "
                       "the host to be idle (shared machines)")
@@ -735,6 +756,8 @@ def main(argv=None):
   cache_dir = os.path.join(args.workdir, "xla_cache")
   if args.compile_cache != "off":
     mt_env["MTMERGE_BENCH_CACHE"] = cache_dir
+    if args.cache_min_compile_s is not None:
+      mt_env["MTMERGE_BENCH_CACHE_MIN_S"] = str(args.cache_min_compile_s)
   results = []
   for name in names:
     if name not in MEASUREMENTS:
