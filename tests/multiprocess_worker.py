@@ -41,7 +41,6 @@ def problem():
 
 def learned_merge(mesh):
   """Runs STEPS steps of `mtmerge.train.fit`; returns (coefficients, losses)."""
-  import jax.numpy as jnp
   import numpy as np
   from mtmerge import distributed, sharding, train
   from mtmerge.learned import common
