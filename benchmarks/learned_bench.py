@@ -472,13 +472,15 @@ def table(results, check, cfg, args):
         lines.append(f"{TOOLS[name]:<13}  FAILED")
       continue
     peer = name == "fusionbench" and ratio
+    speed = merge_bench._fmt(ratio["speedup_per_step"] if peer else None,
+                             "12.2f")
+    rss = merge_bench._fmt(ratio["rss_ratio"] if peer else None, "11.2f")
     lines.append(
         f"{TOOLS[name]:<13}{r['step_mean_s']:>9.3f}{r['step_median_s']:>9.3f}"
         f"{r['step_min_s']:>9.3f}{r['step_cpu_mean_s']:>12.2f}"
         f"{r['first_step_s']:>14.2f}"
         f"{r['setup_s']:>9.2f}{r['peak_rss'] / GiB:>9.2f}"
-        f"{merge_bench._fmt(ratio['speedup_per_step'] if peer else None, '12.2f'):>12}"
-        f"{merge_bench._fmt(ratio['rss_ratio'] if peer else None, '11.2f'):>11}"
+        f"{speed:>12}{rss:>11}"
         f"{r['other_cpu_s']:>13.1f}")
   lines.append("")
   if check.get("status") == "SKIP":
@@ -488,8 +490,9 @@ def table(results, check, cfg, args):
         f"agreement: {check['status']} max |coefficient difference| after "
         f"{check['steps']} steps {check['max_abs_coeff_diff']:.2e} "
         f"(tolerance {check['tolerance']:g}; {check['coefficients']} "
-        f"coefficients, moved up to {check['max_abs_coeff_change_from_init']:.2e}"
-        f" from 0.3); max relative loss difference per step "
+        f"coefficients, moved up to "
+        f"{check['max_abs_coeff_change_from_init']:.2e} from 0.3); max "
+        f"relative loss difference per step "
         f"{check['max_rel_loss_diff']:.1e}")
   goal = {}
   if ratio:
