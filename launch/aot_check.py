@@ -100,15 +100,15 @@ DEFAULT_RULES = [(r"embed/table", ("fsdp", None)),
                  (r".*", None)]
 
 
-def merge_step(config, mesh):
-  """AOT hook for `methods` merges over abstract sharded params.
+def _abstract_model(config):
+  """`(width, dtype, rules, base, tvs)`: the synthetic model, abstract.
 
-  Reads `config.aot`: method, num_tasks, dtype, width/layers/vocab or
-  num_params, task_axis, and optional `config.param_rules`.
+  Base params and stacked task vectors are `jax.ShapeDtypeStruct`s (no
+  memory) of `transformer_shapes` for `config.aot`.
   """
   import jax
   import numpy as np
-  from mtmerge import methods, sharding, tree as tree_lib
+  from mtmerge import tree as tree_lib
   a = config.aot
   width = a.width or width_for(parse_count(a.num_params), a.layers, a.vocab)
   shapes = transformer_shapes(width, a.layers, a.vocab)
@@ -119,6 +119,19 @@ def merge_step(config, mesh):
   tvs = tree_lib.from_flat_dict(
       {k: jax.ShapeDtypeStruct((a.num_tasks,) + s, dtype)
        for k, s in shapes.items()})
+  return width, dtype, rules, base, tvs
+
+
+def merge_step(config, mesh):
+  """AOT hook for `methods` merges over abstract sharded params.
+
+  Reads `config.aot`: method, num_tasks, dtype, width/layers/vocab or
+  num_params, task_axis, and optional `config.param_rules`.
+  """
+  import jax
+  from mtmerge import methods, sharding
+  a = config.aot
+  width, dtype, rules, base, tvs = _abstract_model(config)
   base_sh = sharding.shardings_from_rules(base, rules, mesh)
   tvs_sh = sharding.task_vector_sharding(tvs, mesh, rules,
                                          task_axis=a.task_axis or None)
@@ -178,19 +191,11 @@ def adamerging_step(config, mesh):
   import jax
   import numpy as np
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from mtmerge import sharding, train, tree as tree_lib
+  from mtmerge import sharding, train
   from mtmerge.learned import adamerging, common
   from mtmerge.learned import problem as problem_lib
   a = config.aot
-  width = a.width or width_for(parse_count(a.num_params), a.layers, a.vocab)
-  shapes = transformer_shapes(width, a.layers, a.vocab)
-  dtype = np.dtype(a.dtype)
-  rules = [tuple(r) for r in (config.get("param_rules") or DEFAULT_RULES)]
-  base = tree_lib.from_flat_dict(
-      {k: jax.ShapeDtypeStruct(s, dtype) for k, s in shapes.items()})
-  tvs = tree_lib.from_flat_dict(
-      {k: jax.ShapeDtypeStruct((a.num_tasks,) + s, dtype)
-       for k, s in shapes.items()})
+  width, dtype, rules, base, tvs = _abstract_model(config)
   tasks = tuple(f"task{i}" for i in range(a.num_tasks))
   classes = a.get("classes", 10)
   heads = {t: {"kernel": jax.ShapeDtypeStruct((width, classes), dtype),

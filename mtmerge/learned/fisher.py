@@ -89,16 +89,9 @@ def _diagonal(problem, t, step, chunk_size, num_examples, batch_size, split):
   params = problem.task_params(t)
   acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
   count = 0
-  batches = problem.data(task, split, batch_size, limit=num_examples)
-  for batch in batches.epoch(0):
-    inputs = problem_lib.inputs_of(batch)
-    rows = len(next(iter(jax.tree.leaves(inputs))))
-    w = np.asarray(batch.get("mask", np.ones(rows, bool)), np.float32)
-    # Only the first `num_examples` real rows count, even if the source
-    # ignores `limit`.
-    w = w * (np.cumsum(w) <= num_examples - count)
-    if not w.any():
-      break
+  for inputs, w in problem_lib.weighted_batches(problem, task, split,
+                                                batch_size, num_examples):
+    rows = len(w)
     n = -(-rows // chunk_size) * chunk_size
     w = np.concatenate([w, np.zeros(n - rows, np.float32)])
     acc = step(acc, params, problem.heads[task], _pad_rows(inputs, n), w)

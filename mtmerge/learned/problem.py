@@ -78,6 +78,28 @@ def inputs_of(batch: dict) -> dict:
   return {k: v for k, v in batch.items() if k not in LABEL_KEYS}
 
 
+def weighted_batches(problem: MergeProblem, task: str, split: str,
+                     batch_size: int, num_examples: int):
+  """Yields `(inputs, row weights)` over the first `num_examples` real rows.
+
+  Weights are 1 for real rows, 0 for padding (`mask`) and for rows past
+  `num_examples` (even if the source ignores `limit`); iteration stops once
+  `num_examples` rows have been yielded. Statistics (Fisher, RegMean Grams)
+  weight every row by it.
+  """
+  seen = 0
+  for batch in problem.data(task, split, batch_size,
+                            limit=num_examples).epoch(0):
+    inputs = inputs_of(batch)
+    rows = len(next(iter(jax.tree.leaves(inputs))))
+    w = np.asarray(batch.get("mask", np.ones(rows, bool)), np.float32)
+    w = w * (np.cumsum(w) <= num_examples - seen)
+    if not w.any():
+      return
+    seen += int(w.sum())
+    yield inputs, w
+
+
 def from_encoder(encoder: encoders.Encoder, tasks: Sequence[Any],
                  heads: dict[str, Any], base: Tree, tvs: Tree, *,
                  trainable: str, mode: str, max_len: int = 48

@@ -63,14 +63,8 @@ def task_grams(problem: problem_lib.MergeProblem, t: int, *,
   params = problem.task_params(t)
   step = step or _gram_step(problem.capture_model)
   grams, counts, seen = {}, {}, 0
-  for batch in problem.data(task, split, batch_size,
-                            limit=num_examples).epoch(0):
-    inputs = problem_lib.inputs_of(batch)
-    rows = len(next(iter(jax.tree.leaves(inputs))))
-    keep = np.asarray(batch.get("mask", np.ones(rows, bool)), np.float32)
-    keep = keep * (np.cumsum(keep) <= num_examples - seen)
-    if not keep.any():
-      break
+  for inputs, keep in problem_lib.weighted_batches(problem, task, split,
+                                                   batch_size, num_examples):
     seen += int(keep.sum())
     g, c = step(params, inputs, capture.row_weights(dict(inputs, mask=keep)))
     for k in g:
