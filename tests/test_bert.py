@@ -358,3 +358,13 @@ def test_tokenizer_pads_to_multiple_and_truncates(minilm):
     tok(["ok", 3])
   with pytest.raises(FileNotFoundError, match="no tokenizer file"):
     tokenizer_lib.Tokenizer("/nonexistent/tokenizer.json")
+
+
+def test_gelu_erf_form_matches_jax_exact_gelu():
+  from mtmerge.models import activations
+  x = jnp.linspace(-12.0, 12.0, 20001, dtype=jnp.float32)
+  np.testing.assert_allclose(activations.gelu(x),
+                             jax.nn.gelu(x, approximate=False), atol=2e-6,
+                             rtol=1e-6)
+  xb = x.astype(jnp.bfloat16)
+  assert activations.gelu(xb).dtype == jnp.bfloat16

@@ -46,10 +46,41 @@ class LearnedResult(NamedTuple):
   extra: dict
 
 
+@jax.custom_vjp
+def task_mix(c: jax.Array, v: jax.Array) -> jax.Array:
+  """`sum_t c[t] * v[t]` in float32: a `[T]` vector times `[T, ...]` tensors.
+
+  Same value as `tensordot(c, v, 1)`, with a hand-written VJP: the
+  coefficient gradient `<g, v[t]>` is an elementwise multiply and a
+  reduction over each task's entries. Left to autodiff, the transposed
+  tensordot is a matrix-vector product XLA:CPU feeds with a transposed
+  `[P, T]` copy of every task vector, on every step (measured on the
+  layer-wise AdaMerging step of `benchmarks/learned_bench.py`: 8% of the
+  step). The task-vector cotangent `c[t] * g` is dead code in jitted
+  steps that only differentiate the coefficients, and is dropped there.
+  """
+  return jnp.tensordot(c.astype(jnp.float32), v.astype(jnp.float32), axes=1)
+
+
+def _task_mix_fwd(c, v):
+  return task_mix(c, v), (c, v)
+
+
+def _task_mix_bwd(res, g):
+  c, v = res
+  rest = tuple(range(1, v.ndim))
+  dc = jnp.sum(v.astype(jnp.float32) * g[None], axis=rest)
+  dv = c.astype(jnp.float32).reshape((-1,) + (1,) * len(rest)) * g[None]
+  return dc.astype(c.dtype), dv.astype(v.dtype)
+
+
+task_mix.defvjp(_task_mix_fwd, _task_mix_bwd)
+
+
 def _combine(v: jax.Array, c: jax.Array, groups: jax.Array | None):
-  c = c.astype(jnp.float32)
   if groups is None:  # c: [T]
-    return jnp.tensordot(c, v.astype(jnp.float32), axes=1)
+    return task_mix(c, v)
+  c = c.astype(jnp.float32)
   # c: [T, K]; entry e of task t is scaled by c[t, groups[e]].
   return jnp.sum(c[:, groups] * v.astype(jnp.float32), axis=0)
 

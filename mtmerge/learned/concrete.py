@@ -101,7 +101,7 @@ def _merge(base, tvs, mask, coeffs):
   if not isinstance(coeffs, dict):
     coeffs = jax.tree.map(lambda _: coeffs, base)
   def one(b, v, m, c):
-    delta = jnp.tensordot(c.astype(jnp.float32), v.astype(jnp.float32), 1)
+    delta = common.task_mix(c, v)
     return (b.astype(jnp.float32) + m * delta).astype(b.dtype)
   return jax.tree.map(one, base, tvs, mask, coeffs)
 

@@ -45,6 +45,7 @@ import numpy as np
 
 from mtmerge import checkpoint_io
 from mtmerge import tree as tree_lib
+from mtmerge.models import activations
 from mtmerge.models import convert
 
 
@@ -193,7 +194,8 @@ class Mlp(nnx.Module):
                          rngs)
 
   def __call__(self, x):
-    return self.output(jax.nn.gelu(self.intermediate(x), approximate=False))
+    return self.output(activations.gelu(self.intermediate(x)))
+
 
 
 class Layer(nnx.Module):

@@ -40,12 +40,13 @@ import numpy as np
 from flax import nnx
 from safetensors import numpy as st_numpy
 
+from mtmerge.models import activations
 from mtmerge.models import convert
 from mtmerge.models import image_preprocess
 
 # HF's ACT2FN names -> JAX. "gelu" is the exact erf form in both libraries.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": activations.gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
