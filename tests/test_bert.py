@@ -361,10 +361,10 @@ def test_tokenizer_pads_to_multiple_and_truncates(minilm):
 
 
 def test_gelu_erf_form_matches_jax_exact_gelu():
-  from mtmerge.models import activations
+  from mtmerge.models import ops
   x = jnp.linspace(-12.0, 12.0, 20001, dtype=jnp.float32)
-  np.testing.assert_allclose(activations.gelu(x),
+  np.testing.assert_allclose(ops.gelu(x),
                              jax.nn.gelu(x, approximate=False), atol=2e-6,
                              rtol=1e-6)
   xb = x.astype(jnp.bfloat16)
-  assert activations.gelu(xb).dtype == jnp.bfloat16
+  assert ops.gelu(xb).dtype == jnp.bfloat16

@@ -402,3 +402,22 @@ def test_fusionbench_merge_functions_agree(mlp, fishers):
   got = regmean.merge_with_grams(mlp.base, mlp.tvs, grams, alpha=0.7)
   np.testing.assert_allclose(got["layers"]["0"]["kernel"],
                              want["l.weight"].numpy().T, rtol=1e-4, atol=1e-5)
+
+
+def test_linear_grams_flattened_rows_take_batch_weights():
+  """Rows flattened batch-major by `models.ops.dense` keep their weights."""
+  from mtmerge.models import ops
+  layer = nnx.Linear(5, 3, rngs=nnx.Rngs(0))
+  static, params = hub.split_params(layer)
+  x = np.random.default_rng(4).normal(size=(2, 3, 5)).astype(np.float32)
+  fwd = lambda p, b: ops.dense(hub.merge_params(static, p), b["x"])
+  for w, keep in ((np.array([1.0, 0.0], np.float32), np.array([1, 0])),
+                  (np.array([[1, 0, 1], [0, 1, 1]], np.float32),
+                   np.array([[1, 0, 1], [0, 1, 1]]))):
+    grams = capture.linear_grams(fwd, params, {"x": x}, w)
+    rows = (x * np.reshape(keep, keep.shape + (1,) * (3 - keep.ndim))
+            ).reshape(-1, 5)
+    np.testing.assert_allclose(grams["kernel"], rows.T @ rows, rtol=1e-5,
+                               atol=1e-5)
+  with pytest.raises(ValueError, match="do not line up"):
+    capture.linear_grams(fwd, params, {"x": x}, np.ones(4, np.float32))

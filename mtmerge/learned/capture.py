@@ -62,6 +62,11 @@ class _Recorder:
       # A row built from several weighted positions (a pooled token): it
       # counts when any of them does.
       return jnp.max(w.reshape(lead + (-1,)), axis=-1)
+    if len(lead) == 1 and lead[0] % w.size == 0:
+      # Rows flattened batch-major (`x.reshape(-1, in)` of `[B, L, in]`, as
+      # `models.ops.dense` feeds them): each weight covers the next
+      # `lead[0] // w.size` rows.
+      return jnp.repeat(w.reshape(-1), lead[0] // w.size)
     raise ValueError(f"linear layer {path}: input rows {lead} do not line "
                      f"up with row weights of shape {w.shape}")
 
@@ -138,7 +143,9 @@ def linear_grams(forward: Callable[[Tree, Any], Any], params: Tree,
       of each layer input's leading dims, e.g. `[B]` (padded-batch mask) or
       `[B, L]` (tokens; see `row_weights`). A layer whose rows are fewer
       dims than the weights (a pooled `[B, D]` input) counts a row when any
-      of its positions has nonzero weight. Default: every row counts 1.
+      of its positions has nonzero weight; one whose input was flattened
+      batch-major to `[B * L, in]` (`models.ops.dense`) gets the weights
+      in the same order. Default: every row counts 1.
     with_counts: also return the weighted row count of every layer.
 
   Returns:

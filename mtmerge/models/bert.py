@@ -45,7 +45,7 @@ import numpy as np
 
 from mtmerge import checkpoint_io
 from mtmerge import tree as tree_lib
-from mtmerge.models import activations
+from mtmerge.models import ops
 from mtmerge.models import convert
 
 
@@ -175,13 +175,15 @@ class Attention(nnx.Module):
   def __call__(self, x, bias, deterministic):
     b, l, h = x.shape
     split = lambda t: t.reshape(b, l, self.num_heads, h // self.num_heads)
-    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    d = ops.dense
+    q, k, v = (split(d(self.query, x)), split(d(self.key, x)),
+               split(d(self.value, x)))
     logits = jnp.einsum("bqnd,bknd->bnqk", q, k) / np.sqrt(h // self.num_heads)
     # Softmax in float32 so bf16 weights do not lose the masked-out mass.
     probs = jax.nn.softmax(logits.astype(jnp.float32) + bias, axis=-1)
     probs = self.dropout(probs.astype(x.dtype), deterministic=deterministic)
     ctx = jnp.einsum("bnqk,bknd->bqnd", probs, v).reshape(b, l, h)
-    return self.out(ctx)
+    return d(self.out, ctx)
 
 
 class Mlp(nnx.Module):
@@ -194,7 +196,8 @@ class Mlp(nnx.Module):
                          rngs)
 
   def __call__(self, x):
-    return self.output(activations.gelu(self.intermediate(x)))
+    h = ops.gelu(ops.dense(self.intermediate, x))
+    return ops.dense(self.output, h)
 
 
 

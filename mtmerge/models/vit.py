@@ -40,13 +40,13 @@ import numpy as np
 from flax import nnx
 from safetensors import numpy as st_numpy
 
-from mtmerge.models import activations
+from mtmerge.models import ops
 from mtmerge.models import convert
 from mtmerge.models import image_preprocess
 
 # HF's ACT2FN names -> JAX. "gelu" is the exact erf form in both libraries.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": activations.gelu,
+    "gelu": ops.gelu,
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
     "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -86,7 +86,9 @@ class Attention(nnx.Module):
     """x: `[B, L, D]`; mask: bool, broadcasts to `[B, H, L, L]`, True=keep."""
     b, length, dim = x.shape
     split = lambda t: t.reshape(b, length, self.num_heads, -1)
-    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    d = ops.dense
+    q, k, v = (split(d(self.query, x)), split(d(self.key, x)),
+               split(d(self.value, x)))
     scale = (dim // self.num_heads) ** -0.5
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) * scale
     if mask is not None:
@@ -94,7 +96,7 @@ class Attention(nnx.Module):
       logits = jnp.where(mask, logits, jnp.finfo(logits.dtype).min)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-    return self.out(out.reshape(b, length, dim))
+    return d(self.out, out.reshape(b, length, dim))
 
 
 class MLP(nnx.Module):
@@ -107,7 +109,7 @@ class MLP(nnx.Module):
     self.fc2 = nnx.Linear(hidden, dim, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.fc2(activation(self.act)(self.fc1(x)))
+    return ops.dense(self.fc2, activation(self.act)(ops.dense(self.fc1, x)))
 
 
 class EncoderBlock(nnx.Module):
