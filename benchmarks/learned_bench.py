@@ -32,8 +32,8 @@ layer_wise_fusion) with `entropy_loss` and `torch.optim.Adam`, in the loop
 of `LayerWiseAdaMergingAlgorithm.test_time_adaptation`: per task forward,
 entropy, `backward(retain_graph=True)`; then `optimizer.step()`,
 `zero_grad()`, `merge_weights()`. `clamp_weights=True` clamps inside the
-merge, as the official AdaMerging code does (mtmerge clamps the stored
-coefficients instead; the two agree while no coefficient reaches a bound).
+merge, as the official AdaMerging code does; mtmerge runs the same
+semantics (`clamp_mode="merge"`).
 Dropout is set to 0 in the model config, since the loop runs in train mode.
 
 Each tool runs in its own subprocess, so peak RSS (`ru_maxrss`) is per tool.
@@ -240,6 +240,7 @@ def child_mtmerge(cfg, args):
   t1 = time.perf_counter()
   res = adamerging.adamerging(
       problem, granularity="layer", init=0.3, clamp=(0.0, 1.0),
+      clamp_mode="merge",
       batch_size=cfg["batch"], split="test",
       train_config=dict(steps=args.total_steps, lr=1e-3), progress=False)
   t2 = time.perf_counter()

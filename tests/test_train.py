@@ -38,8 +38,16 @@ def _np_loss(p, coeffs, batch):
 
 
 def _np_adamerging(p, batches, steps, lr, adam=True, b1=0.9, b2=0.999,
-                   eps=1e-8):
-  """Coefficients after `steps` steps of Adam (or SGD), clamped to [0, 1]."""
+                   eps=1e-8, clamp_mode="project"):
+  """Coefficients after `steps` steps of Adam (or SGD), kept in [0, 1].
+
+  "project" clips the coefficients after each step; "merge" (the official
+  AdaMerging code) keeps them raw and merges with clip(c), so the returned
+  (effective) coefficients are clip(raw).
+  """
+  merge = clamp_mode == "merge"
+  box = lambda x: np.clip(x, 0.0, 1.0)
+  post = (lambda x: x) if merge else box
   c = {m: {k: np.full(p.num_tasks, 0.3) for k in ("kernel", "bias")}
        for m in ("fc1", "fc2")}
   mu = jax.tree.map(np.zeros_like, c)
@@ -53,17 +61,18 @@ def _np_adamerging(p, batches, steps, lr, adam=True, b1=0.9, b2=0.999,
           h = 1e-5
           for sign in (1, -1):
             c[m][k][t] += sign * h
-            g[m][k][t] += sign * _np_loss(p, c, batch) / (2 * h)
+            eff = jax.tree.map(box, c) if merge else c
+            g[m][k][t] += sign * _np_loss(p, eff, batch) / (2 * h)
             c[m][k][t] -= sign * h
     if not adam:
-      c = jax.tree.map(lambda x, d: np.clip(x - lr * d, 0.0, 1.0), c, g)
+      c = jax.tree.map(lambda x, d: post(x - lr * d), c, g)
       continue
     mu = jax.tree.map(lambda a, b: b1 * a + (1 - b1) * b, mu, g)
     nu = jax.tree.map(lambda a, b: b2 * a + (1 - b2) * b * b, nu, g)
     c = jax.tree.map(
-        lambda x, m_, v: np.clip(x - lr * (m_ / (1 - b1 ** (s + 1))) / (
-            np.sqrt(v / (1 - b2 ** (s + 1))) + eps), 0.0, 1.0), c, mu, nu)
-  return c
+        lambda x, m_, v: post(x - lr * (m_ / (1 - b1 ** (s + 1))) / (
+            np.sqrt(v / (1 - b2 ** (s + 1))) + eps)), c, mu, nu)
+  return jax.tree.map(box, c)
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +103,35 @@ def test_layerwise_adamerging_matches_numpy_reference(prob, optimizer, lr,
                         prob.tvs, res.learned)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5),
                res.params, merged)
+
+
+@pytest.mark.parametrize("clamp_mode", ["project", "merge"])
+def test_clamp_modes_match_numpy_reference_past_the_bounds(prob, clamp_mode):
+  """A step size that drives coefficients past 0 and 1 separates the modes."""
+  kw = dict(granularity="layer", batch_size=8, progress=False,
+            train_config=dict(steps=4, lr=40.0, optimizer="sgd"))
+  res = adamerging.adamerging(prob, clamp_mode=clamp_mode, **kw)
+  batches = common.task_batches(prob, "test", 8, seed=0)
+  ref = _np_adamerging(prob, batches, 4, 40.0, adam=False,
+                       clamp_mode=clamp_mode)
+  other = _np_adamerging(prob, batches, 4, 40.0, adam=False,
+                         clamp_mode={"merge": "project",
+                                     "project": "merge"}[clamp_mode])
+  at_bound = 0
+  for m in ref:
+    for k in ref[m]:
+      np.testing.assert_allclose(res.learned[m][k], ref[m][k], atol=1e-4)
+      at_bound += int(np.sum((ref[m][k] == 0) | (ref[m][k] == 1)))
+  assert at_bound > 0  # the bounds were reached ...
+  gap = max(np.max(np.abs(ref[m][k] - other[m][k])) for m in ref
+            for k in ref[m])
+  assert gap > 1e-2  # ... and the two modes took different paths
+
+
+def test_bad_clamp_mode_is_named(prob):
+  with pytest.raises(ValueError, match="clamp_mode must be one of"):
+    adamerging.adamerging(prob, clamp_mode="soft", progress=False,
+                          train_config=dict(steps=1))
 
 
 def test_taskwise_learns_and_clamps(prob, tmp_path):

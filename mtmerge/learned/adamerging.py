@@ -5,8 +5,18 @@ ICLR 2024): theta = theta_0 + sum_t lambda_t tau_t with one coefficient per
 task (task-wise) or one per task per parameter tensor (layer-wise), learned
 by minimizing the Shannon entropy of the merged model's predictions on
 unlabeled test batches of every task (summed over tasks). Coefficients start
-at 0.3 and are clamped to [0, 1] after every step, as in the official code;
-Adam with lr 1e-3, betas (0.9, 0.999). "AdaMerging++" applies the same
+at 0.3 and are kept in [0, 1]; Adam with lr 1e-3, betas (0.9, 0.999).
+
+Two ways to keep them in bounds (`clamp_mode`):
+
+* "project" (default): projected gradient descent; the stored coefficients
+  are clipped after every step.
+* "merge": the official code's (and FusionBench's `clamp_weights=True`)
+  way: the merge uses `clip(lambda)` and the stored coefficients are raw,
+  so a coefficient that crossed a bound gets no gradient and stays out
+  until the optimizer's momentum brings it back.
+
+The two agree until a coefficient reaches a bound. "AdaMerging++" applies the same
 search to TIES-processed task vectors (each trimmed to its top 20% by
 magnitude, entries disagreeing with the elected sign dropped).
 
@@ -31,6 +41,7 @@ from mtmerge.learned import problem as problem_lib
 
 Tree = Any
 GRANULARITIES = ("task", "layer")
+CLAMP_MODES = ("project", "merge")
 TRAIN_DEFAULTS = dict(steps=500, optimizer="adam", lr=1e-3)
 
 
@@ -61,34 +72,50 @@ def init_coeffs(base: Tree, num_tasks: int, granularity: str,
   return jax.tree.map(lambda _: c.copy(), base)
 
 
+def clipper(clamp: tuple[float, float] | None):
+  """`c -> c` clipped to `clamp` leaf by leaf (identity for None)."""
+  if clamp is None:
+    return lambda c: c
+  lo, hi = clamp
+  return lambda c: jax.tree.map(lambda x: jnp.clip(x, lo, hi), c)
+
+
 def entropy_objective(problem: problem_lib.MergeProblem, tvs: Tree,
                       coeffs: Tree, clamp: tuple[float, float] | None,
-                      groups: Tree | None = None) -> train.Objective:
-  """Sum over tasks of the merged model's mean prediction entropy."""
+                      groups: Tree | None = None,
+                      clamp_mode: str = "project") -> train.Objective:
+  """Sum over tasks of the merged model's mean prediction entropy.
+
+  `clamp_mode` "project" clips the coefficients after each step; "merge"
+  clips them inside the merge only (see the module docstring).
+  """
+  if clamp_mode not in CLAMP_MODES:
+    raise ValueError(f"clamp_mode must be one of {CLAMP_MODES}, got "
+                     f"{clamp_mode!r}")
   consts = {"base": problem.base, "tvs": tvs, "heads": problem.heads}
   if groups is not None:
     consts["groups"] = groups
+  clip = clipper(clamp)
+  in_merge = clip if clamp_mode == "merge" else (lambda c: c)
 
   def loss(c, k, batch, rng):
     del rng
-    merged = common.weighted_merge(k["base"], k["tvs"], c, k.get("groups"))
+    merged = common.weighted_merge(k["base"], k["tvs"], in_merge(c),
+                                   k.get("groups"))
     feats = common.multi_task_features(problem, merged, batch)
     per_task = {t: common.entropy(encoders.logits(k["heads"][t], f))
                 for t, f in feats.items()}
     total = sum(per_task.values())
     return total, {f"entropy/{t}": h for t, h in per_task.items()}
 
-  project = None
-  if clamp is not None:
-    lo, hi = clamp
-    project = lambda c: jax.tree.map(lambda x: jnp.clip(x, lo, hi), c)
+  project = clip if clamp is not None and clamp_mode == "project" else None
   return train.Objective(coeffs, loss, consts, project)
 
 
 def adamerging(problem: problem_lib.MergeProblem, *,
                granularity: str = "layer", plus: bool = False,
                init: float = 0.3, clamp: Sequence[float] | None = (0.0, 1.0),
-               batch_size: int = 16, split: str = "test",
+               clamp_mode: str = "project", batch_size: int = 16, split: str = "test",
                limit: int | None = None, ties_threshold: float = 0.2,
                train_config: dict | None = None, mesh=None,
                rules: Sequence[tuple[str, Any]] | None = None,
@@ -102,7 +129,9 @@ def adamerging(problem: problem_lib.MergeProblem, *,
       parameter tensor).
     plus: AdaMerging++ (TIES-processed task vectors).
     init: initial coefficient.
-    clamp: `(low, high)` bounds applied after every step (None: off).
+    clamp: `(low, high)` bounds of the coefficients (None: off).
+    clamp_mode: "project" (clip the coefficients after every step) or
+      "merge" (clip them in the merge only, as the official code does).
     batch_size: unlabeled examples per task per step.
     split: the split adapted on (the paper: `test`, inputs only).
     limit: use only the first `limit` examples of each split.
@@ -115,7 +144,8 @@ def adamerging(problem: problem_lib.MergeProblem, *,
     progress: progress bar.
 
   Returns:
-    `LearnedResult` with the merged params and the coefficients.
+    `LearnedResult` with the merged params and the coefficients the merge
+    uses (clipped, in "merge" mode).
   """
   cfg = common.train_config(TRAIN_DEFAULTS, train_config)
   if clamp is not None and (len(clamp) != 2 or clamp[0] > clamp[1]):
@@ -123,8 +153,9 @@ def adamerging(problem: problem_lib.MergeProblem, *,
                      f"{clamp}")
   coeffs = init_coeffs(problem.base, problem.num_tasks, granularity, init)
   tvs = ties_processed(problem.tvs, ties_threshold) if plus else problem.tvs
-  objective = entropy_objective(problem, tvs, coeffs,
-                                None if clamp is None else tuple(clamp))
+  clamp = None if clamp is None else tuple(clamp)
+  objective = entropy_objective(problem, tvs, coeffs, clamp,
+                                clamp_mode=clamp_mode)
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
   batches = common.task_batches(problem, split, batch_size, seed=cfg.seed,
                                 limit=limit)
@@ -135,8 +166,13 @@ def adamerging(problem: problem_lib.MergeProblem, *,
       fingerprint=dict(method="adamerging", granularity=granularity,
                        plus=plus, init=init, clamp=clamp,
                        batch_size=batch_size, split=split, limit=limit,
-                       ties_threshold=ties_threshold, tasks=problem.tasks),
+                       ties_threshold=ties_threshold, tasks=problem.tasks,
+                       # Only when set, so runs from before the option
+                       # still resume.
+                       **({} if clamp_mode == "project" else
+                          {"clamp_mode": clamp_mode})),
       progress=progress)
+  learned = jax.tree.map(np.asarray, clipper(clamp)(res.params))
   merged = jax.tree.map(np.asarray, common.weighted_merge(
-      problem.base, tvs, res.params))
-  return common.LearnedResult(merged, res.params, res.log, {})
+      problem.base, tvs, learned))
+  return common.LearnedResult(merged, learned, res.log, {})
