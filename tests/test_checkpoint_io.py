@@ -3,10 +3,8 @@
 import json
 import os
 
-import ml_dtypes
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from mtmerge import checkpoint_io as cio
 

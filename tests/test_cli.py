@@ -1,21 +1,18 @@
 """Tests for the `mtmerge` command line (in-process, plus one subprocess)."""
 
-import json
 import os
 import subprocess
 import sys
 
 import jax
-import ml_dtypes
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 from mtmerge import checkpoint_io as cio
 from mtmerge import cli
 from mtmerge import methods
 
-from ckpt_helpers import BF16, SHAPES, SHARD, make_model, write_ckpt  # noqa: E501,F401
+from ckpt_helpers import BF16, SHARD, make_model, write_ckpt
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

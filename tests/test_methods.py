@@ -11,7 +11,7 @@ import pytest
 import reference_numpy as ref
 from mtmerge import methods, task_vectors, testing
 from mtmerge import tree as tree_lib
-from mtmerge.methods import compressed, registry
+from mtmerge.methods import registry
 
 T = 3
 

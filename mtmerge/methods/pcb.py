@@ -25,7 +25,6 @@ Two variants (`variant=`):
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import jax
@@ -86,7 +85,6 @@ def _paper_scores(tvs, T):
 
 def _official_scores(tvs, T, ratio):
   tv32 = jax.tree.map(lambda x: x.astype(jnp.float32), tvs)
-  n = sum(int(math.prod(x.shape[1:])) for x in jax.tree.leaves(tvs))
   # Ascending order statistics at index int(n * 1e-4) and int(n * (1-1e-4)) - 1
   # are the (n - i)-th largest.
   lo = selection.kth_largest(tv32, lambda n: n - int(n * 1e-4))
