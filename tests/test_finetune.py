@@ -143,14 +143,18 @@ def test_taskpool_accuracy_matches_a_direct_computation(enc, tmp_path):
                            limits={"test": 40})
   sel, _ = encoders.split(enc.params, trainable)
   got = pool.accuracy(sel, "sentiment")
-  # Direct: every test example alone, no batching or padding.
+  # Direct: every test example alone (no batching), padded to the full 48
+  # tokens so one jitted program serves all (padding invariance is
+  # tested in test_bert).
   src = finetune.suites.load_split("sentiment", "test")
+  features = jax.jit(enc.features)
   correct = 0
   for i in range(40):
     ex = src[i]
     b = enc.tokenizer([taskdata.pipeline.as_text(ex["text"])], max_length=48,
-                      pad_to_multiple_of=1)
-    f = enc.features(enc.params, {"input_ids": b["input_ids"],
-                                  "attention_mask": b["attention_mask"]})
+                      pad_to_multiple_of=48)
+    assert b["input_ids"].shape == (1, 48)
+    f = features(enc.params, {"input_ids": b["input_ids"],
+                              "attention_mask": b["attention_mask"]})
     correct += int(np.argmax(encoders.logits(head, f)[0]) == ex["label"])
   assert got == pytest.approx(correct / 40)
