@@ -13,12 +13,13 @@ Two ways to keep them in bounds (`clamp_mode`):
   are clipped after every step.
 * "merge": the official code's (and FusionBench's `clamp_weights=True`)
   way: the merge uses `clip(lambda)` and the stored coefficients are raw,
-  so a coefficient that crossed a bound gets no gradient and stays out
-  until the optimizer's momentum brings it back.
+  so a coefficient past a bound gets no gradient through the clip and
+  stays at the bound in the merge (its raw value drifts on with Adam's
+  decaying momentum).
 
-The two agree until a coefficient reaches a bound. "AdaMerging++" applies the same
-search to TIES-processed task vectors (each trimmed to its top 20% by
-magnitude, entries disagreeing with the elected sign dropped).
+The two agree until a coefficient reaches a bound. "AdaMerging++" applies
+the same search to TIES-processed task vectors (each trimmed to its top
+20% by magnitude, entries disagreeing with the elected sign dropped).
 
 The whole loop is `mtmerge.train.fit`: sharded over the mesh (task vectors
 along its `task` axis, batches along `data`), checkpointed and resumable.
@@ -115,7 +116,8 @@ def entropy_objective(problem: problem_lib.MergeProblem, tvs: Tree,
 def adamerging(problem: problem_lib.MergeProblem, *,
                granularity: str = "layer", plus: bool = False,
                init: float = 0.3, clamp: Sequence[float] | None = (0.0, 1.0),
-               clamp_mode: str = "project", batch_size: int = 16, split: str = "test",
+               clamp_mode: str = "project", batch_size: int = 16,
+               split: str = "test",
                limit: int | None = None, ties_threshold: float = 0.2,
                train_config: dict | None = None, mesh=None,
                rules: Sequence[tuple[str, Any]] | None = None,
