@@ -132,8 +132,7 @@ def mask_objective(problem: problem_lib.MergeProblem, tvs: Tree,
   """
   consts = {"base": problem.base, "tvs": tvs, "heads": problem.heads,
             "coeffs": coeffs}
-  clip = ((lambda c: c) if clamp is None else
-          (lambda c: jax.tree.map(lambda x: jnp.clip(x, *clamp), c)))
+  clip = adamerging.clipper(clamp)
 
   def loss(logits, k, batch, rng):
     r1, r2 = jax.random.split(rng)

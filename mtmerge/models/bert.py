@@ -45,8 +45,8 @@ import numpy as np
 
 from mtmerge import checkpoint_io
 from mtmerge import tree as tree_lib
-from mtmerge.models import ops
 from mtmerge.models import convert
+from mtmerge.models import ops
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,7 +198,6 @@ class Mlp(nnx.Module):
   def __call__(self, x):
     h = ops.gelu(ops.dense(self.intermediate, x))
     return ops.dense(self.output, h)
-
 
 
 class Layer(nnx.Module):

@@ -40,9 +40,9 @@ import numpy as np
 from flax import nnx
 from safetensors import numpy as st_numpy
 
-from mtmerge.models import ops
 from mtmerge.models import convert
 from mtmerge.models import image_preprocess
+from mtmerge.models import ops
 
 # HF's ACT2FN names -> JAX. "gelu" is the exact erf form in both libraries.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
