@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -79,11 +79,21 @@ def drop_and_rescale(drop_rate: float, key: jax.Array,
 
   def fn(tvs):
     def one(x, k):
-      m = jax.random.bernoulli(k, keep, x.shape)
-      y = jnp.where(m, x, 0)
-      return (y / keep).astype(x.dtype) if rescale else y
+      return keep_rescaled(x, jax.random.bernoulli(k, keep, x.shape), keep,
+                           rescale)
     return jax.tree.map(one, tvs, _leaf_keys(key, tvs))
   return base.stateless(fn)
+
+
+def keep_rescaled(x: jax.Array, kept: jax.Array, keep: float,
+                  rescale: bool = True) -> jax.Array:
+  """DARE's survivors: `x` where `kept`, divided by the keep probability.
+
+  Shared by `drop_and_rescale` and the streamed executor (which draws the
+  same Bernoulli mask block by block).
+  """
+  y = jnp.where(kept, x, 0)
+  return (y / keep).astype(x.dtype) if rescale else y
 
 
 def remove_outliers_and_trim(density: float, top_remove: float,
@@ -106,11 +116,7 @@ def remove_outliers_and_trim(density: float, top_remove: float,
     raise ValueError(f"density + top_remove must be <= 1, got {density} + "
                      f"{top_remove}")
 
-  def removed(n):
-    return int(math.floor(top_remove * n + 0.5))
-
-  def kept_or_removed(n):
-    return min(removed(n) + int(math.floor(density * n + 0.5)), n)
+  removed, kept_or_removed = breadcrumbs_counts(density, top_remove)
 
   def fn(tvs):
     # Entries ranked (removed, removed + kept] by magnitude survive.
@@ -121,6 +127,34 @@ def remove_outliers_and_trim(density: float, top_remove: float,
       return jnp.where((a >= lo) & (a < hi), x, 0)
     return jax.tree.map(one, tvs, lower, upper)
   return base.stateless(fn)
+
+
+class RankCount(NamedTuple):
+  """`n -> k`, the number of entries in a group of n at or above a rank.
+
+  A hashable value (a static argument of jitted callers): `kind` is `keep`
+  (`selection.keep_count(a, n)`), `removed` (`round(a * n)`, may be 0) or
+  `kept_or_removed` (`min(round(b * n) + round(a * n), n)`), rounding half
+  up.
+  """
+  kind: str
+  a: float
+  b: float = 0.0
+
+  def __call__(self, n: int) -> int:
+    if self.kind == "keep":
+      return selection.keep_count(self.a, n)
+    if self.kind == "removed":
+      return int(math.floor(self.a * n + 0.5))
+    return min(int(math.floor(self.b * n + 0.5))
+               + int(math.floor(self.a * n + 0.5)), n)
+
+
+def breadcrumbs_counts(density: float, top_remove: float
+                       ) -> tuple[RankCount, RankCount]:
+  """Breadcrumbs' (removed, removed + kept) counts per group of n entries."""
+  return (RankCount("removed", top_remove),
+          RankCount("kept_or_removed", density, top_remove))
 
 
 def _ascending_rank_fraction(a: jax.Array) -> jax.Array:

@@ -1,0 +1,167 @@
+"""The streamed merge: `merge_files(method, base, models, out, max_memory)`.
+
+Memory is bounded by one block, not the model: a byte budget
+`max_memory` picks how many rows of a tensor form a block (`reader.plan`),
+each pass reads the blocks from the memory-mapped inputs, and only the
+statistics a method needs survive between passes (`recipes`, `stats`).
+The last pass writes each merged block straight into the output shards
+(`writer`), inside `checkpoint_io._atomic_write`, so the output appears
+whole, under its name, only at the end. Compute is float32 per block;
+outputs keep the base's dtypes (bf16 stays bf16).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from mtmerge import checkpoint_io
+from mtmerge.streaming import kernels
+from mtmerge.streaming import reader
+from mtmerge.streaming import recipes
+from mtmerge.streaming import writer
+
+DEFAULT_MAX_MEMORY = 2 << 30
+
+
+def bytes_per_entry(inputs: reader.Inputs) -> int:
+  """What one tensor entry costs while its block is processed.
+
+  T + 1 input copies (stored dtype), float32 task vectors and one more
+  float32 temporary per task (DARE masks, histogram indices), and the
+  float32 output: the executor's accounting, a bound on its own buffers.
+  """
+  item = max(checkpoint_io.np_dtype(d).itemsize
+             for d in inputs.layout.dtypes.values())
+  for m in inputs.model_layouts:
+    item = max(item, max(checkpoint_io.np_dtype(d).itemsize
+                         for d in m.dtypes.values()))
+  T = inputs.num_models
+  return (T + 1) * item + 8 * T + 8
+
+
+class Executor:
+  """Runs passes over blocks: reads, checks once, calls, accounts bytes.
+
+  Attributes:
+    peak_bytes: the largest sum of block-sized buffers held at once (inputs
+      as read, float32 task vectors and output), by this accounting.
+    passes: labels of the passes run, in order.
+  """
+
+  def __init__(self, inputs: reader.Inputs, progress: bool = True):
+    self.inputs = inputs
+    self.progress = progress and sys.stderr.isatty()
+    self.checked: set = set()
+    self.peak_bytes = 0
+    self.passes: list[str] = []
+
+  def _check(self, blk, b, ms) -> None:
+    key = (blk.name, blk.r0)
+    if key in self.checked:
+      return
+    ok = np.asarray(kernels.finite(b, ms))
+    if not ok[0]:
+      raise checkpoint_io.CheckpointError(
+          f"base ({self.inputs.source(-1, blk.name)}) has NaN or Inf in "
+          f"tensor {blk.name!r}")
+    if not ok.all():
+      i = int(np.argmin(ok[1:]))
+      raise checkpoint_io.CheckpointError(
+          f"model {i} ({self.inputs.source(i, blk.name)}) has NaN or Inf in "
+          f"the task vector of tensor {blk.name!r}")
+    self.checked.add(key)
+
+  def run(self, p: recipes.Pass) -> None:
+    """Runs one pass: `p.fn(block, base rows, model rows)` per block."""
+    from tqdm import tqdm  # local: keeps imports light
+    T = self.inputs.num_models
+    sizes = [blk.numel * (T + 1) * 2 for blk in p.blocks]
+    self.passes.append(p.label)
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, file=sys.stderr,
+               desc=f"pass {len(self.passes)} ({p.label})", leave=False,
+               disable=not self.progress)
+    names = sorted({blk.name for blk in p.blocks})
+    done: set = set()
+    with bar:
+      for blk, size in zip(p.blocks, sizes):
+        b = jnp.asarray(self.inputs.base_block(blk))
+        ms = [jnp.asarray(m) for m in self.inputs.model_blocks(blk)]
+        held = b.nbytes + sum(m.nbytes for m in ms) + 4 * (T + 1) * blk.numel
+        self.peak_bytes = max(self.peak_bytes, held)
+        self._check(blk, b, ms)
+        p.fn(blk, b, ms)
+        del b, ms
+        if blk.r1 == (blk.shape[0] if len(blk.shape) >= 2 else 1):
+          done.add(blk.name)
+        bar.set_postfix_str(f"{len(done)}/{len(names)} tensors",
+                            refresh=False)
+        bar.update(size)
+
+
+def merge_files(method: str, base: str, models: Sequence[str], out: str,
+                max_memory: int = DEFAULT_MAX_MEMORY, progress: bool = True,
+                **hparams) -> dict[str, Any]:
+  """Merges checkpoints on disk into `out`, streamed block by block.
+
+  Args:
+    method: a registered method with a streamed form (`recipes.supported`);
+      others raise ValueError naming the method.
+    base: the pretrained checkpoint (file, dir, or sharded HF dir).
+    models: T fine-tuned checkpoints, in task order.
+    out: the destination (replaced atomically if present), written in the
+      base's layout, names and dtypes.
+    max_memory: byte budget for one block's buffers (see `bytes_per_entry`);
+      tensors larger than that are processed in row blocks.
+    progress: a tqdm bar per pass on stderr (when it is a terminal).
+    **hparams: the method's hyperparameters, as `methods.merge`.
+
+  Returns:
+    `{"out", "bytes", "passes", "blocks", "peak_block_bytes", "seconds"}`.
+
+  Raises:
+    ValueError (CheckpointError): bad hparams, an unstreamable method, bad
+      or mismatched checkpoints, NaN/Inf in an input.
+  """
+  from mtmerge import methods
+  t0 = time.time()
+  spec = methods.get(method)
+  if spec.compressed:
+    raise ValueError(f"method {method!r} writes a compressed form, which "
+                     "has no streamed writer yet; use the in-memory path")
+  full = spec.check(hparams, len(models))
+  recipe = recipes.for_method(method, full, len(models))
+  inputs = reader.Inputs(base, models)
+  if max_memory <= 0:
+    raise ValueError(f"max_memory must be positive, got {max_memory}")
+  blocks = reader.plan(inputs, bytes_per_entry(inputs), int(max_memory))
+  ex = Executor(inputs, progress)
+  for p in recipe.passes(blocks):
+    ex.run(p)
+
+  def fill(name):
+    return np.asarray(inputs.whole(name))
+
+  def write(tmp):
+    w = writer.Output(inputs.layout, tmp, fill)
+    try:
+      ex.run(recipes.Pass("merge", blocks, lambda blk, b, ms: w.write(
+          blk.name, np.asarray(recipe.apply(blk, b, ms)))))
+      info["bytes"] = w.close()
+    except BaseException:
+      w.abort()
+      raise
+
+  info: dict[str, Any] = {}
+  is_dir = inputs.layout.kind != "file"
+  try:
+    dest = checkpoint_io._atomic_write(out, write, is_dir=is_dir)
+  finally:
+    inputs.close()
+  info.update(out=dest, passes=ex.passes, blocks=len(blocks),
+              peak_block_bytes=ex.peak_bytes, seconds=time.time() - t0)
+  return info

@@ -1,0 +1,168 @@
+"""Jitted per-block kernels of the streamed executor.
+
+Every kernel takes the block's raw inputs (the base rows `b` and each
+model's rows `ms`, in their stored dtype) and forms the float32 task
+vectors `ms[t] - b` itself, exactly as `checkpoint_io.load_task_vectors`
+does, so no `[T, ...]` float32 copy outlives a kernel. The merge arithmetic
+is the in-memory methods' own: a block-local method runs its registered
+function on a one-leaf tree `{"x": block}`, TIES runs
+`transforms.combine`'s vote and apply kernels, trimming runs
+`selection.flat_thresholds` on the block. The canonical one-leaf tree means
+jax's cache keys on shapes only: one compile per distinct block shape.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src.random import threefry2x32 as _threefry
+
+from mtmerge import selection
+from mtmerge.methods import arithmetic
+from mtmerge.methods import registry
+from mtmerge.transforms import combine
+from mtmerge.transforms import sparsify
+
+
+class Drop(NamedTuple):
+  """DARE's Bernoulli draw for one block (see `drop_args`).
+
+  key: the leaf's raw key data `uint32[2]` (`fold_in(key(seed), leaf)`);
+  off_hi, off_lo: `uint32[T]` 64-bit offsets of task t's first block entry
+  in the flat `[T, *shape]` draw of the whole leaf.
+  """
+  key: Any
+  off_hi: Any
+  off_lo: Any
+
+
+def drop_args(seed: int, leaf: int, shape: tuple, r0: int, T: int) -> Drop:
+  """The `Drop` of rows `[r0, ...)` of leaf `leaf` (of shape `shape`)."""
+  key = jax.random.fold_in(jax.random.key(seed), leaf)
+  n = int(np.prod(shape, dtype=np.int64))
+  inner = n // shape[0] if len(shape) >= 2 and shape[0] else n
+  offs = [t * n + (r0 * inner if len(shape) >= 2 else 0) for t in range(T)]
+  return Drop(jax.random.key_data(key),
+              np.array([o >> 32 for o in offs], np.uint32),
+              np.array([o & 0xffffffff for o in offs], np.uint32))
+
+
+def _block_uniform(d: Drop, shape: tuple) -> jax.Array:
+  """`jax.random.uniform` of the whole leaf, restricted to this block.
+
+  With `jax_threefry_partitionable` (the default) entry i of a draw is
+  threefry2x32(key, i) of its flat index i (as two uint32 halves), so a
+  block needs only its own counters: the same floats as the whole draw.
+  """
+  T = shape[0]
+  local = jax.lax.broadcasted_iota(jnp.uint32, (T, int(np.prod(
+      shape[1:], dtype=np.int64))), 1)
+  lo = d.off_lo[:, None] + local
+  hi = d.off_hi[:, None] + (lo < local).astype(jnp.uint32)
+  b1, b2 = _threefry.threefry2x32_p.bind(d.key[0], d.key[1], hi, lo)
+  bits = jax.lax.shift_right_logical(b1 ^ b2, jnp.uint32(32 - 23))
+  bits = bits | jnp.uint32(np.array(1.0, np.float32).view(np.uint32))
+  u = jax.lax.bitcast_convert_type(bits, jnp.float32) - jnp.float32(1.0)
+  return jnp.maximum(jnp.float32(0.0), u).reshape(shape)
+
+
+def tvs(b, ms, drop: Drop | None = None, drop_rate: float = 0.0,
+        rescale: bool = True) -> jax.Array:
+  """float32 task vectors `[T, rows, ...]` of a block (DARE-dropped)."""
+  b32 = b.astype(jnp.float32)
+  x = jnp.stack([m.astype(jnp.float32) - b32 for m in ms])
+  if drop is not None:
+    keep = 1.0 - drop_rate
+    x = sparsify.keep_rescaled(x, _block_uniform(drop, x.shape) < keep,
+                               keep, rescale)
+  return x
+
+
+_DROP = ("drop_rate", "rescale")
+
+
+@jax.jit
+def finite(b, ms) -> jax.Array:
+  """`[T + 1]` bools: base finite, then each task vector finite."""
+  x = tvs(b, ms)
+  ok_b = jnp.all(jnp.isfinite(b.astype(jnp.float32)))
+  return jnp.concatenate([ok_b[None], jnp.all(jnp.isfinite(
+      x.reshape(x.shape[0], -1)), axis=1)])
+
+
+@functools.partial(jax.jit, static_argnames=_DROP)
+def tv_block(b, ms, drop=None, drop_rate=0.0, rescale=True):
+  """The block's (dropped) float32 task vectors, for host-side statistics."""
+  return tvs(b, ms, drop, drop_rate, rescale)
+
+
+@functools.partial(jax.jit, static_argnames=("name", "static"))
+def local(b, ms, traced, name, static):
+  """A block-local method on the block: its registered fn on `{"x": ...}`."""
+  spec = registry.get(name)
+  out = spec.fn({"x": b}, {"x": tvs(b, ms)}, **dict(static), **traced)
+  return out["x"]
+
+
+def thresholds(x, thr, counts):
+  """`[T, len]` thresholds: `thr` as given, or per-tensor from `counts`.
+
+  With `counts` (a tuple of `sparsify.RankCount`), the block is a whole
+  tensor and each column is `selection.flat_thresholds`' per-tensor search
+  on it, the in-memory path's own.
+  """
+  if counts is None:
+    return thr
+  return jnp.stack([selection.flat_thresholds({"x": x}, 1.0, "per_tensor",
+                                              count=c) for c in counts], 1)
+
+
+def _col(thr, i, x):
+  return thr[:, i].reshape((x.shape[0],) + (1,) * (x.ndim - 1))
+
+
+@functools.partial(jax.jit, static_argnames=_DROP + ("counts",
+                                                     "sign_method"))
+def ties_votes(b, ms, thr, w, drop=None, drop_rate=0.0, rescale=True,
+               counts=None, sign_method="sum"):
+  """The exact int sum of a block's TIES votes (`combine._leaf_vote`)."""
+  x = tvs(b, ms, drop, drop_rate, rescale)
+  t = _col(thresholds(x, thr, counts), 0, x)
+  v = combine._leaf_vote(x, t, w, sign_method).astype(jnp.int32)
+  return jnp.sum(v)
+
+
+@functools.partial(jax.jit, static_argnames=_DROP + (
+    "counts", "sign_method", "zero_sign", "merge_func"))
+def ties_apply(b, ms, thr, total, w, scale, drop=None, drop_rate=0.0,
+               rescale=True, counts=None, sign_method="sum",
+               zero_sign="majority", merge_func="sum"):
+  """`theta_0 + scale * tau_TIES` of a block (`combine._apply_kernel`)."""
+  x = tvs(b, ms, drop, drop_rate, rescale)
+  t = _col(thresholds(x, thr, counts), 0, x)
+  return combine._apply_kernel(b, x, t, None, None, total, w, scale,
+                               sign_method=sign_method, zero_sign=zero_sign,
+                               merge_func=merge_func)
+
+
+@functools.partial(jax.jit, static_argnames=_DROP + ("counts", "band"))
+def trim_apply(b, ms, thr, scale, drop=None, drop_rate=0.0, rescale=True,
+               counts=None, band=False):
+  """Trim (or DARE-drop), then task arithmetic with `scale`.
+
+  `band=False`: keep `|tau| >= thr[:, 0]` (magnitude pruning; no trim when
+  `thr` is zero). `band=True`: keep `thr[:, 1] <= |tau| < thr[:, 0]`
+  (Breadcrumbs: columns from the (removed, removed + kept) counts).
+  """
+  x = tvs(b, ms, drop, drop_rate, rescale)
+  th = thresholds(x, thr, counts)
+  a = jnp.abs(x).astype(jnp.float32)
+  if band:
+    x = jnp.where((a >= _col(th, 1, x)) & (a < _col(th, 0, x)), x, 0)
+  elif thr is not None or counts is not None:
+    x = jnp.where(a >= _col(th, 0, x), x, 0)
+  return arithmetic.task_arithmetic({"x": b}, {"x": x}, scale)["x"]

@@ -1,0 +1,208 @@
+"""How each method runs streamed: statistics passes, then one apply pass.
+
+A recipe is not a new copy of a method. It names which model-wide
+reductions the method needs (`stats`), gathers them in passes over the
+blocks, and hands them to the method's own per-block kernels (`kernels`).
+Methods without a recipe are refused by name (`for_method`).
+
+* block-local (`local`): weight_averaging, task_arithmetic, Breadcrumbs and
+  magnitude pruning with `scope='row'`, Consensus on task arithmetic;
+  `model_stock` and `slerp` while every tensor fits one block.
+* top-k (`TopK`): ties_merging, dare_ties, magnitude_prune and breadcrumbs
+  (global or per-tensor scope), dare: thresholds from `stats.RadixSelect`
+  (global, or per tensor for tensors split over blocks; a tensor in one
+  block gets the in-memory per-tensor search inside its kernel), the TIES
+  vote total from `stats.VoteTotal` when `zero_sign='majority'`, DARE's
+  mask redrawn identically in every pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import jax.numpy as jnp
+import numpy as np
+
+from mtmerge.methods import registry
+from mtmerge.streaming import kernels
+from mtmerge.streaming import reader
+from mtmerge.streaming import stats
+from mtmerge.transforms import combine
+from mtmerge.transforms import sparsify
+
+_LOCAL = ("weight_averaging", "task_arithmetic")
+_TOPK = ("ties_merging", "dare_ties", "magnitude_prune", "breadcrumbs",
+         "dare")
+_WHOLE_ONLY = ("model_stock", "slerp")
+
+
+@dataclasses.dataclass
+class Pass:
+  """One read of (some of) the blocks: `fn(block, base, models)` each."""
+  label: str
+  blocks: list
+  fn: Callable[[reader.Block, Any, list], None]
+
+
+class Recipe:
+  """Base: no statistics; `apply` gives a block's merged rows."""
+
+  def __init__(self, name: str, full: dict[str, Any], T: int):
+    self.name, self.full, self.T = name, full, T
+
+  def passes(self, blocks: list) -> Iterator[Pass]:
+    return iter(())
+
+  def apply(self, blk: reader.Block, b, ms):
+    raise NotImplementedError
+
+
+class Local(Recipe):
+  """A method whose result on a block is its result on the whole model there."""
+
+  def __init__(self, name, full, T):
+    super().__init__(name, full, T)
+    spec = registry.get(name)
+    self.static = tuple(sorted((k, registry._freeze(v)) for k, v in
+                               full.items() if k in spec.static))
+    self.traced = {k: v for k, v in full.items() if k not in spec.static}
+
+  def passes(self, blocks):
+    if self.name in _WHOLE_ONLY:
+      split = [blk for blk in blocks if not blk.whole]
+      if split:
+        raise ValueError(
+            f"method {self.name!r} streams only tensors that fit one block; "
+            f"tensor {split[0].name!r} {list(split[0].shape)} does not: raise "
+            "max_memory")
+    return iter(())
+
+  def apply(self, blk, b, ms):
+    return kernels.local(b, ms, self.traced, name=self.name,
+                         static=self.static)
+
+
+class TopK(Recipe):
+  """Magnitude top-k (TIES, pruning, Breadcrumbs) and DARE, streamed."""
+
+  def __init__(self, name, full, T):
+    super().__init__(name, full, T)
+    f = full
+    self.ties = name in ("ties_merging", "dare_ties")
+    self.scope = f.get("scope", "global")
+    self.drop = name in ("dare", "dare_ties")
+    self.seed = f.get("seed", 0)
+    self.dkw = dict(drop_rate=float(f["drop_rate"]),
+                    rescale=bool(f["rescale"])) if self.drop else {}
+    self.band = name == "breadcrumbs"
+    if self.band:
+      sparsify.remove_outliers_and_trim(f["threshold"], f["gamma"])  # checks
+      self.counts = sparsify.breadcrumbs_counts(f["threshold"], f["gamma"])
+    elif name == "dare" or float(f["threshold"]) >= 1.0:
+      self.counts = None  # nothing trimmed
+    else:
+      sparsify.check_fraction("threshold", f["threshold"])
+      self.counts = (sparsify.RankCount("keep", float(f["threshold"])),)
+    self.scale = jnp.asarray(f.get("scaling_factor", 1.0), jnp.float32)
+    w = f.get("weights")
+    self.w = None if w is None else combine._weights(w, T)
+    self.thr: dict = {}
+    self.total = jnp.zeros((), jnp.float32)
+
+  def _drop(self, blk):
+    if not self.drop:
+      return None
+    return kernels.drop_args(self.seed, blk.leaf, blk.shape, blk.r0, self.T)
+
+  def _x(self, blk, b, ms):
+    return np.asarray(kernels.tv_block(b, ms, self._drop(blk), **self.dkw))
+
+  def _group(self, blk):
+    return "model" if self.scope == "global" else blk.name
+
+  def passes(self, blocks):
+    if self.counts is not None:
+      if self.scope == "global":
+        n = sum(int(np.prod(blk.shape, dtype=np.int64)) for blk in blocks
+                if blk.r0 == 0)
+        if n >= 2 ** 32:  # the in-memory search's uint32 counter limit
+          raise ValueError(f"global top-k over {n} entries per task exceeds "
+                           "the uint32 counter; use scope='per_tensor'")
+        ranks = {"model": [c(n) for c in self.counts]}
+        sel_blocks = blocks
+      else:
+        sel_blocks = [blk for blk in blocks if not blk.whole]
+        ranks = {blk.name: [c(int(np.prod(blk.shape, dtype=np.int64)))
+                            for c in self.counts] for blk in sel_blocks}
+      if sel_blocks:
+        sel = stats.RadixSelect(self.T, ranks)
+        yield Pass("top-k buckets", sel_blocks, lambda blk, b, ms: sel.add_hi(
+            self._group(blk), self._x(blk, b, ms)))
+        sel.finish_hi()
+        yield Pass("top-k exact", sel_blocks, lambda blk, b, ms: sel.add_lo(
+            self._group(blk), self._x(blk, b, ms)))
+        self.thr = sel.finish()
+    if self.ties and self.full["zero_sign"] == "majority":
+      votes = stats.VoteTotal()
+
+      def vote(blk, b, ms):
+        thr, counts = self._thr(blk)
+        votes.add(blk.leaf, kernels.ties_votes(
+            b, ms, thr, self.w, self._drop(blk), **self.dkw, counts=counts,
+            sign_method=self.full["sign_method"]))
+      yield Pass("sign votes", blocks, vote)
+      self.total = jnp.float32(votes.total())
+
+  def _thr(self, blk):
+    """(thr, counts) for a block's kernel: given, or computed inside."""
+    if self.counts is None:
+      return (jnp.zeros((self.T, 1), jnp.float32) if self.ties else None,
+              None)
+    if self.scope != "global" and blk.whole:
+      return None, tuple(self.counts)
+    return jnp.asarray(self.thr[self._group(blk)]), None
+
+  def apply(self, blk, b, ms):
+    thr, counts = self._thr(blk)
+    d = self._drop(blk)
+    if self.ties:
+      f = self.full
+      return kernels.ties_apply(b, ms, thr, self.total, self.w, self.scale,
+                                d, **self.dkw, counts=counts,
+                                sign_method=f["sign_method"],
+                                zero_sign=f["zero_sign"],
+                                merge_func=f["merge_func"])
+    return kernels.trim_apply(b, ms, thr, self.scale, d, **self.dkw,
+                              counts=counts, band=self.band)
+
+
+def for_method(name: str, full: dict[str, Any], T: int) -> Recipe:
+  """The recipe of `name` with validated hparams `full`.
+
+  Raises:
+    ValueError: naming the method when it cannot be streamed (yet).
+  """
+  if name in _LOCAL or name in _WHOLE_ONLY or (
+      name == "consensus" and full["base_method"] == "task_arithmetic") or (
+          name in ("breadcrumbs", "magnitude_prune")
+          and full["scope"] == "row"):
+    return Local(name, full, T)
+  if name in _TOPK:
+    return TopK(name, full, T)
+  raise ValueError(f"method {name!r} cannot run streamed yet (streamed: "
+                   f"{', '.join(supported())}); use the in-memory path")
+
+
+def supported() -> list[str]:
+  """Methods with a streamed form (some only for some hparams)."""
+  return sorted(set(_LOCAL + _TOPK + _WHOLE_ONLY + ("consensus",)))
+
+
+def streams(name: str, full: dict[str, Any]) -> bool:
+  """True if `for_method(name, full, T)` would succeed."""
+  try:
+    for_method(name, full, 2)
+  except ValueError:
+    return False
+  return True

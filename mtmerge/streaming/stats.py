@@ -1,0 +1,147 @@
+"""Model-wide statistics of a streamed merge: per-block partials + combine.
+
+* `RadixSelect`: the exact k-th largest |tau| per (group, task), for any
+  number of ranks k, in two passes over float32 bit patterns (non-negative
+  floats order like their bits). Pass 1 histograms the top 16 bits
+  (sign cleared: 32768 buckets) and picks, per rank, the bucket holding the
+  k-th largest; pass 2 histograms the low 16 bits of only the entries in
+  that bucket, which pins the value exactly. A group is the whole model
+  (global top-k) or one tensor (per-tensor top-k of a tensor too large for
+  one block). The threshold follows `mtmerge.selection`'s convention:
+  keep `|tau| >= thr`; magnitudes below 2**-100 count as zero (if fewer
+  than k entries are above that, thr = 0 keeps everything); k <= 0 gives
+  +inf. So the kept set equals the in-memory search's, entry for entry.
+* `VoteTotal`: TIES' model-wide sum of elected signs from per-tensor
+  integer partials, combined in float32 in leaf order exactly as
+  `transforms.combine.ties_apply` adds them.
+* `Moments`: per-tensor sums (Gram matrices, norms, dots) over row blocks,
+  for the per-tensor statistics of Model Stock and SLERP.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Sequence
+
+import numpy as np
+
+from mtmerge import selection
+
+_HI = 1 << 15   # top-16-bit buckets of a non-negative float32
+_LO = 1 << 16
+
+
+def _abs_bits(x: np.ndarray) -> np.ndarray:
+  """uint32 bits of |x| for float32 `x` `[T, ...]`, flattened per task."""
+  x = np.ascontiguousarray(x, np.float32)
+  return (x.reshape(x.shape[0], -1).view(np.uint32) & np.uint32(0x7fffffff))
+
+
+def _descend(hist: np.ndarray, k: int) -> tuple[int, int]:
+  """(bucket, rank within it) of the k-th largest, from a histogram."""
+  above = np.cumsum(hist[::-1])  # above[j]: entries in the top j+1 buckets
+  j = int(np.searchsorted(above, k))  # first j with above[j] >= k
+  prev = int(above[j - 1]) if j else 0
+  return len(hist) - 1 - j, k - prev
+
+
+class RadixSelect:
+  """Exact k-th largest magnitudes per group and task, in two passes.
+
+  Args:
+    T: number of tasks (rows of every block's leading axis).
+    ranks: group -> list of ranks k (1-based, the same for every task);
+      k <= 0 yields +inf.
+  """
+
+  def __init__(self, T: int, ranks: dict[Hashable, Sequence[int]]):
+    self.T = T
+    self.ranks = {g: [int(k) for k in ks] for g, ks in ranks.items()}
+    self.hi = {g: np.zeros((T, _HI), np.int64) for g in self.ranks}
+    self.lo: dict = {}
+    self.pick: dict = {}
+    self.result: dict[Hashable, np.ndarray] = {}
+
+  def add_hi(self, group: Hashable, x: np.ndarray) -> None:
+    """Pass 1 partial: `x` float32 `[T, ...]`, one block of the group."""
+    bits = _abs_bits(x)
+    h = self.hi[group]
+    for t in range(self.T):
+      h[t] += np.bincount(bits[t] >> np.uint32(16), minlength=_HI)
+
+  def finish_hi(self) -> None:
+    """Combines pass 1: each rank's bucket and its rank inside it."""
+    for g, ks in self.ranks.items():
+      picks = []
+      for t in range(self.T):
+        row = []
+        for k in ks:
+          row.append(None if k <= 0 else _descend(self.hi[g][t], k))
+        picks.append(row)
+      self.pick[g] = picks
+      self.lo[g] = {(t, p[0]): np.zeros(_LO, np.int64)
+                    for t, row in enumerate(picks) for p in row if p}
+    self.hi.clear()
+
+  def add_lo(self, group: Hashable, x: np.ndarray) -> None:
+    """Pass 2 partial: low-bit histograms of the picked buckets' entries."""
+    bits = _abs_bits(x)
+    for t in range(self.T):
+      top = None
+      for (tt, b), h in self.lo[group].items():
+        if tt != t:
+          continue
+        if top is None:
+          top = bits[t] >> np.uint32(16)
+        sel = bits[t][top == b] & np.uint32(0xffff)
+        h += np.bincount(sel, minlength=_LO)
+
+  def finish(self) -> dict[Hashable, np.ndarray]:
+    """Combines pass 2: group -> float32 thresholds `[T, len(ranks)]`."""
+    for g, picks in self.pick.items():
+      out = np.full((self.T, len(self.ranks[g])), np.inf, np.float32)
+      for t, row in enumerate(picks):
+        for i, p in enumerate(row):
+          if p is None:
+            continue
+          b, r = p
+          low, _ = _descend(self.lo[g][(t, b)], r)
+          bits = (b << 16) | low
+          v = np.array(bits, np.uint32).view(np.float32)
+          out[t, i] = v if bits >= selection._TINY_BITS else 0.0
+      self.result[g] = out
+    self.lo.clear()
+    return self.result
+
+
+class VoteTotal:
+  """The model-wide sum of TIES sign votes, from exact per-tensor sums."""
+
+  def __init__(self):
+    self.parts: dict[int, int] = {}
+
+  def add(self, leaf: int, part: int) -> None:
+    self.parts[leaf] = self.parts.get(leaf, 0) + int(part)
+
+  def total(self) -> np.float32:
+    """float32 sum of the per-leaf sums in leaf order (as `ties_apply`)."""
+    acc = np.float32(0.0)
+    for leaf in sorted(self.parts):
+      acc = np.float32(acc + np.float32(self.parts[leaf]))
+    return acc
+
+
+class Moments:
+  """Per-tensor float64 sums of block partials (Gram matrices, dots)."""
+
+  def __init__(self):
+    self.sums: dict[Hashable, np.ndarray] = {}
+
+  def add(self, key: Hashable, part) -> None:
+    part = np.asarray(part, np.float64)
+    if key in self.sums:
+      self.sums[key] = self.sums[key] + part
+    else:
+      self.sums[key] = part
+
+  def get(self, key: Hashable) -> np.ndarray:
+    return self.sums[key]
