@@ -533,10 +533,11 @@ def main(argv=None):
   p.add_argument("--workdir", default=None,
                  help="inputs and coefficients (default: "
                       "$TMPDIR/mtmerge_learned_bench/<config>)")
-  p.add_argument("--peers-python", default=None,
+  p.add_argument("--peers-python",
+                 default=os.environ.get("MTMERGE_PEERS_PYTHON"),
                  help="interpreter with torch, transformers, fusion-bench "
-                      "(default: /work/venv-peers/bin/python if present, "
-                      "else this one)")
+                      "(default: $MTMERGE_PEERS_PYTHON if set, else this "
+                      "one)")
   p.add_argument("--only", default=None,
                  help="comma-separated subset of: " + ",".join(TOOLS))
   p.add_argument("--mtmerge-xla-flags", default=None,
@@ -566,9 +567,7 @@ def main(argv=None):
     run_child(args)
     return 0
 
-  peers_python = args.peers_python or (
-      "/work/venv-peers/bin/python" if os.path.exists(
-          "/work/venv-peers/bin/python") else sys.executable)
+  peers_python = args.peers_python or sys.executable
   names = list(TOOLS) if not args.only else args.only.split(",")
   for n in names:
     if n not in TOOLS:

@@ -697,10 +697,11 @@ def main(argv=None):
   p.add_argument("--workdir", default=None,
                  help="where checkpoints and merged outputs go (default: "
                       "$TMPDIR/mtmerge_merge_bench/<params>_<tasks>)")
-  p.add_argument("--peers-python", default=None,
+  p.add_argument("--peers-python",
+                 default=os.environ.get("MTMERGE_PEERS_PYTHON"),
                  help="interpreter with torch, fusion-bench, mergekit "
-                      "(default: /work/venv-peers/bin/python if present, "
-                      "else this one)")
+                      "(default: $MTMERGE_PEERS_PYTHON if set, else this "
+                      "one)")
   p.add_argument("--only", default=None,
                  help="comma-separated subset of: " + ",".join(MEASUREMENTS))
   p.add_argument("--mtmerge-xla-flags", default=None,
@@ -735,9 +736,7 @@ def main(argv=None):
     run_child(args)
     return 0
 
-  peers_python = args.peers_python or (
-      "/work/venv-peers/bin/python" if os.path.exists(
-          "/work/venv-peers/bin/python") else sys.executable)
+  peers_python = args.peers_python or sys.executable
   args.revision = mtmerge_revision()
   base_path, model_paths, cfg = build_checkpoints(
       args.workdir, args.params, args.tasks, args.seed)
