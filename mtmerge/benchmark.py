@@ -4,9 +4,10 @@
 
 1. loads the pretrained encoder and the task suite (offline TFDS builders
    prepared into the cache on first use);
-2. fits a linear-probe head per task on pretrained features and fine-tunes
-   the encoder per task with the head frozen (cached, resumable;
-   `mtmerge.finetune`);
+2. builds each task's frozen head once from the pretrained model
+   (`mtmerge.heads`: zero-shot heads from class prompts, the papers'
+   protocol, or linear probes) and fine-tunes the encoder per task against
+   it (cached, resumable; `mtmerge.finetune`);
 3. stacks the task vectors of the trainable params and, for every method
    in `config.methods`, picks its hyperparameters on the validation split
    (average accuracy over tasks, as the papers do) and reports test
@@ -18,9 +19,10 @@
 5. prints the table and writes `results.json`, `results.csv` and
    `results.png` into the workdir.
 
-Rows: `pretrained` (linear-probe heads), `individual` (each task's own
-fine-tuned model: the upper reference), then one row per method with the
-normalized accuracy `acc / individual acc` averaged over tasks.
+Rows: `zero-shot` (the pretrained encoder with the frozen heads; `linear
+probe` under that protocol), `individual` (each task's own fine-tuned
+model: the upper reference), then one row per method. Columns are
+explained by `COLUMNS` (printed under the table).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from tqdm import auto as tqdm
 from mtmerge import benchmark_learned
 from mtmerge import encoders
 from mtmerge import finetune
+from mtmerge import heads as heads_lib
 from mtmerge import plots
 from mtmerge import results
 from mtmerge import taskpool
@@ -46,6 +49,30 @@ from mtmerge.data import suites
 
 class ConfigError(ValueError):
   """A config the benchmark cannot run (raised before any long work)."""
+
+
+COLUMNS = (
+    ("<task>, avg", "test accuracy (%) per task and its mean over tasks"),
+    ("norm", "normalized accuracy: mean over tasks of acc / individual acc "
+     "(%), as in the TIES and AdaMerging papers"),
+    ("val", "mean validation accuracy (%) of the hyperparameters picked"),
+    ("storage", "bytes stored relative to one model's merged part (TALL "
+     "masks, EMR, Twin-Merging and skill localization keep more or less)"),
+    ("s", "wall seconds of the row (grid, training, evaluation)"),
+    ("hparams", "the fixed and picked hyperparameters"),
+)
+
+
+class _Stages:
+  """Per-stage progress lines: `[2/5 12 s] fine-tuning ...`."""
+
+  def __init__(self, total: int):
+    self.total, self.i, self.t0 = total, 0, time.time()
+
+  def __call__(self, msg: str) -> None:
+    self.i += 1
+    print(f"[{self.i}/{self.total} {time.time() - self.t0:4.0f} s] {msg}",
+          flush=True)
 
 
 def _method_entries(config) -> list[tuple[str, str, dict, dict]]:
@@ -84,10 +111,22 @@ def _row(label, accs, indiv, extra=None):
     row[t] = round(100 * a, 2)
   row["avg"] = round(100 * float(np.mean(list(accs.values()))), 2)
   if indiv is not None:
-    row["norm_avg"] = round(100 * float(np.mean(
+    row["norm"] = round(100 * float(np.mean(
         [accs[t] / max(indiv[t], 1e-9) for t in accs])), 2)
-  row.update(extra or {})
+  extra = dict(extra or {})
+  hparams = extra.pop("hparams", None)
+  row.update(extra)
+  if hparams is not None:  # last: the widest column
+    row["hparams"] = hparams
   return row
+
+
+def table_text(rows: list[dict]) -> str:
+  """The printed table (no grids) followed by what each column means."""
+  text = results.format_table([{k: v for k, v in r.items() if k != "grid"}
+                               for r in rows])
+  legend = "\n".join(f"  {k:<12} {v}" for k, v in COLUMNS)
+  return f"{text}\ncolumns:\n{legend}"
 
 
 def run(config: Any, workdir: str) -> dict:
@@ -101,18 +140,35 @@ def run(config: Any, workdir: str) -> dict:
     raise ConfigError(f"config.tasks: {e.args[0]}") from None
   entries = _method_entries(config)  # bad config fails before any work
   learned_entries = benchmark_learned.entries(config, ConfigError)
+  head_kind = config.heads.kind
+  if head_kind not in heads_lib.KINDS:
+    raise ConfigError(f"config.heads.kind must be one of {heads_lib.KINDS}, "
+                      f"got {head_kind!r}")
+  if head_kind == "zeroshot":
+    for t in tasks:  # prompts exist and format every class, before work
+      try:
+        heads_lib.task_prompts(t, config.heads.get("templates"))
+      except (KeyError, ValueError) as e:
+        raise ConfigError(f"config.heads: {e.args[0]}") from None
+  stage = _Stages(5 if learned_entries else 4)
+  stage(f"loading {config.model} and preparing {len(tasks)} tasks")
   encoder = encoders.load(config.model, num_layers=config.get("num_layers"))
+  for t in tasks:
+    for split in suites.SPLITS:
+      suites.load_split(t, split)
   mode, trainable = config.finetune.mode, config.finetune.trainable
   print(f"encoder {encoder.name}: {tree_lib.tree_size(encoder.params)} "
-        f"params; tasks {[t.name for t in tasks]}; fine-tuning {mode} "
-        f"({trainable})", flush=True)
+        f"params; tasks {[t.name for t in tasks]}; heads {head_kind}; "
+        f"fine-tuning {mode} ({trainable})", flush=True)
 
   heads, tuned = {}, []
   timing = {}
   t0 = time.time()
-  for t in tqdm.tqdm(tasks, desc="linear probes", leave=False):
-    heads[t.name] = finetune.linear_probe(encoder, t, config.probe, workdir)
-  timing["linear_probe_s"] = time.time() - t0
+  stage(f"{head_kind} heads and fine-tuning {len(tasks)} tasks x "
+        f"{config.finetune.steps} steps")
+  for t in tasks:
+    heads[t.name] = heads_lib.build(encoder, t, config.heads, workdir)
+  timing["heads_s"] = time.time() - t0
   t0 = time.time()
   for t in tasks:
     tuned.append(finetune.finetune_task(encoder, t, heads[t.name],
@@ -127,17 +183,20 @@ def run(config: Any, workdir: str) -> dict:
   pool = taskpool.TaskPool(encoder, tasks, heads, trainable=trainable,
                            mode=mode, batch_size=config.eval.batch_size,
                            max_len=config.eval.max_len,
+                           multiple=config.eval.get("multiple", 16),
                            limits=dict(config.eval.limits))
 
   t0 = time.time()
+  stage(f"{len(entries)} training-free methods (grids on validation)")
   rows = []
   indiv = {t.name: pool.accuracy(m, t) for t, m in zip(tasks, tuned)}
-  rows.append(_row("pretrained", pool.evaluate(base_sel), indiv))
+  rows.append(_row("zero-shot" if head_kind == "zeroshot" else
+                   "linear probe", pool.evaluate(base_sel), indiv))
   rows.append(_row("individual", indiv, indiv))
   timing["reference_eval_s"] = time.time() - t0
   full_bytes = tree_lib.tree_bytes(base_sel)
 
-  bar = tqdm.tqdm(entries, desc="methods", leave=False)
+  bar = tqdm.tqdm(entries, desc="methods", leave=False, disable=None)
   for label, name, fixed, grid in bar:
     bar.set_postfix_str(label)
     t0 = time.time()
@@ -165,21 +224,22 @@ def run(config: Any, workdir: str) -> dict:
       for hp in benchmark_learned.grid_points(grid):
         out = methods.merge(name, base_sel, tvs, **fixed, **hp)
         val = float(np.mean(list(pool.evaluate(out, "validation").values())))
-        val_scores.append({**hp, "val_avg": round(100 * val, 2)})
+        val_scores.append({**hp, "val": round(100 * val, 2)})
         if val > best_val:
           best, best_val, best_out = hp, val, out
       accs = pool.evaluate(best_out)
       store = 1.0
     rows.append(_row(label, accs, indiv, {
         "hparams": ", ".join(f"{k}={v}" for k, v in {**fixed, **best}.items()),
-        "val_avg": round(100 * best_val, 2),
-        "storage_x": round(store, 3), "seconds": round(time.time() - t0, 1),
+        "val": round(100 * best_val, 2),
+        "storage": round(store, 3), "s": round(time.time() - t0, 1),
         "grid": val_scores}))
     tqdm.tqdm.write(f"{label}: test avg {rows[-1]['avg']:.2f} (validation "
-                    f"{rows[-1]['val_avg']:.2f}) in {rows[-1]['seconds']} s")
+                    f"{rows[-1]['val']:.2f}) in {rows[-1]['s']} s")
   if learned_entries:
     from mtmerge.learned import problem as problem_lib
     t0 = time.time()
+    stage(f"{len(learned_entries)} learned methods")
     problem = problem_lib.from_encoder(
         encoder, tasks, heads, base_sel, tvs, trainable=trainable, mode=mode,
         max_len=config.eval.max_len)
@@ -189,13 +249,15 @@ def run(config: Any, workdir: str) -> dict:
     timing["learned_s"] = time.time() - t0
   timing["total_s"] = time.time() - t_start
 
+  stage("writing results")
   table_rows = [{k: v for k, v in r.items() if k != "grid"} for r in rows]
-  text = results.format_table(table_rows)
   print(f"\nmtmerge benchmark: {encoder.name}, {len(tasks)} tasks, "
-        f"fine-tuning mode {mode}, test split\n" + text)
+        f"{head_kind} heads, fine-tuning mode {mode}, test split\n" +
+        table_text(rows))
   print(f"wall time {timing['total_s']:.0f} s (fine-tuning "
         f"{timing['finetune_s']:.0f} s)")
-  out = {"model": encoder.name, "mode": mode,
+  out = {"model": encoder.name, "mode": mode, "heads": head_kind,
+         "columns": dict(COLUMNS),
          "tasks": [t.name for t in tasks], "rows": rows, "timing": timing,
          "config": config.to_dict()}
   results.write_json(os.path.join(workdir, "results.json"), out)

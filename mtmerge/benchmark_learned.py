@@ -88,7 +88,7 @@ def _check_train(name, fixed, grid, cfg: train.TrainConfig) -> None:
 
 def _key(config) -> str:
   what = dict(model=config.model, num_layers=config.get("num_layers"),
-              tasks=list(config.tasks), probe=config.probe.to_dict(),
+              tasks=list(config.tasks), heads=config.heads.to_dict(),
               finetune=config.finetune.to_dict())
   return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()
                         ).hexdigest()[:12]
@@ -136,14 +136,14 @@ def rows(config, workdir, problem, pool, base_sel, learned_entries,
           progress=True)
       evaluate, store = _evaluator(pool, base_sel, res, problem.num_tasks)
       val = float(np.mean(list(evaluate("validation").values())))
-      scores.append({**hp, "val_avg": round(100 * val, 2)})
+      scores.append({**hp, "val": round(100 * val, 2)})
       if val > best_val:
         best, best_val, best_eval, best_store = hp, val, evaluate, store
     accs = best_eval("test")
     out.append(row_fn(label, accs, {
         "hparams": ", ".join(f"{k}={v}" for k, v in {**fixed, **best}.items()),
-        "val_avg": round(100 * best_val, 2), "storage_x": round(best_store, 3),
-        "seconds": round(time.time() - t0, 1), "grid": scores}))
+        "val": round(100 * best_val, 2), "storage": round(best_store, 3),
+        "s": round(time.time() - t0, 1), "grid": scores}))
     tqdm.tqdm.write(f"{label}: test avg {out[-1]['avg']:.2f} (validation "
-                    f"{out[-1]['val_avg']:.2f}) in {out[-1]['seconds']} s")
+                    f"{out[-1]['val']:.2f}) in {out[-1]['s']} s")
   return out

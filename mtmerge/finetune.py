@@ -113,7 +113,8 @@ def linear_probe(encoder: encoders.Encoder, task: Any, config: Any,
   return head
 
 
-def _loss_fn(encoder, mode, trainable, head):
+def _loss_fn(encoder, mode, trainable):
+  """`(loss(params, head, batch) -> (ce, acc), initial params)`."""
   base_sel, rest = encoders.split(encoder.params, trainable)
   flat = tree_lib.to_flat_dict
   if mode == "tangent":
@@ -123,7 +124,7 @@ def _loss_fn(encoder, mode, trainable, head):
     feats = lambda p, batch: encoder.features(encoders.join(flat(p), rest),
                                               batch)
 
-  def loss(p, batch):
+  def loss(p, head, batch):
     inputs = {k: v for k, v in batch.items() if k != "label"}
     logits = encoders.logits(head, feats(p, inputs))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits,
@@ -136,11 +137,58 @@ def _loss_fn(encoder, mode, trainable, head):
   return loss, init
 
 
-def fingerprint(encoder, task, config) -> dict:
+def pad_classes(head: dict, multiple: int = 8) -> dict:
+  """The head with its class count padded up to a multiple of `multiple`.
+
+  Padded classes get zero weights and a -1e4 bias: their softmax
+  probability is exactly 0 in float32 and argmax never picks them, so
+  the loss, gradients and accuracy equal the unpadded head's, while every
+  task of a suite shares one compiled training step.
+  """
+  c = int(np.shape(head["bias"])[0])
+  extra = -c % multiple
+  if not extra:
+    return head
+  return {"kernel": jnp.pad(jnp.asarray(head["kernel"]), ((0, 0), (0, extra))),
+          "bias": jnp.pad(jnp.asarray(head["bias"]), (0, extra),
+                          constant_values=-1e4)}
+
+
+# (encoder static id, mode, trainable, optimizer settings) -> (encoder,
+# jitted step): tasks fine-tuned with the same settings share one program.
+_STEPS: dict[tuple, tuple] = {}
+
+
+def _train_step(encoder, config):
+  key = (id(encoder.static), config.mode, config.trainable, config.lr,
+         config.warmup, config.steps, config.weight_decay)
+  if key in _STEPS and _STEPS[key][0] is encoder:
+    return _STEPS[key][1:]
+  loss_fn, init = _loss_fn(encoder, config.mode, config.trainable)
+  sched = optax.warmup_cosine_decay_schedule(
+      0.0, config.lr, max(1, config.warmup), max(config.steps, 2), 0.0)
+  opt = optax.adamw(sched, weight_decay=config.weight_decay)
+
+  @jax.jit
+  def step(state, head, batch):
+    (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"], head, batch)
+    updates, opt_state = opt.update(g, state["opt"], state["params"])
+    new = optax.apply_updates(state["params"], updates)
+    return {"params": new, "opt": opt_state}, loss, acc
+  _STEPS[key] = (encoder, step, opt, init)
+  return step, opt, init
+
+
+def fingerprint(encoder, task, config, head=None) -> dict:
   """Everything that determines a task's fine-tuned checkpoint."""
-  return dict(model=encoder.name, dim=encoder.dim, task=task.name,
-              params=tree_lib.tree_size(encoder.params),
-              finetune=config.to_dict())
+  out = dict(model=encoder.name, dim=encoder.dim, task=task.name,
+             params=tree_lib.tree_size(encoder.params),
+             finetune=config.to_dict())
+  if head is not None:
+    from mtmerge import heads  # pylint: disable=g-import-not-at-top
+    out["head"] = heads.digest(head)
+  return out
 
 
 def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
@@ -168,27 +216,16 @@ def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
                      f"{config.mode!r}")
   run = checkpoint.Run(
       os.path.join(workdir, "finetune", f"{task.name}-{config.mode}"),
-      fingerprint(encoder, task, config),
+      fingerprint(encoder, task, config, head),
       max_to_keep=max(2, int(config.average_last)))
-  loss_fn, init = _loss_fn(encoder, config.mode, config.trainable, head)
+  step, opt, init = _train_step(encoder, config)
   if run.done():
     return run.load_final(init)
-  sched = optax.warmup_cosine_decay_schedule(
-      0.0, config.lr, max(1, config.warmup), max(config.steps, 2), 0.0)
-  opt = optax.adamw(sched, weight_decay=config.weight_decay)
   state = {"params": init, "opt": opt.init(init)}
   start = 0
   if run.latest_step() is not None:
     start = run.latest_step()
     state = run.restore(start, state)
-
-  @jax.jit
-  def step(state, batch):
-    (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], batch)
-    updates, opt_state = opt.update(g, state["opt"], state["params"])
-    new = optax.apply_updates(state["params"], updates)
-    return {"params": new, "opt": opt_state}, loss, acc
 
   b = taskdata.batcher(encoder, task, "train", config.batch_size,
                        shuffle=True, seed=config.seed, limit=config.limit,
@@ -201,12 +238,13 @@ def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
   data_sh = sharding.batch_sharding(mesh, ("data",))
   repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   state = jax.device_put(state, repl)
+  head = jax.device_put(pad_classes(head), repl)
   put = lambda batch: jax.device_put(batch, data_sh)
-  bar = tqdm.tqdm(total=config.steps, initial=start, disable=not progress,
+  bar = tqdm.tqdm(total=config.steps, initial=start, disable=None if progress else True,
                   desc=f"finetune {task.name} ({config.mode})", leave=False)
   log = []
   for s in range(start, config.steps):
-    state, loss, acc = step(state, put(taskdata.batch_at(b, s)))
+    state, loss, acc = step(state, head, put(taskdata.batch_at(b, s)))
     loss = float(loss)
     if not np.isfinite(loss):
       raise FloatingPointError(f"non-finite loss {loss} at step {s} while "

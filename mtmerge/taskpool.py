@@ -33,18 +33,21 @@ class TaskPool:
     mode: `standard` (evaluate params) or `tangent` (evaluate deltas with
       the linearized model).
     batch_size, max_len: evaluation batching.
+    multiple: text batches are padded to a multiple of this many tokens
+      (smaller: less padding, more compiled shapes).
     limits: split -> number of examples used (None = all).
   """
 
   def __init__(self, encoder: encoders.Encoder, tasks: Sequence[Any],
                heads: dict[str, Any], *, trainable: str, mode: str = "standard",
-               batch_size: int = 128, max_len: int = 48,
+               batch_size: int = 128, max_len: int = 48, multiple: int = 16,
                limits: dict[str, int | None] | None = None):
     self.encoder = encoder
     self.tasks = [suites.get_task(t) for t in tasks]
     self.heads = {k: jax.tree.map(jnp.asarray, v) for k, v in heads.items()}
     self.mode = mode
     self.batch_size, self.max_len = batch_size, max_len
+    self.multiple = multiple
     self.limits = dict(limits or {})
     self._batches: dict[tuple[str, str], list] = {}
     _, self._rest = encoders.split(encoder.params, trainable)
@@ -64,7 +67,7 @@ class TaskPool:
     if key not in self._batches:
       b = taskdata.batcher(self.encoder, task, split, self.batch_size,
                            limit=self.limits.get(split),
-                           max_len=self.max_len)
+                           max_len=self.max_len, multiple=self.multiple)
       self._batches[key] = list(b.epoch(0))
     return self._batches[key]
 

@@ -315,7 +315,7 @@ def fit(objective: Objective, batches: Callable[[int], Tree],
   batch_spec = sharding.batch_sharding(mesh, data_axes).spec
   step = build_step(objective, tx, cfg.seed, state_sh, mesh)
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=desc, leave=False,
-                  disable=not (progress and distributed.is_main()))
+                  disable=None if progress and distributed.is_main() else True)
   for s in range(start, cfg.steps):
     local = batches(s)
     if s == start:

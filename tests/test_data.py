@@ -24,6 +24,8 @@ from mtmerge.data import suites
 tfds = pytest.importorskip("tensorflow_datasets")
 
 SPLITS = ("train", "validation", "test")
+WORD_TASKS = ("moral_foundation", "word_domain", "word_valence",
+              "concreteness")
 OFFLINE = [t.name for s in ("text", "images") for t in suites.get_suite(s)]
 
 
@@ -76,7 +78,7 @@ def test_offline_task_counts_labels_disjoint(cache, name):
   sizes = {s: len(v) for s, v in data.items()}
   print(f"{name}: {sizes} prepared in {seconds[name]:.2f}s")
   assert sizes["test"] >= 500 and sizes["validation"] >= 250, sizes
-  assert 900 <= sizes["train"] <= 2000, sizes
+  assert 600 <= sizes["train"] <= 2000, sizes
   for split, examples in data.items():
     labels = np.array([e["label"] for e in examples])
     assert labels.min() >= 0 and labels.max() < task.num_classes
@@ -87,8 +89,11 @@ def test_offline_task_counts_labels_disjoint(cache, name):
                  e["image"].dtype == np.uint8 for e in examples)
     else:
       words = [len(pipeline.as_text(e["text"]).split()) for e in examples]
-      assert min(words) >= sources.MIN_WORDS
-      assert max(words) <= sources.MAX_WORDS
+      if name in WORD_TASKS:  # lexicon entries: one word or a short phrase
+        assert max(words) <= 4
+      else:
+        assert min(words) >= sources.MIN_WORDS
+        assert max(words) <= sources.MAX_WORDS
   # No text (or image) and no group (speech, movie, ...) in two splits.
   for a, b in (("train", "validation"), ("train", "test"),
                ("validation", "test")):
@@ -143,6 +148,26 @@ def test_digits28_matches_pil_bilinear():
     ref = np.asarray(img.resize((20, 20), Image.Resampling.BILINEAR))
     ref = np.clip(np.rint(np.pad(ref * 255 / 16, 4)), 0, 255)
     assert np.abs(ours[i, ..., 0].astype(int) - ref).max() <= 1
+
+
+def test_word_tasks_label_words_as_their_lexicons_do(cache):
+  data_dir, _ = cache
+  want = {"word_valence": {"good": "positive", "terrible": "negative"},
+          "moral_foundation": {"compassion": "care", "patriot": "loyalty",
+                               "obey": "authority"},
+          "word_domain": {"church": "religion", "law": "law"},
+          "concreteness": {"stone": "concrete", "theory": "abstract"}}
+  for name, words in want.items():
+    task = suites.get_task(name)
+    seen = {}
+    for s in SPLITS:
+      for e in _read_all(suites.load_split(name, s, data_dir)):
+        seen[pipeline.as_text(e["text"])] = task.class_names[e["label"]]
+    for word, label in words.items():
+      assert seen.get(word) == label, (name, word, seen.get(word))
+    # Every word is one example: no duplicates and no conflicting labels.
+    assert len(seen) == sum(len(suites.load_split(name, s, data_dir))
+                            for s in SPLITS)
 
 
 def test_text_tasks_are_short_and_deterministic(cache, tmp_path):

@@ -57,7 +57,7 @@ def test_resume_after_interruption_equals_uninterrupted(enc, tmp_path,
                            str(tmp_path / "b"), progress=False)
   run = checkpoint.Run(str(tmp_path / "b" / "finetune" / "sentiment-standard"),
                        finetune.fingerprint(enc, finetune.suites.get_task(
-                           "sentiment"), _cfg()))
+                           "sentiment"), _cfg(), head))
   assert run.latest_step() == 2 and not run.done()
   monkeypatch.setattr(taskdata, "batch_at", real)
   got = finetune.finetune_task(enc, "sentiment", head, _cfg(),
@@ -88,7 +88,7 @@ def test_average_last_is_the_mean_of_the_last_checkpoints(enc, tmp_path):
                                progress=False)
   run = checkpoint.Run(str(tmp_path / "finetune" / "sentiment-standard"),
                        finetune.fingerprint(enc, finetune.suites.get_task(
-                           "sentiment"), cfg), max_to_keep=2)
+                           "sentiment"), cfg, head), max_to_keep=2)
   like = {"params": got, "opt": None}
   snaps = []
   for s in (2, 3):
@@ -123,6 +123,26 @@ def test_tangent_forward_is_the_first_order_expansion(enc):
     moved = encoders.join({k: sel[k] + de[k] for k in sel}, rest)
     err = float(jnp.abs(enc.features(moved, batch) - lin(de, batch)).max())
     assert err < tol, (eps, err)
+
+
+def test_padded_head_gives_the_same_loss_and_gradient(enc):
+  rng = np.random.default_rng(0)
+  head = {"kernel": jnp.asarray(rng.normal(size=(enc.dim, 3)), jnp.float32),
+          "bias": jnp.asarray(rng.normal(size=(3,)), jnp.float32)}
+  padded = finetune.pad_classes(head)
+  assert padded["kernel"].shape == (enc.dim, 8)
+  loss, init = finetune._loss_fn(enc, "standard", r"layers/0/attention/.*")
+  batch = enc.tokenizer(["a fine film", "dull and long", "so so"],
+                        max_length=16)
+  batch = {"input_ids": batch["input_ids"],
+           "attention_mask": batch["attention_mask"],
+           "label": np.asarray([0, 2, 1], np.int32)}
+  (l1, a1), g1 = jax.value_and_grad(loss, has_aux=True)(init, head, batch)
+  (l2, a2), g2 = jax.value_and_grad(loss, has_aux=True)(init, padded, batch)
+  np.testing.assert_allclose(l2, l1, rtol=1e-6)
+  assert float(a1) == float(a2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-8), g2, g1)
 
 
 def test_corrupt_head_cache_is_recomputed(enc, tmp_path):

@@ -6,12 +6,18 @@ import os
 import subprocess
 import sys
 
+import jax
+import numpy as np
 import pytest
 
 from configs import default
 from configs import demo as demo_config
 from mtmerge import benchmark
 from mtmerge import demo
+from mtmerge import encoders
+from mtmerge.data import pipeline
+from mtmerge.data import prompts
+from mtmerge.data import suites
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,13 +27,34 @@ def test_default_benchmark_runlocal(tmp_path, monkeypatch):
   config = default.get_config("runlocal")
   out = benchmark.run(config, str(tmp_path / "run"))
   methods = [r["method"] for r in out["rows"]]
-  assert methods == ["pretrained", "individual", "task_arithmetic",
+  assert methods == ["zero-shot", "individual", "task_arithmetic",
                      "ties_merging", "tall_mask", "adamerging(layer)"]
   for r in out["rows"]:
     for t in config.tasks:
       assert 0.0 <= r[t] <= 100.0
   indiv = out["rows"][1]
-  assert indiv["norm_avg"] == pytest.approx(100.0)
+  assert indiv["norm"] == pytest.approx(100.0)
+  # The zero-shot row, recomputed directly: cosine of each test input's
+  # embedding to every class's mean normalized prompt embedding.
+  enc = encoders.load(config.model, num_layers=config.num_layers)
+  feats = jax.jit(enc.features)
+  embed = lambda texts: np.asarray(feats(enc.params, {
+      k: v for k, v in enc.tokenizer(texts, max_length=32).items()
+      if k in ("input_ids", "attention_mask")}), np.float64)
+  for t in config.tasks:
+    names, templates = prompts.text_prompts(t)
+    classes = []
+    for name in names:
+      e = embed([tpl.format(name) for tpl in templates])
+      m = (e / np.linalg.norm(e, axis=1, keepdims=True)).mean(0)
+      classes.append(m / np.linalg.norm(m))
+    src = suites.load_split(t, "test")
+    n = min(len(src), config.eval.limits.test)
+    x = embed([pipeline.as_text(src[i]["text"]) for i in range(n)])
+    pred = np.argmax(x @ np.stack(classes).T, axis=1)
+    labels = np.asarray([src[i]["label"] for i in range(n)])
+    assert out["rows"][0][t] == pytest.approx(100 * np.mean(pred == labels),
+                                              abs=0.01), t
   data = json.loads((tmp_path / "run" / "results.json").read_text())
   assert data["tasks"] == list(config.tasks)
   png = (tmp_path / "run" / "results.png").read_bytes()
@@ -36,7 +63,7 @@ def test_default_benchmark_runlocal(tmp_path, monkeypatch):
   # Hyperparameters were chosen from the configured grid on validation.
   ta = out["rows"][2]
   assert ta["hparams"] in ("scaling_factor=0.3", "scaling_factor=0.5")
-  assert max(g["val_avg"] for g in ta["grid"]) == ta["val_avg"]
+  assert max(g["val"] for g in ta["grid"]) == ta["val"]
   # The learned row trained (checkpointed, with its log) and was evaluated.
   logs = list((tmp_path / "run" / "learned").glob("*/*/train_log.json"))
   assert len(logs) == 1, logs

@@ -90,6 +90,22 @@ TEXT_TASKS = (
     TaskDef("debate_role", "text", sources.DEBATE_ROLES, sources.debate_role,
             ("debates",), "2016 debate passages by speaker role.",
             balance=False),
+    # Word-level tasks (a few tokens each): lexicon classes in their
+    # natural mix (balancing would cut word_domain to 8 x 41 words).
+    TaskDef("moral_foundation", "text", sources.MORAL_FOUNDATIONS,
+            sources.moral_foundation, ("mfd",),
+            "Moral Foundations Dictionary 2.0 words by foundation.",
+            balance=False),
+    TaskDef("word_domain", "text",
+            tuple(n for _, n in sources.INQUIRER_DOMAINS), sources.word_domain,
+            ("inquirer",), "General Inquirer words by semantic domain.",
+            balance=False),
+    TaskDef("word_valence", "text", ("negative", "positive"),
+            sources.word_valence, ("inquirer",),
+            "General Inquirer words: negative vs positive valence."),
+    TaskDef("concreteness", "text", ("abstract", "concrete"),
+            sources.concreteness, ("whissell",),
+            "Whissell's Dictionary of Affect words: abstract vs concrete."),
 )
 _DIGITS = tuple(str(i) for i in range(10))
 IMAGE_TASKS = (

