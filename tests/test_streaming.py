@@ -203,3 +203,22 @@ def test_refusals_and_bad_input(ckpts, tmp_path):
                           [mps[0], str(tmp_path / "nan.safetensors")], out,
                           max_memory=BUDGET, progress=False)
   assert not os.path.exists(out)
+
+
+@pytest.mark.parametrize("method,hp,T", [("model_stock", {}, 3),
+                                         ("slerp", dict(t=0.3), 2),
+                                         ("slerp", {}, 1)])
+def test_per_tensor_cosines(ckpts, tmp_path, method, hp, T):
+  """Row-blocked tensors sum their cosine partials: float32 rounding only."""
+  bp, mps = ckpts["f32"]
+  ref = _in_memory(method, bp, mps[:T], hp)
+  got, _ = _streamed(method, bp, mps[:T], str(tmp_path / "o.safetensors"), hp)
+  for k in ref:
+    np.testing.assert_allclose(got[k], ref[k], rtol=1e-6, atol=1e-6,
+                               err_msg=k)
+  one = streaming.merge_files(method, bp, mps[:T], str(tmp_path / "w"),
+                              max_memory=10 ** 9, progress=False, **hp)
+  assert one["passes"] == ["merge"]  # every tensor whole: no statistics
+  whole, _ = checkpoint_io.load(str(tmp_path / "w"))
+  for k in ref:
+    np.testing.assert_array_equal(whole[k], ref[k], err_msg=k)

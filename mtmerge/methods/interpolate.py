@@ -37,7 +37,16 @@ def slerp_tensors(a: jax.Array, b: jax.Array, t: Any, epsilon: float = 1e-8
   na, nb = jnp.linalg.norm(a), jnp.linalg.norm(b)
   an = jnp.where(na > epsilon, a / jnp.where(na > epsilon, na, 1.0), a)
   bn = jnp.where(nb > epsilon, b / jnp.where(nb > epsilon, nb, 1.0), b)
-  dot = jnp.sum(an * bn)
+  return slerp_mix(a, b, t, jnp.sum(an * bn))
+
+
+def slerp_mix(a: jax.Array, b: jax.Array, t: Any, dot: jax.Array
+              ) -> jax.Array:
+  """SLERP of float32 `a`, `b` given the cosine `dot` of their directions.
+
+  Shared by `slerp_tensors` and the streamed executor, which sums `dot`
+  over row blocks.
+  """
   lerp = (1.0 - t) * a + t * b
   theta0 = jnp.arccos(jnp.clip(dot, -1.0, 1.0))
   sin0 = jnp.sin(theta0)
@@ -56,16 +65,20 @@ def slerp(base: Tree, tvs: Tree, t: Any = 0.5, epsilon: float = 1e-8) -> Tree:
   With one fine-tuned model this is mergekit's `slerp` (t=0 gives the base);
   with two it interpolates between them (t=0 gives the first).
   """
-  T = task_vectors.num_tasks(tvs)
+  task_vectors.num_tasks(tvs)  # checks the task axis
 
   def one(b, x):
-    b32 = b.astype(jnp.float32)
-    if T == 1:
-      a, c = b32, b32 + x[0].astype(jnp.float32)
-    else:
-      a, c = (b32 + x[0].astype(jnp.float32), b32 + x[1].astype(jnp.float32))
+    a, c = slerp_ends(b, x)
     return slerp_tensors(a, c, t, epsilon).astype(b.dtype)
   return jax.tree.map(one, base, tvs)
+
+
+def slerp_ends(b: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The float32 end points of `slerp`: (base, model) or (model 1, model 2)."""
+  b32 = b.astype(jnp.float32)
+  if x.shape[0] == 1:
+    return b32, b32 + x[0].astype(jnp.float32)
+  return b32 + x[0].astype(jnp.float32), b32 + x[1].astype(jnp.float32)
 
 
 def _pairwise_mean_cos(x: jax.Array, eps: float) -> jax.Array:
@@ -74,9 +87,18 @@ def _pairwise_mean_cos(x: jax.Array, eps: float) -> jax.Array:
   Each cosine divides by `max(|x_i| |x_j|, eps)` and is clipped to [-1, 1]
   (mergekit's convention).
   """
-  T = x.shape[0]
-  norms = jnp.linalg.norm(x, axis=1)
-  gram = (x @ x.T) / jnp.maximum(norms[:, None] * norms[None, :], eps)
+  return mean_cos_from_gram(x @ x.T, jnp.linalg.norm(x, axis=1), eps)
+
+
+def mean_cos_from_gram(gram: jax.Array, norms: jax.Array, eps: float
+                       ) -> jax.Array:
+  """Mean pairwise cosine (i < j) from a Gram matrix `[T, T]` and norms.
+
+  Shared by `model_stock` and the streamed executor (which sums the Gram
+  matrix over row blocks).
+  """
+  T = gram.shape[0]
+  gram = gram / jnp.maximum(norms[:, None] * norms[None, :], eps)
   iu = jnp.triu_indices(T, k=1)
   return jnp.mean(jnp.clip(gram[iu], -1.0, 1.0))
 
@@ -92,9 +114,14 @@ def model_stock(base: Tree, tvs: Tree, epsilon: float = 1e-6) -> Tree:
   """
   def one(b, x):
     xf = x.astype(jnp.float32).reshape(x.shape[0], -1)
-    n = x.shape[0]
-    cos = _pairwise_mean_cos(xf, epsilon)
-    t = n * cos / (1.0 + (n - 1) * cos)
-    out = b.astype(jnp.float32) + t * jnp.mean(x.astype(jnp.float32), axis=0)
-    return out.astype(b.dtype)
+    return model_stock_apply(b, x, _pairwise_mean_cos(xf, epsilon))
   return jax.tree.map(one, base, tvs)
+
+
+def model_stock_apply(b: jax.Array, x: jax.Array, cos: jax.Array
+                      ) -> jax.Array:
+  """`theta_0 + t * mean_t tau_t`, t from the mean cosine (rows or whole)."""
+  n = x.shape[0]
+  t = n * cos / (1.0 + (n - 1) * cos)
+  out = b.astype(jnp.float32) + t * jnp.mean(x.astype(jnp.float32), axis=0)
+  return out.astype(b.dtype)

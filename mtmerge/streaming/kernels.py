@@ -23,6 +23,7 @@ from jax._src.random import threefry2x32 as _threefry
 
 from mtmerge import selection
 from mtmerge.methods import arithmetic
+from mtmerge.methods import interpolate
 from mtmerge.methods import registry
 from mtmerge.transforms import combine
 from mtmerge.transforms import sparsify
@@ -166,3 +167,31 @@ def trim_apply(b, ms, thr, scale, drop=None, drop_rate=0.0, rescale=True,
   elif thr is not None or counts is not None:
     x = jnp.where(a >= _col(th, 0, x), x, 0)
   return arithmetic.task_arithmetic({"x": b}, {"x": x}, scale)["x"]
+
+
+@jax.jit
+def gram(b, ms):
+  """The block's partial Gram matrix `[T, T]` of flattened task vectors."""
+  x = tvs(b, ms)
+  x = x.reshape(x.shape[0], -1)
+  return x @ x.T
+
+
+@jax.jit
+def stock_apply(b, ms, cos):
+  """Model Stock's `theta_0 + t * mean_t tau_t` given the tensor's cosine."""
+  return interpolate.model_stock_apply(b, tvs(b, ms), cos)
+
+
+@jax.jit
+def slerp_moments(b, ms):
+  """Partial `(|a|^2, |c|^2, a.c)` of SLERP's end points over the block."""
+  a, c = interpolate.slerp_ends(b, tvs(b, ms))
+  return jnp.stack([jnp.sum(a * a), jnp.sum(c * c), jnp.sum(a * c)])
+
+
+@jax.jit
+def slerp_apply(b, ms, t, dot):
+  """SLERP of the block given the tensor's direction cosine `dot`."""
+  a, c = interpolate.slerp_ends(b, tvs(b, ms))
+  return interpolate.slerp_mix(a, c, t, dot).astype(b.dtype)

@@ -7,7 +7,8 @@ Methods without a recipe are refused by name (`for_method`).
 
 * block-local (`local`): weight_averaging, task_arithmetic, Breadcrumbs and
   magnitude pruning with `scope='row'`, Consensus on task arithmetic;
-  `model_stock` and `slerp` while every tensor fits one block.
+  `model_stock` and `slerp` (per-tensor cosines: as the in-memory method
+  on a tensor in one block, from summed row-block partials otherwise).
 * top-k (`TopK`): ties_merging, dare_ties, magnitude_prune and breadcrumbs
   (global or per-tensor scope), dare: thresholds from `stats.RadixSelect`
   (global, or per tensor for tensors split over blocks; a tensor in one
@@ -24,6 +25,7 @@ from typing import Any, Callable, Iterator
 import jax.numpy as jnp
 import numpy as np
 
+from mtmerge.methods import interpolate
 from mtmerge.methods import registry
 from mtmerge.streaming import kernels
 from mtmerge.streaming import reader
@@ -34,7 +36,7 @@ from mtmerge.transforms import sparsify
 _LOCAL = ("weight_averaging", "task_arithmetic")
 _TOPK = ("ties_merging", "dare_ties", "magnitude_prune", "breadcrumbs",
          "dare")
-_WHOLE_ONLY = ("model_stock", "slerp")
+_WHOLE_ONLY = ("model_stock", "slerp")  # per-tensor statistics
 
 
 @dataclasses.dataclass
@@ -69,18 +71,30 @@ class Local(Recipe):
     self.traced = {k: v for k, v in full.items() if k not in spec.static}
 
   def passes(self, blocks):
-    if self.name in _WHOLE_ONLY:
-      split = [blk for blk in blocks if not blk.whole]
-      if split:
-        raise ValueError(
-            f"method {self.name!r} streams only tensors that fit one block; "
-            f"tensor {split[0].name!r} {list(split[0].shape)} does not: raise "
-            "max_memory")
-    return iter(())
+    split = [blk for blk in blocks if not blk.whole]
+    if self.name in _WHOLE_ONLY and split:
+      # Per-tensor statistics of tensors split over blocks: summed partials.
+      mom = stats.Moments()
+      fn = kernels.gram if self.name == "model_stock" else (
+          kernels.slerp_moments)
+      yield Pass("per-tensor moments", split, lambda blk, b, ms: mom.add(
+          blk.name, np.asarray(fn(b, ms))))
+      self.moments = mom
 
   def apply(self, blk, b, ms):
-    return kernels.local(b, ms, self.traced, name=self.name,
-                         static=self.static)
+    if blk.whole or self.name not in _WHOLE_ONLY:
+      return kernels.local(b, ms, self.traced, name=self.name,
+                           static=self.static)
+    m = self.moments.get(blk.name)
+    eps = float(self.full["epsilon"])
+    if self.name == "model_stock":
+      g = jnp.asarray(m, jnp.float32)
+      cos = interpolate.mean_cos_from_gram(g, jnp.sqrt(jnp.diagonal(g)), eps)
+      return kernels.stock_apply(b, ms, cos)
+    na, nc = np.sqrt(m[0]), np.sqrt(m[1])
+    dot = m[2] / ((na if na > eps else 1.0) * (nc if nc > eps else 1.0))
+    return kernels.slerp_apply(b, ms, jnp.float32(self.full["t"]),
+                               jnp.float32(dot))
 
 
 class TopK(Recipe):
