@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any, Sequence
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 
 from mtmerge import checkpoint_io
@@ -31,9 +31,10 @@ DEFAULT_MAX_MEMORY = 2 << 30
 def bytes_per_entry(inputs: reader.Inputs) -> int:
   """What one tensor entry costs while its block is processed.
 
-  T + 1 input copies (stored dtype), float32 task vectors and one more
-  float32 temporary per task (DARE masks, histogram indices), and the
-  float32 output: the executor's accounting, a bound on its own buffers.
+  T + 1 input copies (stored dtype) for this block and as many for the
+  prefetched next one, float32 task vectors and one more float32
+  temporary per task (DARE masks, histogram indices), and the float32
+  output: the executor's accounting, a bound on its own buffers.
   """
   item = max(checkpoint_io.np_dtype(d).itemsize
              for d in inputs.layout.dtypes.values())
@@ -41,7 +42,7 @@ def bytes_per_entry(inputs: reader.Inputs) -> int:
     item = max(item, max(checkpoint_io.np_dtype(d).itemsize
                          for d in m.dtypes.values()))
   T = inputs.num_models
-  return (T + 1) * item + 8 * T + 8
+  return 2 * (T + 1) * item + 8 * T + 8
 
 
 class Executor:
@@ -65,6 +66,8 @@ class Executor:
     if key in self.checked:
       return
     ok = np.asarray(kernels.finite(b, ms))
+    if not ok.all():
+      ok = np.asarray(kernels.finite(b, ms, exact=True))
     if not ok[0]:
       raise checkpoint_io.CheckpointError(
           f"base ({self.inputs.source(-1, blk.name)}) has NaN or Inf in "
@@ -88,10 +91,13 @@ class Executor:
     names = sorted({blk.name for blk in p.blocks})
     done: set = set()
     with bar:
-      for blk, size in zip(p.blocks, sizes):
-        b = jnp.asarray(self.inputs.base_block(blk))
-        ms = [jnp.asarray(m) for m in self.inputs.model_blocks(blk)]
-        held = b.nbytes + sum(m.nbytes for m in ms) + 4 * (T + 1) * blk.numel
+      for (blk, b, ms), size in zip(self.inputs.prefetch(p.blocks), sizes):
+        # Aligned host buffers: adopted by the CPU backend without a copy.
+        b, ms = jax.device_put(b), [jax.device_put(m) for m in ms]
+        # This block's and the prefetched next block's inputs, the float32
+        # task vectors and output.
+        held = 2 * (b.nbytes + sum(m.nbytes for m in ms)) + 4 * (
+            T + 1) * blk.numel
         self.peak_bytes = max(self.peak_bytes, held)
         self._check(blk, b, ms)
         p.fn(blk, b, ms)

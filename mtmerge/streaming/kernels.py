@@ -86,13 +86,21 @@ def tvs(b, ms, drop: Drop | None = None, drop_rate: float = 0.0,
 _DROP = ("drop_rate", "rescale")
 
 
-@jax.jit
-def finite(b, ms) -> jax.Array:
-  """`[T + 1]` bools: base finite, then each task vector finite."""
-  x = tvs(b, ms)
-  ok_b = jnp.all(jnp.isfinite(b.astype(jnp.float32)))
-  return jnp.concatenate([ok_b[None], jnp.all(jnp.isfinite(
-      x.reshape(x.shape[0], -1)), axis=1)])
+@functools.partial(jax.jit, static_argnames=("exact",))
+def finite(b, ms, exact=False) -> jax.Array:
+  """`[T + 1]` bools: base finite, then each task vector finite.
+
+  `exact=False` tests the sums (NaN and Inf propagate into a sum, so a
+  finite sum means finite entries): one cheap reduction. A non-finite sum
+  (or a rare float32 overflow of one) calls for `exact=True`.
+  """
+  x = tvs(b, ms).reshape(len(ms), -1)
+  b = b.astype(jnp.float32).reshape(1, -1)
+  if exact:
+    return jnp.concatenate([jnp.all(jnp.isfinite(b), axis=1),
+                            jnp.all(jnp.isfinite(x), axis=1)])
+  return jnp.isfinite(jnp.concatenate([jnp.sum(b, axis=1),
+                                       jnp.sum(x, axis=1)]))
 
 
 @functools.partial(jax.jit, static_argnames=_DROP)

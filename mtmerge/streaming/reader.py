@@ -1,19 +1,22 @@
-"""Memory-mapped inputs of a streamed merge: base + T models, read by blocks.
+"""Inputs of a streamed merge: base + T models, read by blocks of rows.
 
-Nothing is loaded up front: every tensor is a read-only `np.memmap` view of
-its safetensors file (`checkpoint_io._mmap_file`, which validates each
-header against the file size), and a *block* is a range of rows (the first
-axis) of one tensor. Slicing a view reads only those rows' pages, so a pass
-over the model touches each file once and keeps nothing; a later pass reads
-the same pages again (from the OS page cache when it has room, else disk).
-Those pages are file-backed memory the kernel can reclaim at any time, not
-the process's own (anonymous) memory.
+Nothing is loaded up front. Headers are validated once (`checkpoint_io`:
+names, shapes, dtypes, offsets inside the file), and a *block* is a range
+of rows (the first axis) of one tensor: `read` copies exactly those bytes
+from each file with `os.preadv` into a fresh 64-byte-aligned buffer, which
+the CPU backend adopts without a further copy. A pass over the model reads
+each file once and keeps nothing; a later pass reads the same bytes again
+(from the OS page cache when it has room, else disk). `prefetch` reads the
+next block on a background thread while the current one is computed.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
-from typing import Sequence
+import json
+import os
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -68,7 +71,7 @@ class Inputs:
       m = checkpoint_io.read_layout(p)
       checkpoint_io._check_against(self.layout, m, f"model {i} ({m.source})")
       self.model_layouts.append(m)
-    self._views: dict[str, dict[str, np.ndarray]] = {}
+    self._files: dict[str, tuple] = {}
     lay = self.layout
     self.floats = sorted(k for k in lay.weight_map if checkpoint_io._is_float(
         checkpoint_io.np_dtype(lay.dtypes[k])))
@@ -86,41 +89,93 @@ class Inputs:
   def num_models(self) -> int:
     return len(self.model_layouts)
 
-  def _view(self, layout: checkpoint_io.Layout, name: str) -> np.ndarray:
+  def _entry(self, layout: checkpoint_io.Layout, name: str):
+    """(fd, dtype, shape, absolute data offset) of tensor `name`."""
     fpath = layout.path_of(layout.weight_map[name])
-    if fpath not in self._views:
-      self._views[fpath] = checkpoint_io._mmap_file(fpath)
-    views = self._views[fpath]
-    if name not in views:
+    if fpath not in self._files:
+      self._files[fpath] = _open(fpath)
+    fd, entries = self._files[fpath]
+    if name not in entries:
       raise checkpoint_io.CheckpointError(f"{fpath} lacks tensor {name!r}")
-    return views[name]
+    return (fd,) + entries[name]
 
   def source(self, model: int, name: str) -> str:
     """The file holding `name` in model `model` (-1: the base)."""
     lay = self.layout if model < 0 else self.model_layouts[model]
     return lay.path_of(lay.weight_map[name])
 
-  def base_block(self, blk: Block) -> np.ndarray:
-    """The base's rows of `blk`: a memory-mapped view (no copy)."""
-    return _rows(self._view(self.layout, blk.name), blk)
+  def _read(self, layout, blk: Block) -> np.ndarray:
+    fd, dtype, shape, off = self._entry(layout, blk.name)
+    if len(shape) >= 2:
+      row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+      off, shape = off + blk.r0 * row, (blk.r1 - blk.r0,) + shape[1:]
+    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(n + 64, np.uint8)
+    a = (-raw.ctypes.data) % 64
+    buf = raw[a:a + n]
+    got = os.preadv(fd, [buf], off) if n else 0
+    if got != n:
+      raise checkpoint_io.CheckpointError(
+          f"short read of tensor {blk.name!r} from "
+          f"{layout.path_of(layout.weight_map[blk.name])}")
+    return buf.view(dtype).reshape(shape)
 
-  def model_blocks(self, blk: Block) -> list[np.ndarray]:
-    """Each model's rows of `blk`: memory-mapped views (no copy)."""
-    return [_rows(self._view(m, blk.name), blk) for m in self.model_layouts]
+  def read(self, blk: Block) -> tuple[np.ndarray, list[np.ndarray]]:
+    """The base's and each model's rows of `blk`, as fresh arrays."""
+    return (self._read(self.layout, blk),
+            [self._read(m, blk) for m in self.model_layouts])
+
+  def prefetch(self, blocks: Sequence[Block]
+               ) -> Iterator[tuple[Block, np.ndarray, list[np.ndarray]]]:
+    """`(block, base rows, model rows)` in order, reading one block ahead."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      nxt = pool.submit(self.read, blocks[0]) if blocks else None
+      for i, blk in enumerate(blocks):
+        b, ms = nxt.result()
+        nxt = pool.submit(self.read, blocks[i + 1]) if i + 1 < len(
+            blocks) else None
+        yield blk, b, ms
 
   def whole(self, name: str) -> np.ndarray:
-    """The base's whole tensor `name` (a view), e.g. an integer buffer."""
-    return self._view(self.layout, name)
+    """The base's whole tensor `name`, e.g. an integer buffer."""
+    shape = self.layout.shapes[name]
+    return self._read(self.layout, Block(name, -1, 0, shape[0] if len(
+        shape) >= 2 else 1, shape))
 
   def close(self) -> None:
-    """Drops the memory maps (they close when the last view is freed)."""
-    self._views.clear()
+    """Closes the input files."""
+    for fd, _ in self._files.values():
+      os.close(fd)
+    self._files.clear()
 
 
-def _rows(x: np.ndarray, blk: Block) -> np.ndarray:
-  if x.ndim < 2:
-    return x
-  return x[blk.r0:blk.r1]
+def _open(fpath: str):
+  """`(fd, {name: (dtype, shape, absolute offset)})`, offsets validated."""
+  try:
+    size = os.path.getsize(fpath)
+    with open(fpath, "rb") as f:
+      n = int.from_bytes(f.read(8), "little")
+      if not 2 <= n <= min(size - 8, 100 << 20):
+        raise ValueError(f"header length {n} does not fit a {size}-byte file")
+      header = json.loads(f.read(n))
+    out = {}
+    for k, info in header.items():
+      if k == "__metadata__":
+        continue
+      st = info["dtype"]
+      dtype = checkpoint_io.np_dtype(checkpoint_io._ST_DTYPES.get(st, st))
+      shape = tuple(int(d) for d in info["shape"])
+      b, e = (int(o) for o in info["data_offsets"])
+      nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+      if e - b != nbytes or 8 + n + e > size or b < 0:
+        raise ValueError(f"tensor {k!r} ({st} {list(shape)}) has data offsets "
+                         f"[{b}, {e}] outside the file or of the wrong size "
+                         "(truncated?)")
+      out[k] = (dtype, shape, 8 + n + b)
+    return os.open(fpath, os.O_RDONLY), out
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise checkpoint_io.CheckpointError(
+        f"cannot read {fpath} ({checkpoint_io._line(e)})") from None
 
 
 def plan(inputs: Inputs, bytes_per_entry: int, max_memory: int
