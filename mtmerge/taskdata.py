@@ -46,7 +46,8 @@ def _text_lengths(tok, source, max_len: int) -> np.ndarray:
 def batcher(encoder: Any, task: Any, split: str, batch_size: int, *,
             shuffle: bool = False, seed: int = 0, limit: int | None = None,
             max_len: int = 48, multiple: int = 16,
-            data_dir: str | None = None) -> pipeline.Batcher:
+            data_dir: str | None = None,
+            sort_by_length: bool = False) -> pipeline.Batcher:
   """A `Batcher` over `task`'s `split` for `encoder`.
 
   Args:
@@ -62,6 +63,9 @@ def batcher(encoder: Any, task: Any, split: str, batch_size: int, *,
     max_len: text truncation length in tokens.
     multiple: text padding granularity in tokens.
     data_dir: TFDS data dir (default: the mtmerge cache).
+    sort_by_length: text without shuffling: batch the examples in order of
+      token length (every example still once), so batches carry little
+      padding; for evaluation, where the order does not matter.
   """
   task = suites.get_task(task)
   if task.modality != encoder.modality:
@@ -70,18 +74,23 @@ def batcher(encoder: Any, task: Any, split: str, batch_size: int, *,
   source = _limited(suites.load_split(task, split, data_dir), limit)
   if task.modality == "text":
     transform = _text_transform(encoder.tokenizer, max_len, multiple)
-    lengths = _text_lengths(encoder.tokenizer, source, max_len) if shuffle \
-        else None
+    sort = sort_by_length and not shuffle
+    lengths = _text_lengths(encoder.tokenizer, source, max_len) if (
+        shuffle or sort) else None
+    window = batch_size * 8 if shuffle else (len(source) if sort else 0)
     return pipeline.Batcher(
         source, min(batch_size, len(source)) if not shuffle else batch_size,
         transform=transform, shuffle=shuffle, seed=seed,
-        drop_remainder=shuffle, lengths=lengths,
-        bucket_window=batch_size * 8 if shuffle else 0)
+        drop_remainder=shuffle, lengths=lengths, bucket_window=window)
   pre = encoder.tokenizer
 
   def image_fn(examples):
-    images = np.stack([np.asarray(e[task.input_key]) for e in examples])
-    return {"image": pre(images),
+    images = [np.asarray(e[task.input_key]) for e in examples]
+    if len({x.shape for x in images}) == 1:
+      images = pre(np.stack(images))
+    else:  # datasets of mixed sizes (SUN397, Cars, DTD): one by one
+      images = np.concatenate([pre(x[None]) for x in images])
+    return {"image": images,
             "label": np.asarray([e[task.label_key] for e in examples],
                                 np.int32)}
   return pipeline.Batcher(source, batch_size, transform=image_fn,

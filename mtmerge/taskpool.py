@@ -67,7 +67,8 @@ class TaskPool:
     if key not in self._batches:
       b = taskdata.batcher(self.encoder, task, split, self.batch_size,
                            limit=self.limits.get(split),
-                           max_len=self.max_len, multiple=self.multiple)
+                           max_len=self.max_len, multiple=self.multiple,
+                           sort_by_length=True)
       self._batches[key] = list(b.epoch(0))
     return self._batches[key]
 

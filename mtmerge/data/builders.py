@@ -34,6 +34,7 @@ import dataclasses
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import logging
 import os
@@ -447,8 +448,14 @@ def prepare(tfds_name: str, data_dir: str | None = None,
     start = time.perf_counter()
     builder = cls(config=config, data_dir=data_dir,
                   file_format="array_record")
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    # TFDS prints "Downloading and preparing ..." and progress bars although
+    # nothing is downloaded: keep them out of the user's log.
+    tfds.disable_progress_bar()
+    with contextlib.redirect_stdout(io.StringIO()) as said:
+      builder.download_and_prepare(
+          download_config=tfds.download.DownloadConfig(
+              compute_stats=tfds.download.ComputeStatsMode.SKIP))
+    log.debug("TFDS: %s", said.getvalue().strip())
     manifest = _write_manifest(builder, expected, time.perf_counter() - start)
     log.info("Prepared %s/%s in %.1f s: %s", cls.name, config.name,
              manifest["prepare_seconds"], manifest["splits"])
