@@ -20,7 +20,6 @@ import jax
 import numpy as np
 
 from mtmerge import checkpoint_io
-from mtmerge.streaming import kernels
 from mtmerge.streaming import reader
 from mtmerge.streaming import recipes
 from mtmerge.streaming import writer
@@ -61,23 +60,13 @@ class Executor:
     self.peak_bytes = 0
     self.passes: list[str] = []
 
-  def _check(self, blk, b, ms) -> None:
+  def _check(self, blk) -> bool:
+    """True the first time a block is read: test it for NaN/Inf then."""
     key = (blk.name, blk.r0)
     if key in self.checked:
-      return
-    ok = np.asarray(kernels.finite(b, ms))
-    if not ok.all():
-      ok = np.asarray(kernels.finite(b, ms, exact=True))
-    if not ok[0]:
-      raise checkpoint_io.CheckpointError(
-          f"base ({self.inputs.source(-1, blk.name)}) has NaN or Inf in "
-          f"tensor {blk.name!r}")
-    if not ok.all():
-      i = int(np.argmin(ok[1:]))
-      raise checkpoint_io.CheckpointError(
-          f"model {i} ({self.inputs.source(i, blk.name)}) has NaN or Inf in "
-          f"the task vector of tensor {blk.name!r}")
+      return False
     self.checked.add(key)
+    return True
 
   def run(self, p: recipes.Pass) -> None:
     """Runs one pass: `p.fn(block, base rows, model rows)` per block."""
@@ -91,15 +80,14 @@ class Executor:
     names = sorted({blk.name for blk in p.blocks})
     done: set = set()
     with bar:
-      for (blk, b, ms), size in zip(self.inputs.prefetch(p.blocks), sizes):
+      for (blk, b, ms), size in zip(self.inputs.prefetch(
+          p.blocks, self._check), sizes):
         # Aligned host buffers: adopted by the CPU backend without a copy.
-        b, ms = jax.device_put(b), [jax.device_put(m) for m in ms]
+        b, ms = jax.device_put(b), jax.device_put(ms)
         # This block's and the prefetched next block's inputs, the float32
         # task vectors and output.
-        held = 2 * (b.nbytes + sum(m.nbytes for m in ms)) + 4 * (
-            T + 1) * blk.numel
+        held = 2 * (b.nbytes + ms.nbytes) + 4 * (T + 1) * blk.numel
         self.peak_bytes = max(self.peak_bytes, held)
-        self._check(blk, b, ms)
         p.fn(blk, b, ms)
         del b, ms
         if blk.r1 == (blk.shape[0] if len(blk.shape) >= 2 else 1):

@@ -1,11 +1,12 @@
 """Jitted per-block kernels of the streamed executor.
 
-Every kernel takes the block's raw inputs (the base rows `b` and each
-model's rows `ms`, in their stored dtype) and forms the float32 task
-vectors `ms[t] - b` itself, exactly as `checkpoint_io.load_task_vectors`
-does, so no `[T, ...]` float32 copy outlives a kernel. The merge arithmetic
-is the in-memory methods' own: a block-local method runs its registered
-function on a one-leaf tree `{"x": block}`, TIES runs
+Every kernel takes the block's raw inputs (the base rows `b` and the
+models' rows stacked `ms` `[T, rows, ...]`, in their stored dtype) and
+forms the float32 task vectors `ms[t] - b` itself, exactly as
+`checkpoint_io.load_task_vectors` does, so no `[T, ...]` float32 copy
+outlives a kernel. The merge arithmetic is the in-memory methods' own: a
+block-local method runs its registered function on a one-leaf tree
+`{"x": block}`, TIES runs
 `transforms.combine`'s vote and apply kernels, trimming runs
 `selection.flat_thresholds` on the block. The canonical one-leaf tree means
 jax's cache keys on shapes only: one compile per distinct block shape.
@@ -73,9 +74,13 @@ def _block_uniform(d: Drop, shape: tuple) -> jax.Array:
 
 def tvs(b, ms, drop: Drop | None = None, drop_rate: float = 0.0,
         rescale: bool = True) -> jax.Array:
-  """float32 task vectors `[T, rows, ...]` of a block (DARE-dropped)."""
-  b32 = b.astype(jnp.float32)
-  x = jnp.stack([m.astype(jnp.float32) - b32 for m in ms])
+  """float32 task vectors `[T, rows, ...]` of a block (DARE-dropped).
+
+  `ms` is the models' rows stacked `[T, rows, ...]`: one elementwise
+  fusion over it (a `jnp.stack` of per-model differences would be
+  materialized, ~6x slower on XLA:CPU).
+  """
+  x = ms.astype(jnp.float32) - b.astype(jnp.float32)[None]
   if drop is not None:
     keep = 1.0 - drop_rate
     x = sparsify.keep_rescaled(x, _block_uniform(drop, x.shape) < keep,
@@ -84,23 +89,6 @@ def tvs(b, ms, drop: Drop | None = None, drop_rate: float = 0.0,
 
 
 _DROP = ("drop_rate", "rescale")
-
-
-@functools.partial(jax.jit, static_argnames=("exact",))
-def finite(b, ms, exact=False) -> jax.Array:
-  """`[T + 1]` bools: base finite, then each task vector finite.
-
-  `exact=False` tests the sums (NaN and Inf propagate into a sum, so a
-  finite sum means finite entries): one cheap reduction. A non-finite sum
-  (or a rare float32 overflow of one) calls for `exact=True`.
-  """
-  x = tvs(b, ms).reshape(len(ms), -1)
-  b = b.astype(jnp.float32).reshape(1, -1)
-  if exact:
-    return jnp.concatenate([jnp.all(jnp.isfinite(b), axis=1),
-                            jnp.all(jnp.isfinite(x), axis=1)])
-  return jnp.isfinite(jnp.concatenate([jnp.sum(b, axis=1),
-                                       jnp.sum(x, axis=1)]))
 
 
 @functools.partial(jax.jit, static_argnames=_DROP)

@@ -16,7 +16,7 @@ import concurrent.futures
 import dataclasses
 import json
 import os
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -104,35 +104,65 @@ class Inputs:
     lay = self.layout if model < 0 else self.model_layouts[model]
     return lay.path_of(lay.weight_map[name])
 
-  def _read(self, layout, blk: Block) -> np.ndarray:
+  def _read(self, layout, blk: Block, out: np.ndarray | None = None
+            ) -> np.ndarray:
+    """`blk`'s rows of one checkpoint, into `out` or a fresh aligned array."""
     fd, dtype, shape, off = self._entry(layout, blk.name)
     if len(shape) >= 2:
       row = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
       off, shape = off + blk.r0 * row, (blk.r1 - blk.r0,) + shape[1:]
-    n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.empty(n + 64, np.uint8)
-    a = (-raw.ctypes.data) % 64
-    buf = raw[a:a + n]
-    got = os.preadv(fd, [buf], off) if n else 0
+    if out is None or out.dtype != dtype:
+      buf = _aligned(shape, dtype)
+    else:
+      buf = out
+    n = buf.nbytes
+    got = os.preadv(fd, [buf.reshape(-1).view(np.uint8)], off) if n else 0
     if got != n:
       raise checkpoint_io.CheckpointError(
           f"short read of tensor {blk.name!r} from "
           f"{layout.path_of(layout.weight_map[blk.name])}")
-    return buf.view(dtype).reshape(shape)
+    if out is not None and buf is not out:
+      out[...] = buf.astype(out.dtype)  # mixed model dtypes: float32
+    return buf
 
-  def read(self, blk: Block) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The base's and each model's rows of `blk`, as fresh arrays."""
-    return (self._read(self.layout, blk),
-            [self._read(m, blk) for m in self.model_layouts])
+  def read(self, blk: Block, check: bool = False
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """`(base rows, models' rows stacked [T, rows, ...])`, fresh arrays.
 
-  def prefetch(self, blocks: Sequence[Block]
-               ) -> Iterator[tuple[Block, np.ndarray, list[np.ndarray]]]:
-    """`(block, base rows, model rows)` in order, reading one block ahead."""
+    The stack has the models' common dtype (float32 if they differ, an
+    exact widening). `check=True` raises CheckpointError naming the file
+    and tensor if an input holds NaN or Inf.
+    """
+    b = self._read(self.layout, blk)
+    dts = {m.dtypes[blk.name] for m in self.model_layouts}
+    dt = checkpoint_io.np_dtype(dts.pop() if len(dts) == 1 else "float32")
+    stack = _aligned((self.num_models,) + b.shape, dt)
+    for t, m in enumerate(self.model_layouts):
+      self._read(m, blk, stack[t, ...])  # a view, also when 0-D
+    if check:
+      for i, x in [(-1, b)] + list(enumerate(stack)):
+        if not _finite(x):
+          who = "base" if i < 0 else f"model {i}"
+          what = "tensor" if i < 0 else "the task vector of tensor"
+          raise checkpoint_io.CheckpointError(
+              f"{who} ({self.source(i, blk.name)}) has NaN or Inf in {what} "
+              f"{blk.name!r}")
+    return b, stack
+
+  def prefetch(self, blocks: Sequence[Block], check: Callable[[Block], bool]
+               ) -> Iterator[tuple[Block, np.ndarray, np.ndarray]]:
+    """`(block, base rows, stacked model rows)`, reading one block ahead.
+
+    `check(block)` says whether to test that block for NaN/Inf (on the
+    reading thread, overlapping the caller's compute).
+    """
+    def read(blk):
+      return self.read(blk, check(blk))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-      nxt = pool.submit(self.read, blocks[0]) if blocks else None
+      nxt = pool.submit(read, blocks[0]) if blocks else None
       for i, blk in enumerate(blocks):
         b, ms = nxt.result()
-        nxt = pool.submit(self.read, blocks[i + 1]) if i + 1 < len(
+        nxt = pool.submit(read, blocks[i + 1]) if i + 1 < len(
             blocks) else None
         yield blk, b, ms
 
@@ -147,6 +177,31 @@ class Inputs:
     for fd, _ in self._files.values():
       os.close(fd)
     self._files.clear()
+
+
+def _aligned(shape: tuple, dtype: np.dtype) -> np.ndarray:
+  """An uninitialized array whose data is 64-byte aligned."""
+  n = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  raw = np.empty(n + 64, np.uint8)
+  a = (-raw.ctypes.data) % 64
+  return raw[a:a + n].view(dtype).reshape(shape)
+
+
+_EXP = {2: (np.uint16, {"bfloat16": 0x7f80, "float16": 0x7c00}),
+        4: (np.uint32, {"float32": 0x7f800000}),
+        8: (np.uint64, {"float64": 0x7ff0000000000000})}
+
+
+def _finite(x: np.ndarray) -> bool:
+  """True unless a floating `x` holds NaN or Inf (exponent bits all ones)."""
+  if not checkpoint_io._is_float(x.dtype):
+    return True
+  uint, masks = _EXP.get(x.dtype.itemsize, (None, {}))
+  mask = masks.get(x.dtype.name)
+  if mask is None:
+    return bool(np.isfinite(x.astype(np.float32)).all())
+  bits = x.reshape(-1).view(uint) & uint(mask)
+  return not bool((bits == uint(mask)).any())
 
 
 def _open(fpath: str):
