@@ -150,6 +150,7 @@ def run(config: Any, workdir: str) -> dict:
         heads_lib.task_prompts(t, config.heads.get("templates"))
       except (KeyError, ValueError) as e:
         raise ConfigError(f"config.heads: {e.args[0]}") from None
+  _check_sources(config, tasks)  # model, task checkpoints, datasets exist
   stage = _Stages(5 if learned_entries else 4)
   stage(f"loading {config.model} and preparing {len(tasks)} tasks")
   encoder = encoders.load(config.model, num_layers=config.get("num_layers"))
@@ -160,6 +161,7 @@ def run(config: Any, workdir: str) -> dict:
   print(f"encoder {encoder.name}: {tree_lib.tree_size(encoder.params)} "
         f"params; tasks {[t.name for t in tasks]}; heads {head_kind}; "
         f"fine-tuning {mode} ({trainable})", flush=True)
+  task_models = _task_models(config, encoder, tasks, trainable)
 
   heads, tuned = {}, []
   timing = {}
@@ -170,9 +172,14 @@ def run(config: Any, workdir: str) -> dict:
     heads[t.name] = heads_lib.build(encoder, t, config.heads, workdir)
   timing["heads_s"] = time.time() - t0
   t0 = time.time()
-  for t in tasks:
-    tuned.append(finetune.finetune_task(encoder, t, heads[t.name],
-                                        config.finetune, workdir))
+  tuned = task_models
+  if tuned is None:
+    tuned = []
+    for t in tasks:
+      t1 = time.time()
+      tuned.append(finetune.finetune_task(encoder, t, heads[t.name],
+                                          config.finetune, workdir))
+      print(f"  {t.name}: fine-tuned in {time.time() - t1:.0f} s", flush=True)
   timing["finetune_s"] = time.time() - t0
 
   sel, _ = encoders.split(encoder.params, trainable)
@@ -254,6 +261,7 @@ def run(config: Any, workdir: str) -> dict:
   print(f"\nmtmerge benchmark: {encoder.name}, {len(tasks)} tasks, "
         f"{head_kind} heads, fine-tuning mode {mode}, test split\n" +
         table_text(rows))
+  _print_published(config, rows)
   print(f"wall time {timing['total_s']:.0f} s (fine-tuning "
         f"{timing['finetune_s']:.0f} s)")
   out = {"model": encoder.name, "mode": mode, "heads": head_kind,
@@ -264,7 +272,9 @@ def run(config: Any, workdir: str) -> dict:
   results.write_csv(os.path.join(workdir, "results.csv"), table_rows)
   plots.bar_chart(table_rows, [t.name for t in tasks],
                   os.path.join(workdir, "results.png"),
-                  title=f"{encoder.name}: {len(tasks)} tasks ({mode})")
+                  title=f"{encoder.name}: {len(tasks)} tasks, {head_kind} "
+                  f"heads ({mode})",
+                  learned=[e[0] for e in learned_entries])
   return out
 
 
@@ -272,3 +282,44 @@ def _recon(compressed, base_sel, i):
   """Task i's trainable params from a compressed multi-task form."""
   from mtmerge import methods
   return methods.reconstruct(base_sel, compressed, i)
+
+
+def _check_sources(config, tasks) -> None:
+  """Stops in seconds when the model, a task checkpoint or a dataset is
+  missing (`mtmerge.modelpool.check_sources`)."""
+  from mtmerge import modelpool
+  try:
+    modelpool.check_sources(config, tasks)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _task_models(config, encoder, tasks, trainable):
+  """`config.task_models` read as the tuned models (no fine-tuning), or
+  None when unset (`mtmerge.modelpool.load`)."""
+  from mtmerge import modelpool
+  try:
+    tuned = modelpool.load(config, encoder, tasks, trainable)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if tuned is not None:
+    print(f"task models: {len(tuned)} published checkpoints read; "
+          "fine-tuning skipped", flush=True)
+  return tuned
+
+
+def _print_published(config, rows) -> None:
+  """Measured average accuracy beside `config.published` (label -> dict of
+  source -> number), the papers' numbers for the same setting."""
+  published = dict(config.get("published") or {})
+  if not published:
+    return
+  sources = sorted({k for v in published.values() for k in dict(v)})
+  table = []
+  for r in rows:
+    pub = dict(published.get(r["method"], {}))
+    table.append({"method": r["method"], "avg": r["avg"], "norm": r.get(
+        "norm"), **{s: pub.get(s, "") for s in sources}})
+  print(f"\npublished average accuracy (%) beside the measured "
+        f"({config.get('published_note', '')}):\n" +
+        results.format_table(table))

@@ -17,11 +17,13 @@ with one `jax.jvp`; fine-tuning trains `d`, merging adds task vectors in
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtmerge import tree as tree_lib
 
@@ -48,6 +50,12 @@ class Encoder(NamedTuple):
     features: `(params, batch) -> [B, D]` L2-normalized features, jittable.
     dim: feature width D.
     tokenizer: tokenizer (text) or image preprocessor (image).
+    embed_text: for an image encoder with a text tower (CLIP), the pair
+      `(encode(input_ids, attention_mask) -> [B, E], tokenize(texts) ->
+      dict)` with the pretrained text weights, which `mtmerge.heads` uses
+      for zero-shot heads; None otherwise.
+    logit_scale: the model's own logit multiplier (CLIP's
+      `exp(logit_scale)`), or None.
   """
   name: str
   modality: str
@@ -56,6 +64,8 @@ class Encoder(NamedTuple):
   features: Callable[[Params, dict], jax.Array]
   dim: int
   tokenizer: Any
+  embed_text: tuple[Callable, Callable] | None = None
+  logit_scale: float | None = None
 
 
 def _normalize(x: jax.Array) -> jax.Array:
@@ -77,7 +87,9 @@ def load(name: str, num_layers: int | None = None) -> Encoder:
   """
   from mtmerge import models  # local: flax, tokenizers
   from mtmerge.models import bert
-  model, tok = models.load(name)
+  from mtmerge.models import hub
+  path = hub.local_dir(name)
+  model, tok = models.load(path)
   if isinstance(model, bert.Bert):
     if num_layers is not None:
       if not 1 <= num_layers <= len(model.layers):
@@ -99,13 +111,38 @@ def load(name: str, num_layers: int | None = None) -> Encoder:
     def features(p, batch):
       return _normalize(models.merge_params(static, p).encode_image(
           batch["image"]))
+    c = model.config.vision
     dim = int(jax.eval_shape(lambda: model.encode_image(jnp.zeros(
-        (1, tok.crop_size, tok.crop_size, 3)))).shape[-1]) if hasattr(
-            tok, "crop_size") else None
+        (1, c.image_size, c.image_size, c.num_channels)))).shape[-1])
+    embed_text = scale = None
+    if getattr(model, "text", None) is not None:
+      embed_text = _clip_text(static, params, model.config.text.max_len, path)
+      scale = float(np.exp(np.asarray(params["logit_scale"], np.float64)))
     return Encoder(name, "image", static, canonical(params), features, dim,
-                   tok)
+                   tok, embed_text, scale)
   raise ValueError(f"model {name!r} ({type(model).__name__}) has no feature "
                    "extractor here; supported: BERT text encoders, CLIP")
+
+
+def _clip_text(static, params, max_len: int, path: str):
+  """CLIP's `(encode, tokenize)` over the pretrained text tower.
+
+  The tokenizer is the checkpoint's `tokenizer.json` (read on first use,
+  so a vision-only use of the model does not need it); batches are padded
+  to a multiple of 16 tokens (the attention mask hides padding, and
+  pooling takes the end-of-text token).
+  """
+  from mtmerge import models  # pylint: disable=g-import-not-at-top
+  from mtmerge.models import tokenizer as tokenizer_lib
+  fn = jax.jit(lambda p, ids, mask: models.merge_params(static, p)
+               .encode_text(ids, mask))
+  tok = []
+
+  def tokenize(texts):
+    if not tok:
+      tok.append(tokenizer_lib.Tokenizer(os.path.join(path, "tokenizer.json")))
+    return tok[0](texts, max_length=max_len, pad_to_multiple_of=16)
+  return (lambda ids, mask: fn(params, ids, mask)), tokenize
 
 
 def split(params: Params, pattern: str) -> tuple[Params, Params]:

@@ -87,7 +87,8 @@ def zeroshot_head(encoder: encoders.Encoder, task: Any, scale: float = 100.0,
   Args:
     encoder: the pretrained encoder (its features are unit-norm).
     task: task name or TaskSpec.
-    scale: logit scale (CLIP's `exp(logit_scale)` = 100).
+    scale: logit scale; None: the encoder's own (`Encoder.logit_scale`,
+      CLIP's `exp(logit_scale)`), else 100.
     templates: prompt templates overriding the task's own.
 
   Returns:
@@ -95,6 +96,8 @@ def zeroshot_head(encoder: encoders.Encoder, task: Any, scale: float = 100.0,
   """
   task = suites.get_task(task)
   names, templates = task_prompts(task, templates)
+  if scale is None:
+    scale = getattr(encoder, "logit_scale", None) or 100.0
   encode, tokenize = text_embedder(encoder)
   h = np.asarray(zeroshot.build_head(encode, tokenize, names, templates))
   return {"kernel": (float(scale) * h.T).astype(np.float32),

@@ -9,7 +9,9 @@
 * a local directory: dispatched on its `config.json` `model_type`
   ("bert" -> `bert.load_dir`, "vit" -> `vit.load_dir`, "clip" /
   "clip_vision_model" -> `clip.load_dir`);
-* any other "org/name": `huggingface_hub.snapshot_download`, only when that
+* any other "org/name": its snapshot in the Hugging Face cache
+  (`hf_cache_dir()`, standard `models--ORG--NAME/snapshots/<commit>/`
+  layout), else `huggingface_hub.snapshot_download`, only when that
   package is installed and `HF_HUB_OFFLINE` is unset.
 
 Merging works on pure dicts, so `split_params` / `merge_params` move between
@@ -88,13 +90,78 @@ def load_local(path: str, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None):
   return _call_loader(module.load_dir, path, dtype, rngs)
 
 
-def _snapshot(name: str) -> str:
-  unknown = (f"unknown model name {name!r}: known names are "
-             f"{list(KNOWN_NAMES)}, or pass a local directory with "
-             "config.json")
-  if os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false"):
+def hf_cache_dir() -> str:
+  """The Hugging Face hub cache, resolved as `huggingface_hub` does.
+
+  `HF_HUB_CACHE`, else `HUGGINGFACE_HUB_CACHE`, else `$HF_HOME/hub`, else
+  `$XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
+  Read on every call, so a changed environment takes effect.
+  """
+  env = os.environ
+  for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    if env.get(var):
+      return os.path.expanduser(env[var])
+  if env.get("HF_HOME"):
+    return os.path.join(os.path.expanduser(env["HF_HOME"]), "hub")
+  xdg = env.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+  return os.path.join(os.path.expanduser(xdg), "huggingface", "hub")
+
+
+def cached_snapshot(repo_id: str, revision: str = "main") -> str | None:
+  """`<cache>/models--ORG--NAME/snapshots/<commit>` of a cached repo, or None.
+
+  The standard cache layout that `huggingface_hub` writes: `refs/<revision>`
+  holds the commit hash of a branch; without that ref, `revision` may be the
+  commit itself, else the most recently written snapshot is used.
+  """
+  repo = os.path.join(hf_cache_dir(), "models--" + repo_id.replace("/", "--"))
+  snaps = os.path.join(repo, "snapshots")
+  if not os.path.isdir(snaps):
+    return None
+  ref = os.path.join(repo, "refs", revision)
+  commit = revision
+  if os.path.isfile(ref):
+    with open(ref, encoding="utf-8") as f:
+      commit = f.read().strip()
+  if os.path.isdir(os.path.join(snaps, commit)):
+    return os.path.join(snaps, commit)
+  dirs = [os.path.join(snaps, d) for d in os.listdir(snaps)
+          if os.path.isdir(os.path.join(snaps, d))]
+  return max(dirs, key=os.path.getmtime) if dirs else None
+
+
+def offline() -> bool:
+  """Whether `HF_HUB_OFFLINE` forbids downloads (huggingface_hub's truthy)."""
+  return os.environ.get("HF_HUB_OFFLINE", "0").strip().lower() not in (
+      "", "0", "false", "no", "off")
+
+
+def snapshot(name: str) -> str:
+  """The local directory of hub repository `name` ("org/name").
+
+  The Hugging Face cache is read first (standard layout, `cached_snapshot`);
+  a repository not cached there is downloaded with
+  `huggingface_hub.snapshot_download` only when that package is installed
+  and `HF_HUB_OFFLINE` is unset.
+
+  Raises:
+    ValueError: one line naming the repository and the cache searched.
+  """
+  cache = hf_cache_dir()
+  path = cached_snapshot(name)
+  if path is not None:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+      raise ValueError(f"Hugging Face repository {name!r} in the cache at "
+                       f"{path} has no config.json (an incomplete download? "
+                       f"delete it and download again)")
+    return path
+  unknown = (f"unknown model name {name!r}: not one of {list(KNOWN_NAMES)}, "
+             f"a local directory with config.json, or a repository in the "
+             f"Hugging Face cache {cache}")
+  if offline():
     raise ValueError(unknown + " (HF_HUB_OFFLINE is set, so hub ids cannot "
-                     "be downloaded)")
+                     "be downloaded; fetch it where there is network with "
+                     f"`huggingface-cli download {name}`)")
   try:
     import huggingface_hub  # optional
   except ImportError:
@@ -102,10 +169,28 @@ def _snapshot(name: str) -> str:
                      "ids)") from None
   try:
     return huggingface_hub.snapshot_download(
-        name, allow_patterns=["*.json", "*.safetensors", "*.txt"])
+        name, cache_dir=cache,
+        allow_patterns=["*.json", "*.safetensors", "*.txt"])
   except Exception as e:  # network, auth, missing repo: all end here
     raise ValueError(f"{unknown} (download from the hub failed: "
                      f"{type(e).__name__}: {str(e).splitlines()[0]})") from None
+
+
+def local_dir(name_or_path: str) -> str:
+  """The directory `load(name_or_path)` reads (see `load` for the order)."""
+  name = os.fspath(name_or_path)
+  if name in KNOWN_NAMES:
+    return minilm_dir()
+  if os.path.isdir(name):
+    return name
+  if os.path.exists(name):
+    raise ValueError(f"{name} is a file; pass the model directory that "
+                     "holds config.json and the weights")
+  parts = name.split("/")
+  if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
+    return snapshot(name)
+  raise ValueError(f"unknown model name {name!r}: not a directory; known "
+                   f"names are {list(KNOWN_NAMES)}")
 
 
 def load(name_or_path: str, *, dtype=jnp.float32,
@@ -128,16 +213,7 @@ def load(name_or_path: str, *, dtype=jnp.float32,
   name = os.fspath(name_or_path)
   if name in KNOWN_NAMES:
     return bert.load_dir(minilm_dir(), dtype=dtype, rngs=rngs)
-  if os.path.isdir(name):
-    return load_local(name, dtype=dtype, rngs=rngs)
-  if os.path.exists(name):
-    raise ValueError(f"{name} is a file; pass the model directory that "
-                     "holds config.json and the weights")
-  parts = name.split("/")
-  if len(parts) == 2 and all(parts) and not name.startswith((".", "~")):
-    return load_local(_snapshot(name), dtype=dtype, rngs=rngs)
-  raise ValueError(f"unknown model name {name!r}: not a directory; known "
-                   f"names are {list(KNOWN_NAMES)}")
+  return load_local(local_dir(name), dtype=dtype, rngs=rngs)
 
 
 @functools.partial(jax.jit, static_argnums=0)

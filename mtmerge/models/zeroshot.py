@@ -26,9 +26,9 @@ Typical use (frozen head, trainable image encoder, as in Ilharco et al.):
     z = zeroshot.logits(m.encode_image(images), head, scale)
     return optax.softmax_cross_entropy_with_integer_labels(z, labels).mean()
 
-`TEMPLATES` has short prompt lists for the eight tasks of that benchmark
-and `CLASSNAMES` the class names of six of them (not Cars196, SUN397), in TFDS
-label order; `clean_classname` turns TFDS label names (e.g. SUN397's
+`TEMPLATES` has the prompt templates of that benchmark's code for its
+eight tasks and `CLASSNAMES` the class names of six of them (not Cars196,
+SUN397), in TFDS label order; `clean_classname` turns TFDS label names (e.g. SUN397's
 "/a/abbey" or Cars196's names) into prompt text for the rest.
 """
 
@@ -42,38 +42,39 @@ import numpy as np
 
 Tokenize = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
 
-_PHOTO = ("a photo of a {}.", "a cropped photo of a {}.",
-          "a close-up photo of a {}.", "a good photo of the {}.")
-
+# The templates of the task-arithmetic code (Ilharco et al. 2023,
+# mlfoundations/task_vectors `src/datasets/templates.py`), which TIES,
+# AdaMerging, TALL masks and FusionBench reuse for the eight tasks.
 TEMPLATES: dict[str, tuple[str, ...]] = {
-    "mnist": ("a photo of the handwritten digit {}.",
-              "an image of the number {}.", "a scan of a written {}.",
-              "the digit {}, handwritten in ink."),
-    "svhn": ("a photo of the house number {}.",
-             "a street sign showing the digit {}.",
-             "a cropped photo of the number {}.",
-             "a blurry photo of the digit {}."),
-    "eurosat": ("a satellite photo of {}.", "an aerial view of {}.",
-                "a sentinel-2 image of {}.", "a low-resolution satellite "
-                "image of {}."),
-    "resisc45": ("a satellite image of a {}.", "an aerial photo of a {}.",
-                 "a remote sensing image showing a {}.",
-                 "an overhead view of the {}."),
-    "gtsrb": ("a photo of a \"{}\" traffic sign.",
-              "a zoomed-in photo of the \"{}\" road sign.",
-              "a blurry photo of a \"{}\" traffic sign.",
-              "a German traffic sign meaning \"{}\"."),
-    "dtd": ("a photo of a {} texture.", "a close-up of a {} surface.",
-            "a {} pattern.", "a photo of something with a {} texture."),
-    "cars196": ("a photo of a {}, a type of car.", "a photo of my {}.",
-                "a photo of the {} car.", "a blurry photo of a {}."),
-    "sun397": _PHOTO + ("a photo of the {}, a kind of scene.",),
+    "mnist": ('a photo of the number: "{}".',),
+    "svhn": ('a photo of the number: "{}".',),
+    "eurosat": ("a centered satellite photo of {}.",
+                "a centered satellite photo of a {}.",
+                "a centered satellite photo of the {}."),
+    "resisc45": tuple(f"{kind} {what} of {art}{{}}."
+                      for art in ("", "a ", "the ")
+                      for what in ("imagery", "photo", "view")
+                      for kind in ("satellite", "aerial")),
+    "gtsrb": tuple(f'a {how} photo of a "{{}}" traffic sign.'
+                   for how in ("zoomed in", "centered", "close up")),
+    "dtd": tuple(f"a photo of {art} {{}} {what}."
+                 for art in ("a", "the")
+                 for what in ("texture", "pattern", "thing", "object")),
+    "cars196": ("a photo of a {}.", "a photo of the {}.", "a photo of my {}.",
+                "i love my {}!", "a photo of my dirty {}.",
+                "a photo of my clean {}.", "a photo of my new {}.",
+                "a photo of my old {}."),
+    "sun397": ("a photo of a {}.", "a photo of the {}."),
 }
+TEMPLATES["cars"] = TEMPLATES["cars196"]  # the suites' task name
 
-_EUROSAT = ("annual crop land", "forest", "herbaceous vegetation land",
-            "highway or road", "industrial buildings", "pasture land",
-            "permanent crop land", "residential buildings", "river",
-            "sea or lake")
+# EuroSAT and GTSRB: the task-arithmetic code's class names (descriptive
+# phrases instead of the datasets' label names).
+_EUROSAT = ("annual crop land", "forest", "brushland or shrubland",
+            "highway or road", "industrial buildings or commercial buildings",
+            "pasture land", "permanent crop land",
+            "residential buildings or homes or apartments", "river",
+            "lake or sea")
 
 _RESISC45 = tuple(n.replace("_", " ") for n in (
     "airplane airport baseball_diamond basketball_court beach bridge "
@@ -95,23 +96,37 @@ _DTD = tuple((
     "studded swirly veined waffled woven wrinkled zigzagged").split())
 
 # GTSRB class ids 0..42.
+_RW, _TRI = "red and white circle", "red and white triangle"
 _GTSRB = tuple(
-    [f"speed limit {v} km/h" for v in (20, 30, 50, 60, 70, 80)] +
-    ["end of speed limit 80 km/h", "speed limit 100 km/h",
-     "speed limit 120 km/h", "no passing",
-     "no passing for vehicles over 3.5 tons",
-     "right of way at the next intersection", "priority road", "yield",
-     "stop", "no vehicles", "vehicles over 3.5 tons prohibited", "no entry",
-     "general caution", "dangerous curve to the left",
-     "dangerous curve to the right", "double curve", "bumpy road",
-     "slippery road", "road narrows on the right", "road work",
-     "traffic signals", "pedestrians", "children crossing",
-     "bicycles crossing", "beware of ice or snow", "wild animals crossing",
-     "end of all speed and passing limits", "turn right ahead",
-     "turn left ahead", "ahead only", "go straight or right",
-     "go straight or left", "keep right", "keep left",
-     "roundabout mandatory", "end of no passing",
-     "end of no passing for vehicles over 3.5 tons"])
+    [f"{_RW} {v} kph speed limit" for v in (20, 30, 50, 60, 70, 80)] +
+    ["end / de-restriction of 80 kph speed limit"] +
+    [f"{_RW} {v} kph speed limit" for v in (100, 120)] +
+    [f"{_RW} red car and black car no passing",
+     f"{_RW} red truck and black car no passing",
+     f"{_TRI} road intersection warning", "white and yellow diamond priority "
+     "road", "red and white upside down triangle yield right-of-way", "stop",
+     "empty red and white circle", f"{_RW} no truck entry",
+     "red circle with white horizonal stripe no entry",
+     f"{_TRI} with exclamation mark warning"] +
+    [f"{_TRI} with black {c} approaching warning"
+     for c in ("left curve", "right curve", "double curve")] +
+    [f"{_TRI} rough / bumpy road warning",
+     f"{_TRI} car skidding / slipping warning",
+     f"{_TRI} with merging / narrow lanes warning",
+     f"{_TRI} with person digging / construction / road work warning",
+     f"{_TRI} with traffic light approaching warning",
+     f"{_TRI} with person walking warning",
+     f"{_TRI} with child and person walking warning",
+     f"{_TRI} with bicyle warning", f"{_TRI} with snowflake / ice warning",
+     f"{_TRI} with deer warning",
+     "white circle with gray strike bar no speed limit"] +
+    [f"blue circle with white {a} mandatory" for a in (
+        "right turn arrow", "left turn arrow", "forward arrow",
+        "forward or right turn arrow", "forward or left turn arrow",
+        "keep right arrow", "keep left arrow")] +
+    ["blue circle with white arrows indicating a traffic circle"] +
+    [f"white circle with gray strike bar indicating no passing for {v} has "
+     "ended" for v in ("cars", "trucks")])
 
 _DIGITS = tuple(str(i) for i in range(10))
 
