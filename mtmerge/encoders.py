@@ -130,7 +130,8 @@ def _clip_text(static, params, max_len: int, path: str):
   The tokenizer is the checkpoint's `tokenizer.json` (read on first use,
   so a vision-only use of the model does not need it); batches are padded
   to a multiple of 16 tokens (the attention mask hides padding, and
-  pooling takes the end-of-text token).
+  pooling takes the end-of-text token) and 64 rows (padding rows are
+  dropped from the output).
   """
   from mtmerge import models  # pylint: disable=g-import-not-at-top
   from mtmerge.models import tokenizer as tokenizer_lib
@@ -142,7 +143,11 @@ def _clip_text(static, params, max_len: int, path: str):
     if not tok:
       tok.append(tokenizer_lib.Tokenizer(os.path.join(path, "tokenizer.json")))
     return tok[0](texts, max_length=max_len, pad_to_multiple_of=16)
-  return (lambda ids, mask: fn(params, ids, mask)), tokenize
+  def encode(ids, mask):  # rows padded to a multiple of 64: few compiles
+    n = ids.shape[0]
+    pad = ((0, -n % 64), (0, 0))
+    return fn(params, jnp.pad(ids, pad), jnp.pad(mask, pad))[:n]
+  return encode, tokenize
 
 
 def split(params: Params, pattern: str) -> tuple[Params, Params]:

@@ -32,7 +32,7 @@ from mtmerge.models import zeroshot
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = "openai/clip-vit-base-patch32"
-V = dict(image_size=28, patch_size=14, hidden_size=16, num_hidden_layers=2,
+V = dict(image_size=28, patch_size=14, hidden_size=16, num_hidden_layers=1,
          num_attention_heads=2, intermediate_size=32, hidden_act="quick_gelu")
 T = dict(max_position_embeddings=16, hidden_size=16, num_hidden_layers=1,
          num_attention_heads=2, intermediate_size=32, hidden_act="quick_gelu")
@@ -177,6 +177,10 @@ def _accuracy(encoder, params, head, task):
 def test_clip_config_runs_end_to_end_offline(offline_env, tmp_path, capsys):
   config = clip_vit.get_config("runlocal")
   assert config.tasks == ["mnist", "eurosat"]
+  # Budget: one merge of each kind (one model; one model per task) and the
+  # learned row; the other methods' kernels are tested elsewhere.
+  config.methods = [m for m in config.methods
+                    if m["method"] in ("task_arithmetic", "emr_merging")]
   fake_cache(offline_env, config.tasks)
   with tfds.testing.mock_data(num_examples=200):
     out = benchmark.run(config, str(tmp_path / "run"))
@@ -189,8 +193,7 @@ def test_clip_config_runs_end_to_end_offline(offline_env, tmp_path, capsys):
                                rtol=1e-5)
     rows = {r["method"]: r for r in out["rows"]}
     assert list(rows) == ["zero-shot", "individual", "task_arithmetic",
-                          "ties_merging", "tall_mask", "emr_merging",
-                          "adamerging(layer)"]
+                          "emr_merging", "adamerging(layer)"]
     for task in config.tasks:
       h = heads_lib.zeroshot_head(enc, task, None)
       assert rows["zero-shot"][task] == pytest.approx(
