@@ -30,12 +30,13 @@ Arguments after `:` (comma-separated): `model=B/32|B/16|L/14`,
 test of the wiring, not a result).
 
 Local smoke test (CPU, needs the checkpoints and mnist, eurosat):
-  HF_HUB_OFFLINE=1 mtmerge --config configs/clip_vit.py:runlocal \
-      --workdir runs/clip_smoke
+  HF_HUB_OFFLINE=1 python -m mtmerge.main \
+      --config configs/clip_vit.py:runlocal --workdir runs/clip_smoke
 One GPU (ViT-B/32, 8 tasks; the test sets are cached preprocessed in host
 memory, about 0.6 MB per image: cap them with
 `--config.eval.limits.test=2000` on small hosts):
-  HF_HUB_OFFLINE=1 mtmerge --config configs/clip_vit.py:model=B/32,tasks=8 \
+  HF_HUB_OFFLINE=1 python -m mtmerge.main \
+      --config configs/clip_vit.py:model=B/32,tasks=8 \
       --workdir runs/clip_b32
 TPU pod (every worker needs the cache and the data: point HF_HUB_CACHE and
 TFDS_DATA_DIR at copies on each worker or on a shared disk):

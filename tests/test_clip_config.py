@@ -158,7 +158,8 @@ def offline_env(tmp_path, monkeypatch):
   # TFDS 4.9's mock sets `__getitems__` on a MagicMock without binding
   # `self`; read one by one (as tests/test_data.py does).
   monkeypatch.setattr(
-      array_record.ArrayRecordDataSource, "__getitems__", lambda self, keys: [self[k] for k in keys])
+      array_record.ArrayRecordDataSource, "__getitems__",
+      lambda self, keys: [self[k] for k in keys])
   (tmp_path / "hub").mkdir()
   return tmp_path / "hub"
 
@@ -274,5 +275,6 @@ def test_bad_task_and_task_sets(offline_env, tmp_path):
     clip_vit.get_config("model=B/8")
   c = clip_vit.get_config("model=L/14,tasks=8")
   assert c.model == "openai/clip-vit-large-patch14" and len(c.tasks) == 8
-  assert c.task_models["cars"] == "tanganke/clip-vit-large-patch14_stanford-cars"
+  assert c.task_models["cars"] == (
+      "tanganke/clip-vit-large-patch14_stanford-cars")
   assert not c.published  # the published numbers are for ViT-B/32

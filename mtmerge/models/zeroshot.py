@@ -28,8 +28,9 @@ Typical use (frozen head, trainable image encoder, as in Ilharco et al.):
 
 `TEMPLATES` has the prompt templates of that benchmark's code for its
 eight tasks and `CLASSNAMES` the class names of six of them (not Cars196,
-SUN397), in TFDS label order; `clean_classname` turns TFDS label names (e.g. SUN397's
-"/a/abbey" or Cars196's names) into prompt text for the rest.
+SUN397), in TFDS label order; `clean_classname` turns TFDS label names
+(e.g. SUN397's "/a/abbey" or Cars196's names) into prompt text for the
+rest.
 """
 
 from __future__ import annotations
