@@ -24,6 +24,7 @@ fit the encoder's fine-tuned part).
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -66,10 +67,17 @@ def check_sources(config: Any, tasks: Sequence[Any]) -> None:
     raise ValueError("config.task_models are standard fine-tuned checkpoints;"
                      f" finetune.mode={config.finetune.mode!r} needs "
                      "fine-tuning (drop task_models)")
-  hub.local_dir(config.model)
+  path = hub.local_dir(config.model)
+  image = any(suites.get_task(t).modality == "image" for t in tasks)
+  if (image and config.heads.get("kind") == "zeroshot" and
+      not os.path.isfile(os.path.join(path, "tokenizer.json"))):
+    raise ValueError(f"model {config.model!r} ({path}) has no tokenizer.json"
+                     ", which zero-shot heads need for its text tower")
+  _check_weights(f"model {config.model!r}", path)
   for task, repo in repos.items():
     try:
-      hub.local_dir(repo)
+      _check_weights(f"task model {repo!r} (task {task!r})",
+                     hub.local_dir(repo))
     except ValueError as e:
       raise ValueError(f"task model for {task!r}: {e}") from None
   for t in tasks:
@@ -87,6 +95,14 @@ def check_sources(config: Any, tasks: Sequence[Any]) -> None:
                          f"cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})"
                          ) from None
+
+
+def _check_weights(what: str, path: str) -> None:
+  names = ("model.safetensors", "model.safetensors.index.json")
+  if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+    raise ValueError(f"{what} at {path} has no model.safetensors (PyTorch "
+                     ".bin weights are not read; download the safetensors "
+                     "files)")
 
 
 def load(config: Any, encoder: encoders.Encoder, tasks: Sequence[Any],

@@ -25,6 +25,7 @@ from tensorflow_datasets.core.data_sources import array_record
 
 from configs import clip_vit
 from mtmerge import benchmark
+from mtmerge import benchmark_learned
 from mtmerge import encoders
 from mtmerge import heads as heads_lib
 from mtmerge.data import suites
@@ -247,6 +248,17 @@ def test_missing_task_model_or_dataset_is_named(offline_env, tmp_path,
   monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
   with pytest.raises(benchmark.ConfigError, match=r"'mnist'.*not prepared"):
     benchmark.run(config, str(tmp_path / "w"))  # no mock data: no datasets
+  snap = lambda repo: next((tmp_path / "hub2" / (
+      "models--" + repo.replace("/", "--")) / "snapshots").iterdir())
+  (snap(config.task_models["eurosat"]) / "model.safetensors").unlink()
+  with pytest.raises(benchmark.ConfigError, match=r"clip-vit-base-patch32_"
+                     r"eurosat.*has no model.safetensors"):
+    benchmark.run(config, str(tmp_path / "w"))
+  (snap(MODEL) / "tokenizer.json").unlink()
+  with pytest.raises(benchmark.ConfigError, match=r"'openai/clip-vit-base-"
+                     r"patch32'.*no tokenizer.json"):
+    benchmark.run(config, str(tmp_path / "w"))
+  assert not (tmp_path / "w").exists() or not any((tmp_path / "w").iterdir())
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -278,3 +290,16 @@ def test_bad_task_and_task_sets(offline_env, tmp_path):
   assert c.task_models["cars"] == (
       "tanganke/clip-vit-large-patch14_stanford-cars")
   assert not c.published  # the published numbers are for ViT-B/32
+  # Every method string, grid and training option of the full config is
+  # valid (what `benchmark.run` checks before any work).
+  c = clip_vit.get_config("model=B/32")
+  assert len(benchmark._method_entries(c)) == len(clip_vit.METHODS)
+  learned = benchmark_learned.entries(c, benchmark.ConfigError)
+  assert [e[0] for e in learned][:3] == ["adamerging(task)",
+                                         "adamerging++(task)",
+                                         "adamerging(layer)"]
+  labels = {"zero-shot", "individual"} | {e[0] for e in learned} | {
+      e[0] for e in benchmark._method_entries(c)}
+  assert set(c.published) <= labels  # every published number has a row
+  assert c.published["task_arithmetic"].to_dict() == dict(paper=69.1,
+                                                       fusionbench=68.0)
