@@ -247,3 +247,59 @@ def test_integer_buffers_are_kept_from_base(tmp_path):
   assert cli.main(["reconstruct", "--in", comp, "--base", paths[0], "--task",
                    "1", "--out", rec]) == 0
   np.testing.assert_array_equal(load_file(rec)["position_ids"], ids)
+
+
+def _minilm_shapes(layers=1, vocab=512, d=384):
+  """all-MiniLM-L6-v2's tensor names and shapes (fewer layers, small vocab)."""
+  sh = {"embeddings.word_embeddings.weight": (vocab, d),
+        "embeddings.position_embeddings.weight": (512, d),
+        "embeddings.token_type_embeddings.weight": (2, d),
+        "embeddings.LayerNorm.weight": (d,), "embeddings.LayerNorm.bias": (d,),
+        "pooler.dense.weight": (d, d), "pooler.dense.bias": (d,)}
+  for i in range(layers):
+    p = f"encoder.layer.{i}."
+    for n in ("attention.self.query", "attention.self.key",
+              "attention.self.value", "attention.output.dense"):
+      sh[f"{p}{n}.weight"], sh[f"{p}{n}.bias"] = (d, d), (d,)
+    sh[p + "intermediate.dense.weight"] = (4 * d, d)
+    sh[p + "intermediate.dense.bias"] = (4 * d,)
+    sh[p + "output.dense.weight"], sh[p + "output.dense.bias"] = (d, 4 * d), (d,)
+    for n in ("attention.output.LayerNorm", "output.LayerNorm"):
+      sh[f"{p}{n}.weight"], sh[f"{p}{n}.bias"] = (d,), (d,)
+  return sh
+
+
+def test_tsv_merging_minilm_sized_finishes(tmp_path):
+  """TSV on MiniLM's shapes hung in XLA:CPU (jaxlib's batched LAPACK SVDs
+  block the intra-op pool's threads on each other); now it must finish, and
+  agree with the float64 NumPy reference."""
+  import reference_numpy as ref
+  from safetensors.numpy import save_file
+  rng = np.random.default_rng(0)
+  base = {k: (0.05 * rng.standard_normal(s)).astype(np.float32)
+          for k, s in _minilm_shapes().items()}
+  save_file(base, str(tmp_path / "base.safetensors"))
+  fts = []
+  for i in range(3):
+    fts.append({k: x + (0.001 * rng.standard_normal(x.shape)).astype(
+        np.float32) for k, x in base.items()})
+    save_file(fts[-1], str(tmp_path / f"ft{i}.safetensors"))
+  out = tmp_path / "out.safetensors"
+  proc = subprocess.run(
+      [sys.executable, "-m", "mtmerge", "merge", "--method", "tsv_merging",
+       "--base", "base.safetensors", "--models", "ft0.safetensors",
+       "ft1.safetensors", "ft2.safetensors", "--out", str(out),
+       "--param", "alpha=0.8"],
+      cwd=tmp_path, capture_output=True, text=True, timeout=150,
+      env={**os.environ, "PYTHONPATH": REPO, "MTMERGE_COMPILE_CACHE": "0"})
+  assert proc.returncode == 0, proc.stderr
+  got, _ = cio.load(out)
+  names = ["encoder.layer.0.intermediate.dense.weight",
+           "encoder.layer.0.output.dense.weight", "pooler.dense.weight",
+           "embeddings.token_type_embeddings.weight", "pooler.dense.bias"]
+  import threadpoolctl  # NumPy's threaded SVDs crawl on a busy 2-core host
+  with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
+    want = ref.tsv_merging({k: base[k] for k in names},
+                           [{k: ft[k] for k in names} for ft in fts], alpha=0.8)
+  for k in names:
+    np.testing.assert_allclose(got[k], want[k], atol=2e-6, err_msg=k)

@@ -147,6 +147,23 @@ def test_della_matches_reference_with_same_uniforms(setup):
                                         0.3, 0.1, 1.1))
 
 
+@pytest.mark.parametrize("shape", [(40, 6), (6, 40), (7, 7)])
+def test_tsv_thin_svd_and_polar_factor_match_numpy(shape):
+  """TSV's QR-then-small-SVD route against NumPy's direct SVD (float64)."""
+  from mtmerge.methods import tsv
+  a = np.random.default_rng(4).standard_normal(shape).astype(np.float32)
+  u, s, vt = (np.asarray(x, np.float64) for x in tsv.thin_svd(jnp.asarray(a)))
+  pw, sw, qtw = np.linalg.svd(a.astype(np.float64), full_matrices=False)
+  np.testing.assert_allclose(s, sw, rtol=1e-5)
+  np.testing.assert_allclose(u @ np.diag(s) @ vt, a, atol=1e-5)
+  # Singular vectors are unique up to sign (distinct singular values).
+  np.testing.assert_allclose(np.abs(np.sum(u * pw, axis=0)), 1.0, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(tsv.polar_factor(jnp.asarray(a))),
+                             pw @ qtw, atol=1e-5)
+  with pytest.raises(ValueError, match="one matrix"):
+    tsv.polar_factor(jnp.zeros((2,) + shape))
+
+
 @pytest.mark.parametrize("lam", [0.4, [0.2, 0.4, 0.6]])
 def test_tall_mask_reconstructs_each_task(setup, lam):
   base, models, tvs = setup
