@@ -134,6 +134,7 @@ def run(config: Any, workdir: str) -> dict:
   from mtmerge import methods
   t_start = time.time()
   os.makedirs(workdir, exist_ok=True)
+  _check_sources(config)  # tasks, model, task checkpoints, datasets exist
   try:
     tasks = [suites.get_task(t) for t in config.tasks]
   except KeyError as e:
@@ -150,7 +151,6 @@ def run(config: Any, workdir: str) -> dict:
         heads_lib.task_prompts(t, config.heads.get("templates"))
       except (KeyError, ValueError) as e:
         raise ConfigError(f"config.heads: {e.args[0]}") from None
-  _check_sources(config, tasks)  # model, task checkpoints, datasets exist
   stage = _Stages(5 if learned_entries else 4)
   stage(f"loading {config.model} and preparing {len(tasks)} tasks")
   encoder = encoders.load(config.model, num_layers=config.get("num_layers"))
@@ -284,12 +284,12 @@ def _recon(compressed, base_sel, i):
   return methods.reconstruct(base_sel, compressed, i)
 
 
-def _check_sources(config, tasks) -> None:
-  """Stops in seconds when the model, a task checkpoint or a dataset is
-  missing (`mtmerge.modelpool.check_sources`)."""
+def _check_sources(config) -> None:
+  """Stops in seconds when a task, the model, a task checkpoint or a
+  dataset is missing (`mtmerge.modelpool.check_sources`)."""
   from mtmerge import modelpool
   try:
-    modelpool.check_sources(config, tasks)
+    modelpool.check_sources(config)
   except ValueError as e:
     raise ConfigError(str(e)) from None
 

@@ -17,8 +17,8 @@ read from the Hugging Face cache (`mtmerge.models.hub.snapshot`; with
 
 Every check here raises `ValueError` with one line naming the repository,
 the task or the dataset, so the benchmark stops before long work:
-`check_sources` (the model, every task checkpoint and every dataset exist,
-in that order) and `load` (each checkpoint's parameter paths and shapes
+`check_sources` (every task is registered; the model, every task
+checkpoint and every dataset exist, in that order) and `load` (each checkpoint's parameter paths and shapes
 fit the encoder's fine-tuned part).
 """
 
@@ -53,15 +53,23 @@ def repositories(config: Any, tasks: Sequence[Any]) -> dict[str, str]:
   return {t: str(spec[t]) for t in names}
 
 
-def check_sources(config: Any, tasks: Sequence[Any]) -> None:
-  """The pretrained model, every task checkpoint and every dataset exist.
+def check_sources(config: Any) -> None:
+  """Every task is registered; the model, every task checkpoint and every
+  dataset exist.
 
   Cheap (no weights are read): run before any long work.
 
   Raises:
-    ValueError: one line naming the first missing repository or dataset.
+    ValueError: one line naming the unregistered tasks, or the first
+      missing repository or dataset.
   """
   from mtmerge.models import hub  # pylint: disable=g-import-not-at-top
+  unknown = [str(t) for t in config.tasks if not _registered(t)]
+  if unknown:
+    raise ValueError(f"config.tasks: {len(unknown)} task(s) not in any suite "
+                     f"of mtmerge.data.suites: {', '.join(unknown)} (known "
+                     f"tasks: {', '.join(suites.task_names())})")
+  tasks = [suites.get_task(t) for t in config.tasks]
   repos = repositories(config, tasks)
   if repos and config.finetune.get("mode", "standard") != "standard":
     raise ValueError("config.task_models are standard fine-tuned checkpoints;"
@@ -95,6 +103,14 @@ def check_sources(config: Any, tasks: Sequence[Any]) -> None:
                          f"cannot be read ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})"
                          ) from None
+
+
+def _registered(name: Any) -> bool:
+  try:
+    suites.get_task(name)  # suite-qualified or TFDS name
+    return True
+  except KeyError:
+    return False
 
 
 def _check_weights(what: str, path: str) -> None:
