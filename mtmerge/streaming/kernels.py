@@ -7,8 +7,9 @@ forms the float32 task vectors `ms[t] - b` itself, exactly as
 outlives a kernel. The merge arithmetic is the in-memory methods' own: a
 block-local method runs its registered function on a one-leaf tree
 `{"x": block}`, TIES runs
-`transforms.combine`'s vote and apply kernels, trimming runs
-`selection.flat_thresholds` on the block. The canonical one-leaf tree means
+`transforms.combine`'s vote and apply kernels; thresholds come from
+`stats` (the in-memory per-tensor search inside a kernel costs ~40x the
+apply on XLA:CPU). The canonical one-leaf tree means
 jax's cache keys on shapes only: one compile per distinct block shape.
 """
 
@@ -22,7 +23,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src.random import threefry2x32 as _threefry
 
-from mtmerge import selection
 from mtmerge.methods import arithmetic
 from mtmerge.methods import interpolate
 from mtmerge.methods import registry
@@ -105,50 +105,36 @@ def local(b, ms, traced, name, static):
   return out["x"]
 
 
-def thresholds(x, thr, counts):
-  """`[T, len]` thresholds: `thr` as given, or per-tensor from `counts`.
-
-  With `counts` (a tuple of `sparsify.RankCount`), the block is a whole
-  tensor and each column is `selection.flat_thresholds`' per-tensor search
-  on it, the in-memory path's own.
-  """
-  if counts is None:
-    return thr
-  return jnp.stack([selection.flat_thresholds({"x": x}, 1.0, "per_tensor",
-                                              count=c) for c in counts], 1)
-
-
 def _col(thr, i, x):
   return thr[:, i].reshape((x.shape[0],) + (1,) * (x.ndim - 1))
 
 
-@functools.partial(jax.jit, static_argnames=_DROP + ("counts",
-                                                     "sign_method"))
+@functools.partial(jax.jit, static_argnames=_DROP + ("sign_method",))
 def ties_votes(b, ms, thr, w, drop=None, drop_rate=0.0, rescale=True,
-               counts=None, sign_method="sum"):
+               sign_method="sum"):
   """The exact int sum of a block's TIES votes (`combine._leaf_vote`)."""
   x = tvs(b, ms, drop, drop_rate, rescale)
-  t = _col(thresholds(x, thr, counts), 0, x)
+  t = _col(thr, 0, x)
   v = combine._leaf_vote(x, t, w, sign_method).astype(jnp.int32)
   return jnp.sum(v)
 
 
 @functools.partial(jax.jit, static_argnames=_DROP + (
-    "counts", "sign_method", "zero_sign", "merge_func"))
+    "sign_method", "zero_sign", "merge_func"))
 def ties_apply(b, ms, thr, total, w, scale, drop=None, drop_rate=0.0,
-               rescale=True, counts=None, sign_method="sum",
-               zero_sign="majority", merge_func="sum"):
+               rescale=True, sign_method="sum", zero_sign="majority",
+               merge_func="sum"):
   """`theta_0 + scale * tau_TIES` of a block (`combine._apply_kernel`)."""
   x = tvs(b, ms, drop, drop_rate, rescale)
-  t = _col(thresholds(x, thr, counts), 0, x)
+  t = _col(thr, 0, x)
   return combine._apply_kernel(b, x, t, None, None, total, w, scale,
                                sign_method=sign_method, zero_sign=zero_sign,
                                merge_func=merge_func)
 
 
-@functools.partial(jax.jit, static_argnames=_DROP + ("counts", "band"))
+@functools.partial(jax.jit, static_argnames=_DROP + ("band",))
 def trim_apply(b, ms, thr, scale, drop=None, drop_rate=0.0, rescale=True,
-               counts=None, band=False):
+               band=False):
   """Trim (or DARE-drop), then task arithmetic with `scale`.
 
   `band=False`: keep `|tau| >= thr[:, 0]` (magnitude pruning; no trim when
@@ -156,12 +142,11 @@ def trim_apply(b, ms, thr, scale, drop=None, drop_rate=0.0, rescale=True,
   (Breadcrumbs: columns from the (removed, removed + kept) counts).
   """
   x = tvs(b, ms, drop, drop_rate, rescale)
-  th = thresholds(x, thr, counts)
   a = jnp.abs(x).astype(jnp.float32)
   if band:
-    x = jnp.where((a >= _col(th, 1, x)) & (a < _col(th, 0, x)), x, 0)
-  elif thr is not None or counts is not None:
-    x = jnp.where(a >= _col(th, 0, x), x, 0)
+    x = jnp.where((a >= _col(thr, 1, x)) & (a < _col(thr, 0, x)), x, 0)
+  elif thr is not None:
+    x = jnp.where(a >= _col(thr, 0, x), x, 0)
   return arithmetic.task_arithmetic({"x": b}, {"x": x}, scale)["x"]
 
 

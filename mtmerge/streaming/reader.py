@@ -200,8 +200,9 @@ def _finite(x: np.ndarray) -> bool:
   mask = masks.get(x.dtype.name)
   if mask is None:
     return bool(np.isfinite(x.astype(np.float32)).all())
-  bits = x.reshape(-1).view(uint) & uint(mask)
-  return not bool((bits == uint(mask)).any())
+  # All-ones exponents are the largest masked value: one and, one max.
+  bits = np.bitwise_and(x.reshape(-1).view(uint), uint(mask))
+  return bits.size == 0 or int(bits.max()) != mask
 
 
 def _open(fpath: str):

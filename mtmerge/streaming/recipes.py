@@ -11,8 +11,8 @@ Methods without a recipe are refused by name (`for_method`).
   on a tensor in one block, from summed row-block partials otherwise).
 * top-k (`TopK`): ties_merging, dare_ties, magnitude_prune and breadcrumbs
   (global or per-tensor scope), dare: thresholds from `stats.RadixSelect`
-  (global, or per tensor for tensors split over blocks; a tensor in one
-  block gets the in-memory per-tensor search inside its kernel), the TIES
+  (global, or per tensor for tensors split over blocks) or
+  `stats.kth_largest` (a tensor in one block), the TIES
   vote total from `stats.VoteTotal` when `zero_sign='majority'`, DARE's
   mask redrawn identically in every pass.
 """
@@ -161,34 +161,38 @@ class TopK(Recipe):
       votes = stats.VoteTotal()
 
       def vote(blk, b, ms):
-        thr, counts = self._thr(blk)
         votes.add(blk.leaf, kernels.ties_votes(
-            b, ms, thr, self.w, self._drop(blk), **self.dkw, counts=counts,
-            sign_method=self.full["sign_method"]))
+            b, ms, self._thr(blk, b, ms), self.w, self._drop(blk),
+            **self.dkw, sign_method=self.full["sign_method"]))
       yield Pass("sign votes", blocks, vote)
       self.total = jnp.float32(votes.total())
 
-  def _thr(self, blk):
-    """(thr, counts) for a block's kernel: given, or computed inside."""
+  def _thr(self, blk, b=None, ms=None):
+    """`[T, ranks]` thresholds of a block (None: nothing trimmed)."""
     if self.counts is None:
-      return (jnp.zeros((self.T, 1), jnp.float32) if self.ties else None,
-              None)
-    if self.scope != "global" and blk.whole:
-      return None, tuple(self.counts)
-    return jnp.asarray(self.thr[self._group(blk)]), None
+      return jnp.zeros((self.T, 1), jnp.float32) if self.ties else None
+    if self.scope == "global" or not blk.whole:
+      return jnp.asarray(self.thr[self._group(blk)])
+    if blk.name not in self.thr:  # a whole tensor: exact, on the host
+      n = int(np.prod(blk.shape, dtype=np.int64))
+      self.thr[blk.name] = stats.kth_largest(self._x(blk, b, ms),
+                                             [c(n) for c in self.counts])
+    thr = self.thr[blk.name]
+    if not (self.ties and self.full["zero_sign"] == "majority"):
+      del self.thr[blk.name]  # needed once
+    return jnp.asarray(thr)
 
   def apply(self, blk, b, ms):
-    thr, counts = self._thr(blk)
+    thr = self._thr(blk, b, ms)
     d = self._drop(blk)
     if self.ties:
       f = self.full
       return kernels.ties_apply(b, ms, thr, self.total, self.w, self.scale,
-                                d, **self.dkw, counts=counts,
-                                sign_method=f["sign_method"],
+                                d, **self.dkw, sign_method=f["sign_method"],
                                 zero_sign=f["zero_sign"],
                                 merge_func=f["merge_func"])
     return kernels.trim_apply(b, ms, thr, self.scale, d, **self.dkw,
-                              counts=counts, band=self.band)
+                              band=self.band)
 
 
 def for_method(name: str, full: dict[str, Any], T: int) -> Recipe:

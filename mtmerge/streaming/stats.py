@@ -11,6 +11,7 @@
   keep `|tau| >= thr`; magnitudes below 2**-100 count as zero (if fewer
   than k entries are above that, thr = 0 keeps everything); k <= 0 gives
   +inf. So the kept set equals the in-memory search's, entry for entry.
+* `kth_largest`: the same thresholds for a tensor held whole (one block).
 * `VoteTotal`: TIES' model-wide sum of elected signs from per-tensor
   integer partials, combined in float32 in leaf order exactly as
   `transforms.combine.ties_apply` adds them.
@@ -20,6 +21,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Hashable, Sequence
 
 import numpy as np
@@ -30,10 +32,17 @@ _HI = 1 << 15   # top-16-bit buckets of a non-negative float32
 _LO = 1 << 16
 
 
-def _abs_bits(x: np.ndarray) -> np.ndarray:
-  """uint32 bits of |x| for float32 `x` `[T, ...]`, flattened per task."""
-  x = np.ascontiguousarray(x, np.float32)
-  return (x.reshape(x.shape[0], -1).view(np.uint32) & np.uint32(0x7fffffff))
+def _halves(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(low, high) uint16 halves of float32 `x` `[T, ...]`'s bits, per task.
+
+  Strided views, no copy: the high half holds the sign, the exponent and 7
+  mantissa bits.
+  """
+  x = np.ascontiguousarray(x, np.float32).reshape(x.shape[0], -1)
+  u = x.view(np.uint16)
+  if sys.byteorder == "little":
+    return u[:, 0::2], u[:, 1::2]
+  return u[:, 1::2], u[:, 0::2]
 
 
 def _descend(hist: np.ndarray, k: int) -> tuple[int, int]:
@@ -63,10 +72,11 @@ class RadixSelect:
 
   def add_hi(self, group: Hashable, x: np.ndarray) -> None:
     """Pass 1 partial: `x` float32 `[T, ...]`, one block of the group."""
-    bits = _abs_bits(x)
+    hi = _halves(x)[1]
     h = self.hi[group]
     for t in range(self.T):
-      h[t] += np.bincount(bits[t] >> np.uint32(16), minlength=_HI)
+      c = np.bincount(hi[t], minlength=2 * _HI)
+      h[t] += c[:_HI] + c[_HI:]  # fold the sign bit: magnitudes only
 
   def finish_hi(self) -> None:
     """Combines pass 1: each rank's bucket and its rank inside it."""
@@ -84,16 +94,15 @@ class RadixSelect:
 
   def add_lo(self, group: Hashable, x: np.ndarray) -> None:
     """Pass 2 partial: low-bit histograms of the picked buckets' entries."""
-    bits = _abs_bits(x)
+    lo, hi = _halves(x)
     for t in range(self.T):
       top = None
       for (tt, b), h in self.lo[group].items():
         if tt != t:
           continue
         if top is None:
-          top = bits[t] >> np.uint32(16)
-        sel = bits[t][top == b] & np.uint32(0xffff)
-        h += np.bincount(sel, minlength=_LO)
+          top = hi[t] & np.uint16(0x7fff)
+        h += np.bincount(lo[t][top == b], minlength=_LO)
 
   def finish(self) -> dict[Hashable, np.ndarray]:
     """Combines pass 2: group -> float32 thresholds `[T, len(ranks)]`."""
@@ -105,12 +114,38 @@ class RadixSelect:
             continue
           b, r = p
           low, _ = _descend(self.lo[g][(t, b)], r)
-          bits = (b << 16) | low
-          v = np.array(bits, np.uint32).view(np.float32)
-          out[t, i] = v if bits >= selection._TINY_BITS else 0.0
+          out[t, i] = _threshold(np.array((b << 16) | low,
+                                          np.uint32).view(np.float32))
       self.result[g] = out
     self.lo.clear()
     return self.result
+
+
+def _threshold(v: np.float32) -> np.float32:
+  """selection's convention: magnitudes below 2**-100 count as zero."""
+  bits = int(np.asarray(v, np.float32).view(np.uint32))
+  return np.float32(v) if bits >= selection._TINY_BITS else np.float32(0.0)
+
+
+def kth_largest(x: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+  """Exact thresholds `[T, len(ks)]` of a whole tensor `x` `[T, ...]`.
+
+  The in-block counterpart of `RadixSelect` (same convention), by
+  `np.partition` of each task's magnitudes.
+  """
+  T = x.shape[0]
+  a = np.abs(np.asarray(x, np.float32).reshape(T, -1))
+  n = a.shape[1]
+  out = np.full((T, len(ks)), np.inf, np.float32)
+  pos = sorted({n - k for k in ks if 0 < k <= n})
+  for t in range(T):
+    if not pos:
+      break
+    p = np.partition(a[t], pos)
+    for i, k in enumerate(ks):
+      if 0 < k <= n:
+        out[t, i] = _threshold(p[n - k])
+  return out
 
 
 class VoteTotal:
