@@ -90,6 +90,9 @@ def _key(config) -> str:
   what = dict(model=config.model, num_layers=config.get("num_layers"),
               tasks=list(config.tasks), heads=config.heads.to_dict(),
               finetune=config.finetune.to_dict())
+  if config.get("task_models"):  # published checkpoints instead of tuning
+    tm = config.task_models
+    what["task_models"] = tm if isinstance(tm, str) else dict(tm)
   return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()
                         ).hexdigest()[:12]
 

@@ -304,5 +304,9 @@ def test_bad_task_and_task_sets(offline_env, tmp_path):
   labels = {"zero-shot", "individual"} | {e[0] for e in learned} | {
       e[0] for e in benchmark._method_entries(c)}
   assert set(c.published) <= labels  # every published number has a row
+  # Learned results are cached per task-model set, not reused across sets.
+  other = clip_vit.get_config("model=B/32")
+  other.task_models["mnist"] = "org/other_mnist"
+  assert benchmark_learned._key(other) != benchmark_learned._key(c)
   assert c.published["task_arithmetic"].to_dict() == dict(paper=69.1,
                                                        fusionbench=68.0)
