@@ -111,12 +111,21 @@ LEARNED = [
     # Concrete TA: lambda 0.3, Adam lr 1e-3, 2000 steps.
     dict(method="concrete_task_arithmetic", label="concrete_ta",
          train=dict(steps=2000, lr=1e-3)),
+    # Concrete AdaMerging: 1000 mask steps, then 1000 AdaMerging steps
+    # under the mask (Adam, lr 1e-3 both).
+    dict(method="concrete_adamerging", label="concrete_adamerging",
+         train=dict(steps=1000, lr=1e-3)),
     # aTLAS task addition: AdamW lr 1e-3, weight decay 0.1 on labeled
     # validation data (the step count is ours).
     dict(method="atlas(objective='task_addition')", label="atlas",
          train=dict(steps=1000, lr=1e-3, optimizer="adamw",
                     weight_decay=0.1)),
     dict(method="twin_merging", label="twin_merging"),
+    # Skill localization (a language-model method): the top 1e-4 of entries
+    # by movement, mask logits trained at the paper's lr 1e7 on labeled
+    # train data (the step count is ours).
+    dict(method="skill_localization(sparsity=0.0001)",
+         label="skill_localization", train=dict(steps=100, lr=1e7)),
     dict(method="fisher_merging(num_examples=256)", label="fisher_merging"),
     dict(method="regmean(num_examples=256, alpha=0.95)", label="regmean"),
 ]
@@ -137,6 +146,7 @@ PUBLISHED_B32_8 = {
     "adamerging(layer)": dict(paper=80.1),
     "adamerging++(layer)": dict(paper=81.1),
     "concrete_ta": dict(paper=77.3),
+    "concrete_adamerging": dict(paper=84.0),
     "pcb_merging": dict(paper=76.3),
     "emr_merging": dict(paper=88.7),
     "tsv_merging": dict(paper="85.9 (TALL-mask ckpts)"),
