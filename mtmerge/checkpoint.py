@@ -41,9 +41,12 @@ def _abstract(tree: Any) -> Any:
   """Shape/dtype placeholders of `tree`, the restore target orbax needs.
 
   Leaves that are `jax.Array`s keep their sharding, so a sharded train
-  state is restored straight into its shards on every host.
+  state is restored straight into its shards on every host; leaves that are
+  `jax.ShapeDtypeStruct`s are used as given.
   """
   def one(x):
+    if isinstance(x, jax.ShapeDtypeStruct):
+      return x  # already abstract (e.g. `train.abstract_state`)
     sh = x.sharding if isinstance(x, jax.Array) else None
     dtype = x.dtype if hasattr(x, "dtype") else np.result_type(x)
     return jax.ShapeDtypeStruct(np.shape(x), dtype, sharding=sh)

@@ -17,9 +17,10 @@ For each task:
    checkpoints instead of the last one ("Free Lunch" checkpoint
    averaging; Wortsman et al. 2022, model soups over one run).
 
-Training is data parallel over all devices (a 1-D 'data' mesh; the batch
-size must divide the device count). Dropout is off while fine-tuning
-(deterministic steps, exact resume).
+Training goes through `mtmerge.train.fit` on the caller's mesh (default a
+1-D 'data' mesh over all devices; the global batch must divide over its
+data axes, and each process reads only its rows). Dropout is off while
+fine-tuning (deterministic steps, exact resume).
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import auto as tqdm
 
 from mtmerge import checkpoint
 from mtmerge import encoders
-from mtmerge import results
 from mtmerge import sharding
 from mtmerge import taskdata
+from mtmerge import train
 from mtmerge import tree as tree_lib
 from mtmerge.data import suites
 
@@ -154,30 +154,45 @@ def pad_classes(head: dict, multiple: int = 8) -> dict:
                           constant_values=-1e4)}
 
 
-# (encoder static id, mode, trainable, optimizer settings) -> (encoder,
-# jitted step): tasks fine-tuned with the same settings share one program.
-_STEPS: dict[tuple, tuple] = {}
+# (encoder static id, mode, trainable) -> (encoder, loss, init): tasks
+# fine-tuned with the same settings share one loss function, so `train.fit`
+# reuses one compiled step (the padded head is a constant argument).
+_LOSSES: dict[tuple, tuple] = {}
 
 
-def _train_step(encoder, config):
-  key = (id(encoder.static), config.mode, config.trainable, config.lr,
-         config.warmup, config.steps, config.weight_decay)
-  if key in _STEPS and _STEPS[key][0] is encoder:
-    return _STEPS[key][1:]
-  loss_fn, init = _loss_fn(encoder, config.mode, config.trainable)
-  sched = optax.warmup_cosine_decay_schedule(
-      0.0, config.lr, max(1, config.warmup), max(config.steps, 2), 0.0)
-  opt = optax.adamw(sched, weight_decay=config.weight_decay)
+def _objective(encoder, config, head) -> train.Objective:
+  key = (id(encoder.static), config.mode, config.trainable)
+  if key not in _LOSSES or _LOSSES[key][0] is not encoder:
+    loss_fn, init = _loss_fn(encoder, config.mode, config.trainable)
 
-  @jax.jit
-  def step(state, head, batch):
-    (loss, acc), g = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], head, batch)
-    updates, opt_state = opt.update(g, state["opt"], state["params"])
-    new = optax.apply_updates(state["params"], updates)
-    return {"params": new, "opt": opt_state}, loss, acc
-  _STEPS[key] = (encoder, step, opt, init)
-  return step, opt, init
+    def loss(params, consts, batch, rng):
+      del rng  # deterministic: no dropout while fine-tuning
+      ce, acc = loss_fn(params, consts["head"], batch)
+      return ce, {"acc": acc}
+    _LOSSES[key] = (encoder, loss, init)
+  _, loss, init = _LOSSES[key]
+  return train.Objective(init, loss, {"head": pad_classes(head)})
+
+
+def train_config(config, data_axes=("data",)) -> train.TrainConfig:
+  """The `train.TrainConfig` of a `finetune` config: AdamW, warmup-cosine."""
+  return train.TrainConfig(
+      steps=int(config.steps), optimizer="adamw", lr=float(config.lr),
+      weight_decay=float(config.weight_decay), schedule="cosine",
+      warmup=max(1, int(config.warmup)), seed=int(config.seed),
+      save_every=int(config.save_every),
+      log_every=int(config.get("log_every", 10)), data_axes=tuple(data_axes))
+
+
+_MESHES: dict[int, jax.sharding.Mesh] = {}
+
+
+def default_mesh() -> jax.sharding.Mesh:
+  """A 1-D 'data' mesh over every device (built once per device count)."""
+  n = jax.device_count()
+  if n not in _MESHES:
+    _MESHES[n] = sharding.make_mesh([("data", -1)])
+  return _MESHES[n]
 
 
 def fingerprint(encoder, task, config, head=None) -> dict:
@@ -192,76 +207,73 @@ def fingerprint(encoder, task, config, head=None) -> dict:
 
 
 def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
-                  config: Any, workdir: str, progress: bool = True
-                  ) -> dict[str, jax.Array]:
+                  config: Any, workdir: str, progress: bool = True, *,
+                  mesh: jax.sharding.Mesh | None = None,
+                  rules: Any = None) -> dict[str, jax.Array]:
   """Fine-tunes the encoder on one task (cached, resumable).
+
+  Runs through `train.fit`: one jitted step with donated state shared by
+  every task with the same settings, orbax checkpoints, exact resume.
 
   Args:
     encoder: the pretrained encoder.
     task: task name or TaskSpec.
     head: the task's frozen head (`linear_probe`).
     config: `mode` (standard | tangent), `trainable` (regex), `steps`,
-      `batch_size`, `lr`, `warmup`, `weight_decay`, `save_every`,
-      `average_last` (0 = off), `seed`, `limit`, `max_len`.
+      `batch_size` (global), `lr`, `warmup`, `weight_decay`, `save_every`,
+      `average_last` (0 = off), `seed`, `limit`, `max_len`, optional
+      `log_every`.
     workdir: runs go to `workdir/finetune/<task>-<mode>`.
     progress: show a progress bar.
+    mesh: the device mesh (default `default_mesh()`); the batch is split
+      over its `data` and `fsdp` axes.
+    rules: `(regex, spec)` sharding rules of the trained params (default:
+      replicated, i.e. data parallel).
 
   Returns:
-    The fine-tuned trainable params (nested canonical dict): the weights
-    (standard) or the tangent-space offset `delta` (tangent).
+    The fine-tuned trainable params (nested canonical dict of device
+    arrays): the weights (standard) or the tangent-space offset `delta`
+    (tangent).
   """
   task = suites.get_task(task)
   if config.mode not in ("standard", "tangent"):
     raise ValueError(f"finetune.mode must be standard or tangent, got "
                      f"{config.mode!r}")
+  mesh = default_mesh() if mesh is None else mesh
+  data_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape)
+  if not data_axes:
+    raise ValueError(f"the mesh {dict(mesh.shape)} has no 'data' or 'fsdp' "
+                     "axis to split fine-tuning batches over")
+  # Each process reads only its rows of every global batch.
+  rows = sharding.check_batch_divides(config.batch_size, mesh, data_axes)
+  index, count = sharding.data_shard(config.batch_size, mesh, data_axes)
+  objective = _objective(encoder, config, head)
+  p_sh = None
+  if rules is not None:
+    p_sh = sharding.shardings_from_rules(objective.init, rules, mesh)
   run = checkpoint.Run(
       os.path.join(workdir, "finetune", f"{task.name}-{config.mode}"),
       fingerprint(encoder, task, config, head),
       max_to_keep=max(2, int(config.average_last)))
-  step, opt, init = _train_step(encoder, config)
-  if run.done():
-    return run.load_final(init)
-  state = {"params": init, "opt": opt.init(init)}
-  start = 0
-  if run.latest_step() is not None:
-    start = run.latest_step()
-    state = run.restore(start, state)
+  b = None
 
-  b = taskdata.batcher(encoder, task, "train", config.batch_size,
-                       shuffle=True, seed=config.seed, limit=config.limit,
-                       max_len=config.max_len)
-  # Data parallel over every local device: the batch is split along a
-  # 'data' mesh axis, params and optimizer state are replicated, and XLA
-  # inserts the gradient all-reduce.
-  mesh = sharding.make_mesh([("data", -1)])
-  sharding.check_batch_divides(config.batch_size, mesh, ("data",))
-  data_sh = sharding.batch_sharding(mesh, ("data",))
-  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  state = jax.device_put(state, repl)
-  head = jax.device_put(pad_classes(head), repl)
-  put = lambda batch: jax.device_put(batch, data_sh)
-  bar = tqdm.tqdm(total=config.steps, initial=start, disable=None if progress else True,
-                  desc=f"finetune {task.name} ({config.mode})", leave=False)
-  log = []
-  for s in range(start, config.steps):
-    state, loss, acc = step(state, head, put(taskdata.batch_at(b, s)))
-    loss = float(loss)
-    if not np.isfinite(loss):
-      raise FloatingPointError(f"non-finite loss {loss} at step {s} while "
-                               f"fine-tuning {task.name}; lower finetune.lr")
-    log.append({"step": s + 1, "loss": loss, "acc": float(acc)})
-    bar.update()
-    bar.set_postfix(loss=f"{loss:.3f}")
-    if (s + 1) % config.save_every == 0 or s + 1 == config.steps:
-      run.save(s + 1, state)
-  bar.close()
-  final = state["params"]
-  k = int(config.average_last)
-  if k > 1:
-    steps = run.all_steps()[-k:]
-    snaps = [run.restore(t, state)["params"] for t in steps]
-    final = jax.tree.map(lambda *xs: sum(xs) / len(xs), *snaps)
-  run.finish(final)
-  results.write_json(os.path.join(run.directory, "train_log.json"), log)
-  run.close()
-  return final
+  def batches(step):
+    nonlocal b
+    if b is None:  # not needed when the task is already done
+      # Hosts pad text to one length so their rows form one global array.
+      b = taskdata.batcher(
+          encoder, task, "train", rows, shuffle=True, seed=config.seed,
+          limit=config.limit, max_len=config.max_len,
+          multiple=16 if count == 1 else config.max_len,
+          process_index=index, process_count=count)
+    return taskdata.batch_at(b, step)
+
+  try:
+    res = train.fit(objective, batches, train_config(config, data_axes),
+                    mesh=mesh, param_shardings=p_sh, run=run,
+                    average_last=int(config.average_last), host=False,
+                    desc=f"finetune {task.name} ({config.mode})",
+                    progress=progress)
+  finally:
+    run.close()
+  return res.params

@@ -261,3 +261,28 @@ def check_batch_divides(global_batch_size: int, mesh: jax.sharding.Mesh,
       (global_batch_size,))
   starts = {idx[0].indices(global_batch_size)[:2] for idx in indices.values()}
   return sum(stop - start for start, stop in starts)
+
+
+def data_shard(global_batch_size: int, mesh: jax.sharding.Mesh,
+               data_axes: str | Sequence[str] = ("data",)) -> tuple[int, int]:
+  """`(index, count)`: which block of every global batch this process reads.
+
+  The process's rows of a batch split over `data_axes` form one contiguous
+  block (`check_batch_divides` rows long); hosts that are replicas along the
+  data axes get the same index, so they read the same examples.
+
+  Returns:
+    The block's index and the number of blocks (1 on a single process).
+  """
+  axes = _data_axes(mesh, data_axes)
+  rows = check_batch_divides(global_batch_size, mesh, axes)
+  indices = batch_sharding(mesh, axes).addressable_devices_indices_map(
+      (global_batch_size,))
+  spans = sorted({idx[0].indices(global_batch_size)[:2]
+                  for idx in indices.values()})
+  start = spans[0][0]
+  if any(a != b for (_, a), (b, _) in zip(spans, spans[1:])) or start % rows:
+    raise ValueError(f"this process's batch rows {spans} are not one aligned "
+                     f"block; order the mesh devices by process along the "
+                     f"data axes {axes}")
+  return start // rows, global_batch_size // rows

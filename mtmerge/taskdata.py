@@ -47,7 +47,8 @@ def batcher(encoder: Any, task: Any, split: str, batch_size: int, *,
             shuffle: bool = False, seed: int = 0, limit: int | None = None,
             max_len: int = 48, multiple: int = 16,
             data_dir: str | None = None,
-            sort_by_length: bool = False) -> pipeline.Batcher:
+            sort_by_length: bool = False, process_index: int | None = None,
+            process_count: int | None = None) -> pipeline.Batcher:
   """A `Batcher` over `task`'s `split` for `encoder`.
 
   Args:
@@ -66,7 +67,10 @@ def batcher(encoder: Any, task: Any, split: str, batch_size: int, *,
     sort_by_length: text without shuffling: batch the examples in order of
       token length (every example still once), so batches carry little
       padding; for evaluation, where the order does not matter.
+    process_index, process_count: which block of the examples this process
+      reads (default `jax.process_index()` of `jax.process_count()`).
   """
+  hosts = dict(process_index=process_index, process_count=process_count)
   task = suites.get_task(task)
   if task.modality != encoder.modality:
     raise ValueError(f"task {task.name!r} is {task.modality} but the encoder "
@@ -81,7 +85,8 @@ def batcher(encoder: Any, task: Any, split: str, batch_size: int, *,
     return pipeline.Batcher(
         source, min(batch_size, len(source)) if not shuffle else batch_size,
         transform=transform, shuffle=shuffle, seed=seed,
-        drop_remainder=shuffle, lengths=lengths, bucket_window=window)
+        drop_remainder=shuffle, lengths=lengths, bucket_window=window,
+        **hosts)
   pre = encoder.tokenizer
 
   def image_fn(examples):
@@ -94,7 +99,8 @@ def batcher(encoder: Any, task: Any, split: str, batch_size: int, *,
             "label": np.asarray([e[task.label_key] for e in examples],
                                 np.int32)}
   return pipeline.Batcher(source, batch_size, transform=image_fn,
-                          shuffle=shuffle, seed=seed, drop_remainder=shuffle)
+                          shuffle=shuffle, seed=seed, drop_remainder=shuffle,
+                          **hosts)
 
 
 def batch_at(b: pipeline.Batcher, step: int) -> dict[str, np.ndarray]:

@@ -161,23 +161,32 @@ def abstract(tree: Tree, shardings: Tree) -> Tree:
 
 def state_shardings(params: Tree, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh) -> dict:
-  """Shardings of the train state `{params, opt, step}`.
+  """Shardings of the train state `{params, opt, step}`, built abstractly.
 
   Args:
     params: abstract learned params carrying their shardings (`abstract`).
     tx: the optimizer.
     mesh: the mesh.
 
-  Optimizer moments are elementwise functions of the params, so XLA's
-  propagation through `tx.init` gives them the params' shardings; anything
-  else (step counts) is replicated on the mesh.
+  Optimizer entries shaped like the params (Adam's moments) take the
+  params' shardings (`optax.tree_map_params` over `jax.eval_shape` of
+  `tx.init`, no compilation); everything else (step counts) is replicated.
   """
   repl = NamedSharding(mesh, P())
-  opt = jax.jit(tx.init).lower(params).compile().output_shardings
-  on_mesh = lambda sh: (sh if isinstance(sh, NamedSharding) and sh.mesh == mesh
-                        else repl)
-  return {"params": jax.tree.map(lambda x: x.sharding, params),
-          "opt": jax.tree.map(on_mesh, opt), "step": repl}
+  p_sh = jax.tree.map(lambda x: x.sharding, params)
+  opt = optax.tree_map_params(tx, lambda _, sh: sh,
+                              jax.eval_shape(tx.init, params), p_sh,
+                              transform_non_params=lambda _: repl)
+  return {"params": p_sh, "opt": opt, "step": repl}
+
+
+def abstract_state(params: Tree, tx: optax.GradientTransformation,
+                   state_sh: dict) -> dict:
+  """The train state as `jax.ShapeDtypeStruct`s placed by `state_sh`."""
+  shapes = jax.eval_shape(lambda p: {"params": p, "opt": tx.init(p),
+                                     "step": jnp.zeros((), jnp.int32)},
+                          params)
+  return abstract(shapes, state_sh)
 
 
 def build_step(objective: Objective, tx: optax.GradientTransformation,
@@ -208,6 +217,25 @@ def build_step(objective: Objective, tx: optax.GradientTransformation,
                  out_shardings=(state_sh, repl, repl))
 
 
+# The last few jitted steps, so that runs with the same loss function and
+# optimizer (fine-tuning task after task) share one compiled program. Small:
+# a loss closes over its problem's constants.
+_STEP_CACHE: list[tuple[tuple, Any]] = []
+
+
+def _cached_step(objective, tx_key, tx, seed, state_sh, mesh):
+  leaves, treedef = jax.tree.flatten(state_sh)
+  key = (objective.loss, objective.project, tx_key, seed, mesh, treedef,
+         tuple(leaves))
+  for k, fn in _STEP_CACHE:
+    if k == key:
+      return fn
+  fn = build_step(objective, tx, seed, state_sh, mesh)
+  _STEP_CACHE.insert(0, (key, fn))
+  del _STEP_CACHE[2:]
+  return fn
+
+
 class Result(NamedTuple):
   """`params`: the learned params; `log`: per-step metrics (dicts)."""
   params: Tree
@@ -235,23 +263,69 @@ def _check_batch(batch: Tree, mesh, data_axes) -> None:
           "in all)")
 
 
-def _nonfinite_path(flags: dict[str, Any]) -> str | None:
-  bad = [p for p, ok in flags.items() if not bool(ok)]
-  return bad[0] if bad else None
-
-
 def _scalar(x) -> float:
   return float(np.asarray(x.addressable_data(0) if isinstance(x, jax.Array)
                           else x))
+
+
+def place(tree: Tree, shardings: Tree) -> Tree:
+  """Puts `tree` on `shardings` without a round trip through host numpy.
+
+  Device arrays are resharded device to device (kept as they are when
+  already placed so); host arrays (identical on every process) go straight
+  to the shards each process owns.
+  """
+  def one(x, sh):
+    if isinstance(x, jax.Array):
+      return x if x.sharding == sh else jax.device_put(x, sh)
+    if sh.is_fully_addressable:
+      return jax.device_put(x, sh)
+    return distributed.put_global(x, sh)
+  return jax.tree.map(one, tree, shardings)
+
+
+class _Metrics:
+  """Per-step metrics kept on device and fetched together at log steps."""
+
+  def __init__(self, desc: str, log: list[dict]):
+    self.desc, self.log, self.pending = desc, log, []
+
+  def add(self, s: int, metrics: dict, finite: dict) -> None:
+    self.pending.append((s, metrics, finite))
+
+  def flush(self) -> dict | None:
+    """Appends the pending steps to the log; raises at a non-finite one."""
+    pending, self.pending = self.pending, []
+    for s, metrics, finite in pending:
+      metrics = {k: _scalar(v) for k, v in metrics.items()}
+      if not math.isfinite(metrics["loss"]):
+        raise FloatingPointError(f"{self.desc}: non-finite loss "
+                                 f"{metrics['loss']} at step {s}; lower the "
+                                 "learning rate")
+      bad = [p for p, ok in finite.items() if not _scalar(ok)]
+      if bad:
+        raise FloatingPointError(f"{self.desc}: learned parameter {bad[0]!r} "
+                                 f"became non-finite at step {s}")
+      self.log.append({"step": s + 1, **metrics})
+    return self.log[-1] if pending else None
 
 
 def fit(objective: Objective, batches: Callable[[int], Tree],
         cfg: TrainConfig, *, mesh: jax.sharding.Mesh | None = None,
         const_shardings: Tree | None = None,
         param_shardings: Tree | None = None, workdir: str | None = None,
-        fingerprint: dict | None = None, desc: str = "train",
+        fingerprint: dict | None = None, run: checkpoint.Run | None = None,
+        average_last: int = 0, host: bool = True, desc: str = "train",
         progress: bool = True) -> Result:
   """Learns `objective.init` for `cfg.steps` steps; resumable.
+
+  The state is built abstractly (`jax.eval_shape`, shardings from
+  `param_shardings` and the optimizer's structure) and materialized by one
+  jitted init with `out_shardings`, or restored from a checkpoint straight
+  into its shards. Constants stay on device (resharded, never copied
+  through host numpy). Metrics stay on device until a log step
+  (`cfg.log_every`, checkpoint steps and the last step), where they are
+  fetched together and checked for non-finite values.
 
   Args:
     objective: the learned params, loss, constants and projection.
@@ -268,11 +342,16 @@ def fit(objective: Objective, batches: Callable[[int], Tree],
       it is returned without training; an unfinished one resumes.
     fingerprint: what determines the result (checked against `workdir`'s,
       `checkpoint.ConfigMismatchError` on a difference).
+    run: an open `checkpoint.Run` to use instead of `workdir` (the caller
+      owns its fingerprint and closes it).
+    average_last: return the mean of the last K step checkpoints ("Free
+      Lunch" checkpoint averaging, Wortsman et al. 2022); 0 or 1: off.
+    host: return host numpy params (else the sharded device arrays).
     desc: progress-bar and error-message label.
     progress: show a progress bar (process 0).
 
   Returns:
-    The learned params (host numpy arrays) and the metrics log.
+    The learned params and the metrics log.
   """
   cfg.check()
   mesh = sharding.make_mesh(cfg.mesh) if mesh is None else mesh
@@ -288,62 +367,75 @@ def fit(objective: Objective, batches: Callable[[int], Tree],
   p_sh = as_tree(param_shardings or repl, objective.init)
   c_sh = as_tree(const_shardings or repl, objective.consts)
   tx = make_optimizer(cfg)
-  run = None
-  if workdir is not None:
+  out = (lambda t: jax.tree.map(_to_host, t)) if host else (lambda t: t)
+  own_run = run is None and workdir is not None
+  if own_run:
     run = checkpoint.Run(workdir, {"train": dataclasses.asdict(cfg),
                                    **(fingerprint or {})})
-    if run.done():
-      # Wrapped in a dict: orbax's StandardSave takes no bare array (a
-      # task-wise coefficient vector is one).
-      params = jax.tree.map(_to_host, run.load_final(
-          {"params": objective.init})["params"])
-      log = _read_log(run.directory)
-      run.close()
-      return Result(params, log)
-
   state_sh = state_shardings(abstract(objective.init, p_sh), tx, mesh)
-  init = distributed.put_global(jax.tree.map(np.asarray, objective.init), p_sh)
-  consts = distributed.put_global(
-      jax.tree.map(np.asarray, objective.consts), c_sh)
-  state = jax.device_put({"params": init, "opt": jax.jit(tx.init)(init),
-                          "step": jnp.zeros((), jnp.int32)}, state_sh)
+  target = abstract_state(objective.init, tx, state_sh)
+  if run is not None and run.done():
+    # Wrapped in a dict: orbax's StandardSave takes no bare array (a
+    # task-wise coefficient vector is one).
+    params = run.load_final({"params": target["params"]})["params"]
+    log = _read_log(run.directory)
+    if own_run:
+      run.close()
+    return Result(out(params), log)
+
+  consts = place(objective.consts, c_sh)
   start, log = 0, []
   if run is not None and run.latest_step() is not None:
     start = int(run.latest_step())
-    state = run.restore(start, state)
+    state = run.restore(start, target)
     log = [r for r in _read_log(run.directory) if r["step"] <= start]
+  else:
+    init = jax.jit(lambda p: {"params": jax.tree.map(jnp.copy, p),
+                              "opt": tx.init(p),
+                              "step": jnp.zeros((), jnp.int32)},
+                   out_shardings=state_sh)
+    state = init(place(objective.init, p_sh))
   batch_spec = sharding.batch_sharding(mesh, data_axes).spec
-  step = build_step(objective, tx, cfg.seed, state_sh, mesh)
+  step = _cached_step(objective, dataclasses.astuple(cfg), tx, cfg.seed,
+                      state_sh, mesh)
   bar = tqdm.tqdm(total=cfg.steps, initial=start, desc=desc, leave=False,
                   disable=None if progress and distributed.is_main() else True)
+  metrics = _Metrics(desc, log)
+  # XLA:CPU deadlocks with collective steps left in flight (distributed.py):
+  # wait for each step there; accelerators run ahead until a log step.
+  block = jax.default_backend() == "cpu"
   for s in range(start, cfg.steps):
     local = batches(s)
     if s == start:
       _check_batch(local, mesh, data_axes)  # before the first compile
     batch = distributed.global_batch(local, mesh, batch_spec)
-    state, metrics, finite = step(state, consts, batch)
-    metrics = {k: _scalar(v) for k, v in metrics.items()}
-    if not math.isfinite(metrics["loss"]):
-      raise FloatingPointError(f"{desc}: non-finite loss {metrics['loss']} "
-                               f"at step {s}; lower the learning rate")
-    bad = _nonfinite_path({p: _scalar(v) for p, v in finite.items()})
-    if bad is not None:
-      raise FloatingPointError(f"{desc}: learned parameter {bad!r} became "
-                               f"non-finite at step {s}")
-    log.append({"step": s + 1, **metrics})
+    state, m, finite = step(state, consts, batch)
+    metrics.add(s, m, finite)
+    if block:
+      jax.block_until_ready(m["loss"])
     bar.update()
-    if (s + 1) % max(1, cfg.log_every) == 0:
-      bar.set_postfix(loss=f"{metrics['loss']:.4g}")
-    if run is not None and cfg.save_every and (s + 1) % cfg.save_every == 0:
+    saving = run is not None and cfg.save_every and (
+        (s + 1) % cfg.save_every == 0 or (average_last > 1 and
+                                          s + 1 == cfg.steps))
+    if saving or (s + 1) % max(1, cfg.log_every) == 0 or s + 1 == cfg.steps:
+      last = metrics.flush()  # a non-finite state is never saved
+      bar.set_postfix(loss=f"{last['loss']:.4g}")
+    if saving:
       run.save(s + 1, state)
       _write_log(run.directory, log)
+  metrics.flush()
   bar.close()
-  params = jax.tree.map(_to_host, state["params"])
+  params = state["params"]
+  if run is not None and average_last > 1:
+    steps = run.all_steps()[-average_last:]
+    snaps = [run.restore(t, target)["params"] for t in steps]
+    params = jax.tree.map(lambda *xs: sum(xs) / len(xs), *snaps)
   if run is not None:
-    run.finish({"params": state["params"]})
+    run.finish({"params": params})
     _write_log(run.directory, log)
-    run.close()
-  return Result(params, log)
+    if own_run:
+      run.close()
+  return Result(out(params), log)
 
 
 def _to_host(x) -> np.ndarray:

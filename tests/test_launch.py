@@ -180,3 +180,14 @@ def test_aot_check_cli_reexecs_with_fake_devices():
   assert out.returncode == 0, out.stderr[-3000:]
   assert "on 4 devices, mesh {'fsdp': 4}" in out.stdout
   assert "output_size_in_bytes" in out.stdout
+
+
+def test_aot_check_indivisible_batch_is_one_line(capsys):
+  rc = aot_check.main(["--num_devices", "8", "--step", "adamerging",
+                       "--mesh", "fsdp:-1", "--width", "64", "--layers", "1",
+                       "--vocab", "64", "--num_tasks", "2", "--batch", "12"])
+  err = capsys.readouterr().err.strip()
+  assert rc == 2 and "\n" not in err, err
+  assert err == ("aot_check: error: global batch size 12 is not a positive "
+                 "multiple of the 8 batch shards of data axes (fsdp=8); use "
+                 "a multiple of 8")
