@@ -11,9 +11,12 @@ file or directory next to the destination, swapped in with `os.replace`.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
 import json
 import os
+import re
 import shutil
 import sys
 import uuid
@@ -374,7 +377,33 @@ def disk_bytes(path: str) -> int:
 
 def _sibling(dest: str, tag: str) -> str:
   head, name = os.path.split(dest)
-  return os.path.join(head, f".{name}.{tag}-{uuid.uuid4().hex[:8]}")
+  return os.path.join(head, f".{name}.{tag}-{os.getpid()}-"
+                      f"{uuid.uuid4().hex[:8]}")
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # EPERM: alive, another user's
+    return True
+  return True
+
+
+def _remove_stale_temps(dest: str) -> None:
+  """Removes temp siblings of `dest` left by killed runs (dead pids only)."""
+  head, name = os.path.split(dest)
+  pat = re.compile(rf"^\.{re.escape(name)}\.tmp-(\d+)-[0-9a-f]{{8}}$")
+  try:
+    names = os.listdir(head)
+  except OSError:
+    return
+  for n in names:
+    m = pat.match(n)
+    if m and int(m.group(1)) != os.getpid() and not _pid_alive(
+        int(m.group(1))):
+      _remove(os.path.join(head, n))
 
 
 def _remove(path: str) -> None:
@@ -388,8 +417,51 @@ def _remove(path: str) -> None:
       pass
 
 
+def _exchange(a: str, b: str) -> bool:
+  """Atomically swaps two paths (Linux renameat2 RENAME_EXCHANGE).
+
+  Returns:
+    False where the call is unavailable (other systems, old kernels or
+    file systems), and nothing was changed.
+  """
+  try:
+    fn = ctypes.CDLL(None, use_errno=True).renameat2
+  except (OSError, AttributeError):
+    return False
+  at_fdcwd, rename_exchange = -100, 2
+  if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b),
+        rename_exchange) == 0:
+    return True
+  err = ctypes.get_errno()
+  if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+    return False
+  raise OSError(err, os.strerror(err), b)
+
+
+def free_bytes(path: str) -> int:
+  """Free bytes on the file system holding `path` (its nearest parent)."""
+  path = os.path.abspath(path)
+  while not os.path.exists(path):
+    path = os.path.dirname(path)
+  return shutil.disk_usage(path).free
+
+
+def _write_error(dest: str, e: OSError) -> CheckpointError:
+  if e.errno == errno.ENOSPC:
+    return CheckpointError(
+        f"no space left on device writing {dest} ({free_bytes(dest) >> 20} "
+        "MiB free there); nothing was written")
+  return CheckpointError(f"cannot write {dest} ({_line(e)})")
+
+
 def _atomic_write(dest: str, write, is_dir: bool) -> str:
-  """Runs `write(tmp)` on a temp sibling of `dest`, then swaps it in."""
+  """Runs `write(tmp)` on a temp sibling of `dest`, then swaps it in.
+
+  A run killed at any point leaves `dest` as it was (absent, or the old
+  output); the hidden temp sibling it may leave is removed by the next
+  write to the same destination. Replacing a directory swaps it atomically
+  where the OS can (renameat2), else renames the old one aside first.
+  """
   dest = os.path.abspath(os.fspath(dest))
   parent = os.path.dirname(dest)
   if not os.path.isdir(parent):
@@ -397,12 +469,16 @@ def _atomic_write(dest: str, write, is_dir: bool) -> str:
   if not is_dir and os.path.isdir(dest):
     raise CheckpointError(f"output {dest} is a directory but the base is a "
                           "single .safetensors file")
+  _remove_stale_temps(dest)
   tmp = _sibling(dest, "tmp")
   try:
     if is_dir:
       os.mkdir(tmp)
     write(tmp)
     if os.path.lexists(dest) and (is_dir or os.path.isdir(dest)):
+      if _exchange(tmp, dest):
+        _remove(tmp)  # now the old output
+        return dest
       old = _sibling(dest, "old")
       os.rename(dest, old)
       try:
@@ -416,7 +492,7 @@ def _atomic_write(dest: str, write, is_dir: bool) -> str:
   except BaseException as e:
     _remove(tmp)
     if isinstance(e, OSError):
-      raise CheckpointError(f"cannot write {dest} ({_line(e)})") from None
+      raise _write_error(dest, e) from None
     raise
   return dest
 
@@ -431,12 +507,23 @@ def _cast(x: Any, dtype: np.dtype | None) -> np.ndarray:
   return x if x.flags.c_contiguous else x.copy(order="C")
 
 
-def _write_st(fpath: str, arrays: dict[str, np.ndarray],
-              metadata: dict[str, str] | None) -> None:
-  save_file(arrays, fpath, metadata=metadata or None)
+def umask_mode() -> int:
+  """`0o666` less the process umask: the mode `open()` gives a new file."""
   umask = os.umask(0)
   os.umask(umask)
-  os.chmod(fpath, 0o666 & ~umask)  # safetensors creates files 0600
+  return 0o666 & ~umask
+
+
+def _write_st(fpath: str, arrays: dict[str, np.ndarray],
+              metadata: dict[str, str] | None) -> None:
+  try:
+    save_file(arrays, fpath, metadata=metadata or None)
+  except SafetensorError as e:  # its I/O errors are not OSErrors
+    text = _line(e)
+    code = errno.ENOSPC if "os error 28" in text or (
+        "No space left" in text) else errno.EIO
+    raise OSError(code, text) from None
+  os.chmod(fpath, umask_mode())  # safetensors creates files 0600
   with open(fpath, "rb") as f:
     os.fsync(f.fileno())
 
@@ -460,7 +547,7 @@ def _copy_extras(src: str, dst: str) -> None:
     p = os.path.join(src, n)
     if os.path.isfile(p) and not n.startswith(".") and not n.endswith(
         _WEIGHT_EXTS):
-      shutil.copy2(p, os.path.join(dst, n))
+      shutil.copyfile(p, os.path.join(dst, n))  # new file: umask mode
 
 
 def save(flat: Mapping[str, Any], path: str, layout: Layout | None = None,
@@ -493,7 +580,8 @@ def save(flat: Mapping[str, Any], path: str, layout: Layout | None = None,
       _write_st(tmp, arrays(flat), layout and layout.file_metadata.get(
           layout.files[0]))
       return
-    _copy_extras(layout.source, tmp)
+    if os.path.isdir(layout.source):  # not for a file base written as a dir
+      _copy_extras(layout.source, tmp)
     total = 0
     for file, names in layout.by_file().items():
       shard = arrays(names)

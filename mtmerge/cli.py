@@ -7,25 +7,31 @@ r"""Command line: `mtmerge merge ...` and `mtmerge reconstruct ...`.
     mtmerge reconstruct --in tall/ --base b.safetensors --task 1 --out y1.safetensors
 
 Expected failures (bad paths, corrupt or mismatched checkpoints, bad
-parameters, NaN/Inf) exit with status 2 and one `mtmerge: error: ...` line on
-stderr; outputs are written atomically, so a failed run leaves nothing behind.
-`mtmerge.methods` (and JAX) are imported only when needed.
+parameters, NaN/Inf, an unsafe or ambiguous --out, a full disk) exit with
+status 2 and one `mtmerge: error: ...` line on stderr. Outputs are written to
+a temp sibling and renamed into place, so a failed, interrupted (exit 130) or
+terminated (SIGTERM, exit 143) run leaves no partial output. The output's
+form and the other checks made before any tensor is read are in
+`mtmerge.cli_output`. mergekit's method names are accepted where mtmerge has
+the same semantics (`MERGEKIT`). `mtmerge.methods` (and JAX) are imported
+only when needed.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
-import os
+import signal
 import sys
 import textwrap
 import time
 from typing import Any, Sequence
 
 from mtmerge import checkpoint_io
+from mtmerge import cli_output
+from mtmerge import method_names
 
 _PROG = "mtmerge"
-
 
 class _Exit(Exception):
   """Raised instead of argparse's sys.exit, carrying the status."""
@@ -71,6 +77,7 @@ def methods_help() -> str:
                            subsequent_indent=" " * 6)
     lines += textwrap.wrap(f"params: {params or '(none)'}", 78,
                            initial_indent=" " * 6, subsequent_indent=" " * 14)
+  lines += method_names.help_lines()
   return "\n".join(lines)
 
 
@@ -113,7 +120,11 @@ def _parser() -> _Parser:
                  help="pretrained checkpoint")
   m.add_argument("--models", required=True, nargs="+", metavar="PATH",
                  help="fine-tuned checkpoints (task order = this order)")
-  m.add_argument("--out", required=True, metavar="PATH")
+  m.add_argument("--out", required=True, metavar="PATH",
+                 help="NAME.safetensors: one file; any other name: a "
+                 "directory (the base's shards, or model.safetensors)")
+  m.add_argument("--force", action="store_true",
+                 help="replace an existing --out")
   m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                  help="method hyperparameter; repeatable (Python literal, "
                  "else a string): threshold=0.2 merge_func=mean "
@@ -131,7 +142,10 @@ def _parser() -> _Parser:
   r.add_argument("--base", required=True, metavar="PATH")
   r.add_argument("--task", required=True, type=int, metavar="I",
                  help="task index, 0-based, in --models order")
-  r.add_argument("--out", required=True, metavar="PATH")
+  r.add_argument("--out", required=True, metavar="PATH",
+                 help="NAME.safetensors: one file; else a directory")
+  r.add_argument("--force", action="store_true",
+                 help="replace an existing --out")
   return p
 
 
@@ -144,12 +158,12 @@ def _size(n: float) -> str:
       return f"{n:.1f} {unit}"
 
 
-def _check_out(path: str) -> None:
-  """Fails early, before loading, if `path`'s directory does not exist."""
-  parent = os.path.dirname(os.path.abspath(path))
-  if not os.path.isdir(parent):
-    raise checkpoint_io.CheckpointError(
-        f"output directory {parent} does not exist")
+def _preflight(out: str, inputs: dict[str, str], force: bool,
+               compressed: bool = False) -> str:
+  """Output checks that need no tensor data; returns the output's form."""
+  form = cli_output.output_form(out, compressed)
+  cli_output.check_destination(out, inputs, force)
+  return form
 
 
 def _merge(args) -> None:
@@ -157,47 +171,68 @@ def _merge(args) -> None:
   from mtmerge import runtime
   runtime.enable_compile_cache()  # a rerun on the same shapes skips compile
   t0 = time.time()
-  hparams = parse_params(args.param)
-  spec = methods.get(args.method)
+  name, hparams = method_names.resolve(args.method,
+                                       parse_params(args.param))
+  spec = methods.get(name)
   full = spec.check(hparams, len(args.models))  # before any heavy loading
-  _check_out(args.out)
+  inputs = {"the base": args.base, **{f"model {i}": p
+                                      for i, p in enumerate(args.models)}}
+  form = _preflight(args.out, inputs, args.force, spec.compressed)
+  layout = checkpoint_io.read_layout(args.base)
+  cli_output.check_dtypes(layout, [checkpoint_io.read_layout(p)
+                                   for p in args.models])
+  cli_output.check_space(args.out, cli_output.compressed_bytes(
+      layout, len(args.models)) if spec.compressed else layout.nbytes)
   base, tvs, layout = checkpoint_io.load_task_vectors(
       args.base, args.models, progress=not args.no_progress, as_jax=True)
   floats = {k: base[k] for k in tvs}
-  out = methods.merge(args.method, floats, tvs, **hparams)
+  out = methods.merge(name, floats, tvs, **hparams)
   del tvs
   kept = {k: v for k, v in base.items() if k not in floats}  # int buffers
   if spec.compressed:
-    info = checkpoint_io.save_compressed(out, layout, args.out, args.method,
-                                         full)
+    info = checkpoint_io.save_compressed(out, layout, args.out, name, full)
     what = (f"compressed, {_size(info['bytes'])} = {100 * info['ratio']:.1f}%"
             f" of {len(args.models)} full checkpoints "
             f"({_size(info['full_bytes'])})")
   else:
     out = {**out, **kept}
-    what = f"{layout.kind}, {_size(checkpoint_io.save(out, args.out, layout))}"
+    olayout = cli_output.output_layout(layout, args.out, form)
+    what = f"{olayout.kind}, {_size(checkpoint_io.save(out, args.out, olayout))}"
   params = ", ".join(f"{k}={v!r}" for k, v in full.items())
-  print(f"merged T={len(args.models)} models with {args.method}"
+  alias = f" (mergekit's {args.method!r})" if name != args.method else ""
+  print(f"merged T={len(args.models)} models with {name}{alias}"
         + (f" ({params})" if params else ""))
   print(f"wrote {args.out} ({what}) in {time.time() - t0:.1f} s")
 
 
 def _reconstruct(args) -> None:
   t0 = time.time()
-  _check_out(args.out)
+  form = _preflight(args.out, {"--in": args.inp, "the base": args.base},
+                    args.force)
   compressed, meta = checkpoint_io.load_compressed(args.inp)
   T = compressed.num_tasks
   if not 0 <= args.task < T:
     raise ValueError(f"--task {args.task} out of range: {args.inp} holds {T} "
                      f"tasks (0..{T - 1})")
   base, layout = checkpoint_io.load(args.base)
+  cli_output.check_space(args.out, layout.nbytes)
   from mtmerge import methods
   floats = {k: v for k, v in base.items() if k in compressed.tau}
   model = {**base, **methods.reconstruct(floats, compressed, args.task)}
-  size = _size(checkpoint_io.save(model, args.out, layout))
+  olayout = cli_output.output_layout(layout, args.out, form)
+  size = _size(checkpoint_io.save(model, args.out, olayout))
   print(f"reconstructed task {args.task} of {T} ({meta.get('method')})")
-  print(f"wrote {args.out} ({layout.kind}, {size}) in "
+  print(f"wrote {args.out} ({olayout.kind}, {size}) in "
         f"{time.time() - t0:.1f} s")
+
+
+class _Terminated(BaseException):
+  """SIGTERM, raised in the main thread so temp outputs are removed."""
+
+
+def _on_sigterm(signum, frame):
+  del signum, frame
+  raise _Terminated()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -212,6 +247,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   from mtmerge import runtime
   runtime.configure_xla()  # before JAX starts: faster task-axis reductions
   try:
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+  except ValueError:  # not the main thread: leave signals alone
+    previous = None
+  try:
     args = _parser().parse_args(argv)
     {"merge": _merge, "reconstruct": _reconstruct}[args.command](args)
   except _Exit as e:
@@ -223,6 +262,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     _fail(e)
     return 2
   except KeyboardInterrupt:
-    _fail("interrupted")
+    _fail("interrupted; no output was written")
     return 130
+  except _Terminated:
+    _fail("terminated; no output was written")
+    return 143
+  finally:
+    if previous is not None:
+      signal.signal(signal.SIGTERM, previous)
   return 0

@@ -168,9 +168,21 @@ def test_save_replaces_atomically_and_cleans_up(tmp_path, monkeypatch):
       raise OSError(28, "No space left on device")
 
   monkeypatch.setattr(cio, "save_file", flaky)
-  with pytest.raises(cio.CheckpointError, match="No space left"):
+  with pytest.raises(cio.CheckpointError,
+                     match=f"no space left on device writing {out} "):
     cio.save(flat, out, layout)
   assert leftovers(tmp_path) == []
+
+  def full_disk(arrays, fpath, metadata=None):  # safetensors' own error type
+    open(fpath, "wb").write(b"partial")
+    raise cio.SafetensorError("Error while serializing: I/O error: No space "
+                              "left on device (os error 28)")
+
+  monkeypatch.setattr(cio, "save_file", full_disk)
+  with pytest.raises(cio.CheckpointError, match="no space left on device"):
+    cio.save(flat, out, layout)
+  assert leftovers(tmp_path) == []
+  monkeypatch.setattr(cio, "save_file", flaky)
   again, _ = cio.load(out)  # the previous output is intact
   np.testing.assert_array_equal(again["head.w"], flat["head.w"])
   single = tmp_path / "s.safetensors"

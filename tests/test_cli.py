@@ -201,13 +201,13 @@ def test_failed_run_does_not_clobber_existing_output(tmp_path, capsys):
   bad["head.b"][0] = np.nan
   np_ = write_ckpt(tmp_path / "nanmodel", bad, sharded=True)
   code, _, err = run(capsys, "merge", "--method", "task_arithmetic", "--base",
-                     bp, "--models", mps[0], np_, "--out", out)
+                     bp, "--models", mps[0], np_, "--out", out, "--force")
   assert code == 2 and "'head.b'" in err
   assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
   assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
   # A successful run replaces it.
   code, _, err = run(capsys, "merge", "--method", "weight_averaging",
-                     "--base", bp, "--models", *mps, "--out", out)
+                     "--base", bp, "--models", *mps, "--out", out, "--force")
   assert code == 0, err
   _, _, want = expected("weight_averaging", bp, mps)
   assert_same(out, want)
