@@ -76,6 +76,9 @@ def _atomic_write_bytes(path: str, write) -> None:
   try:
     with os.fdopen(fd, "wb") as f:
       write(f)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is 0600
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -27,6 +27,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
+from mtmerge import results
+
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16",
               "BF16": "bfloat16", "I64": "int64", "I32": "int32",
               "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32",
@@ -507,11 +509,7 @@ def _cast(x: Any, dtype: np.dtype | None) -> np.ndarray:
   return x if x.flags.c_contiguous else x.copy(order="C")
 
 
-def umask_mode() -> int:
-  """`0o666` less the process umask: the mode `open()` gives a new file."""
-  umask = os.umask(0)
-  os.umask(umask)
-  return 0o666 & ~umask
+umask_mode = results.umask_mode  # the mode a new output file gets
 
 
 def _write_st(fpath: str, arrays: dict[str, np.ndarray],

@@ -6,6 +6,8 @@ import os
 import tempfile
 from typing import Any, Sequence
 
+from mtmerge import results
+
 
 def bar_chart(rows: Sequence[dict[str, Any]], tasks: Sequence[str],
               path: str, title: str = "",
@@ -69,6 +71,7 @@ def bar_chart(rows: Sequence[dict[str, Any]], tasks: Sequence[str],
   os.close(fd)
   try:
     fig.savefig(tmp, dpi=120)
+    os.chmod(tmp, results.umask_mode())  # mkstemp's file is 0600
     os.replace(tmp, path)
   finally:
     plt.close(fig)

@@ -10,6 +10,17 @@ import tempfile
 from typing import Any, Sequence
 
 
+def umask_mode() -> int:
+  """`0o666` less the process umask: the mode `open()` gives a new file.
+
+  `tempfile.mkstemp` creates its files 0600; outputs written through one
+  get this mode before they are renamed into place.
+  """
+  umask = os.umask(0)
+  os.umask(umask)
+  return 0o666 & ~umask
+
+
 def atomic_write_text(path: str, text: str) -> None:
   """Writes `text` to `path` via a temp file + `os.replace` (never partial)."""
   d = os.path.dirname(os.path.abspath(path))
@@ -18,6 +29,7 @@ def atomic_write_text(path: str, text: str) -> None:
   try:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
       f.write(text)
+    os.chmod(tmp, umask_mode())
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -303,3 +303,229 @@ def test_tsv_merging_minilm_sized_finishes(tmp_path):
                            [{k: ft[k] for k in names} for ft in fts], alpha=0.8)
   for k in names:
     np.testing.assert_allclose(got[k], want[k], atol=2e-6, err_msg=k)
+
+
+# --- item: safety and predictable output ------------------------------------
+
+def _one_line_2(code, err, *needles):
+  assert code == 2, err
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("mtmerge: error: "), err
+  for n in needles:
+    assert str(n) in lines[0], (n, lines[0])
+
+
+def _snapshot(d):
+  return {os.path.relpath(os.path.join(r, n), d): open(
+      os.path.join(r, n), "rb").read() for r, _, ns in os.walk(d) for n in ns}
+
+
+def test_out_never_overwrites_an_input(tmp_path, capsys):
+  bp, mps = make_set(tmp_path / "f", n=2) if (tmp_path / "f").mkdir() is None \
+      else None
+  sb, sms = make_set(tmp_path / "s", sharded=True, n=2) if (
+      tmp_path / "s").mkdir() is None else None
+  before = _snapshot(tmp_path)
+
+  def merge(base, models, out, *extra):
+    return run(capsys, "merge", "--method", "task_arithmetic", "--base", base,
+               "--models", *models, "--out", out, "--force", *extra)[::2]
+
+  _one_line_2(*merge(bp, mps, bp), "is the base", bp)
+  _one_line_2(*merge(bp, mps, mps[1]), "is model 1", mps[1])
+  _one_line_2(*merge(sb, sms, os.path.join(sb, "merged")),
+              "is inside the base", sb)
+  _one_line_2(*merge(sb, sms, os.path.join(sms[0], "x.safetensors")),
+              "is inside model 0")
+  _one_line_2(*merge(bp, mps, tmp_path / "f"), "contains the base",
+              "would delete that input")
+  _one_line_2(*merge(bp, mps, "."), "working directory")
+  _one_line_2(*run(capsys, "reconstruct", "--in", sb, "--base", bp, "--task",
+                   0, "--out", bp, "--force")[::2], "is the base")
+  assert _snapshot(tmp_path) == before
+
+
+def test_output_form_follows_the_name(tmp_path, capsys):
+  bp, mps = make_set(tmp_path)
+  (tmp_path / "s").mkdir()
+  sb, sms = make_set(tmp_path / "s", sharded=True, n=2)
+
+  def merge(base, models, out, method="task_arithmetic"):
+    return run(capsys, "merge", "--method", method, "--base", base,
+               "--models", *models, "--out", out)
+
+  # A file base written as a directory, a sharded base as one file.
+  code, _, err = merge(bp, mps, tmp_path / "dirout")
+  assert code == 0, err
+  assert sorted(os.listdir(tmp_path / "dirout")) == ["model.safetensors"]
+  _, _, want = expected("task_arithmetic", bp, mps)
+  assert_same(tmp_path / "dirout", want)
+  code, _, err = merge(sb, sms, tmp_path / "one.safetensors")
+  assert code == 0, err
+  assert os.path.isfile(tmp_path / "one.safetensors")
+  _, _, want = expected("task_arithmetic", sb, sms)
+  assert_same(tmp_path / "one.safetensors", want)
+  # Names that could mean either, or contradict what is there.
+  _one_line_2(*merge(bp, mps, str(tmp_path / "x.safetensors") + "/")[::2],
+              "ambiguous", "trailing '/'")
+  _one_line_2(*merge(bp, mps, tmp_path / "x.bin")[::2], "ambiguous",
+              "only .safetensors")
+  (tmp_path / "d.safetensors").mkdir()
+  _one_line_2(*merge(bp, mps, tmp_path / "d.safetensors")[::2],
+              "existing directory")
+  (tmp_path / "plain").write_text("x")
+  _one_line_2(*merge(bp, mps, tmp_path / "plain")[::2], "existing file")
+  _one_line_2(*merge(bp, mps, tmp_path / "t.safetensors", "tall_mask")[::2],
+              "compressed method writes a directory")
+  # An existing output is replaced only with --force.
+  _one_line_2(*merge(bp, mps, tmp_path / "dirout")[::2], "exists",
+              "--force")
+  assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
+
+
+def test_integer_tensor_dtype_must_match_base(tmp_path, capsys):
+  from safetensors.numpy import save_file
+  w = np.ones((4, 3), np.float32)
+  ids = np.arange(5)[None]
+  save_file({"w": w, "ids": ids.astype(np.int64)}, str(tmp_path / "b.safetensors"))
+  save_file({"w": w + 1, "ids": ids.astype(np.int64)},
+            str(tmp_path / "m0.safetensors"))
+  save_file({"w": (w - 1).astype(BF16), "ids": ids.astype(np.int32)},
+            str(tmp_path / "m1.safetensors"))
+  code, _, err = run(capsys, "merge", "--method", "task_arithmetic", "--base",
+                     tmp_path / "b.safetensors", "--models",
+                     tmp_path / "m0.safetensors", tmp_path / "m1.safetensors",
+                     "--out", tmp_path / "out.safetensors")
+  _one_line_2(code, err, "'ids'", "int32", "model 1", "int64")
+  assert not os.path.exists(tmp_path / "out.safetensors")
+
+
+def test_outputs_get_umask_permissions(tmp_path, capsys):
+  from mtmerge import results
+  bp, mps = make_set(tmp_path, sharded=True, n=2)
+  old = os.umask(0o027)
+  try:
+    code, _, err = run(capsys, "merge", "--method", "task_arithmetic",
+                       "--base", bp, "--models", *mps, "--out",
+                       tmp_path / "out")
+    assert code == 0, err
+    results.write_json(str(tmp_path / "r.json"), {"a": 1})
+    results.write_csv(str(tmp_path / "r.csv"), [{"a": 1}])
+  finally:
+    os.umask(old)
+  assert os.stat(tmp_path / "out").st_mode & 0o777 == 0o750
+  for n in os.listdir(tmp_path / "out"):
+    assert os.stat(tmp_path / "out" / n).st_mode & 0o777 == 0o640, n
+  for n in ("r.json", "r.csv"):
+    assert os.stat(tmp_path / n).st_mode & 0o777 == 0o640, n
+
+
+def test_mergekit_names_and_suggestions(tmp_path, capsys):
+  bp, mps = make_set(tmp_path)
+  out = tmp_path / "out.safetensors"
+
+  def merge(method, *params):
+    return run(capsys, "merge", "--method", method, "--base", bp, "--models",
+               *mps, "--out", out, "--force",
+               *sum((["--param", p] for p in params), []))
+
+  code, stdout, err = merge("ties", "density=0.5")
+  assert code == 0, err
+  assert "ties_merging (mergekit's 'ties')" in stdout
+  _, _, want = expected("ties_merging", bp, mps, scope="per_tensor",
+                        merge_func="mean", zero_sign="positive",
+                        scaling_factor=1.0, threshold=0.5)
+  assert_same(out, want)
+  code, _, err = merge("linear")
+  assert code == 0, err
+  assert_same(out, expected("weight_averaging", bp, mps)[2])
+  _one_line_2(*merge("ties_merge")[::2], "unknown method 'ties_merge'",
+              "did you mean 'ties_merging'?")
+  _one_line_2(*merge("dare_linear")[::2], "no exact counterpart",
+              "nearest is 'dare'")
+  code, stdout, _ = run(capsys, "merge", "--help")
+  assert "ties = ties_merging(scope='per_tensor'" in stdout
+  assert "linear = weight_averaging" in stdout
+
+
+def _failing_write(monkeypatch, exc):
+  """Makes every atomic output write its temp fully, then raise `exc` (the
+  in-memory and streamed writers both go through `_atomic_write`)."""
+  real = cio._atomic_write
+
+  def wrapped(dest, write, is_dir):
+    def write_then_fail(tmp):
+      write(tmp)
+      raise exc
+    return real(dest, write_then_fail, is_dir)
+  monkeypatch.setattr(cio, "_atomic_write", wrapped)
+
+
+def test_full_disk_is_reported_in_one_line(tmp_path, capsys, monkeypatch):
+  import errno
+  bp, mps = make_set(tmp_path, n=2)
+  out = tmp_path / "out.safetensors"
+  argv = ["merge", "--method", "task_arithmetic", "--base", bp, "--models",
+          *mps, "--out", out]
+  monkeypatch.setattr(cio, "free_bytes", lambda path: 100)
+  _one_line_2(*run(capsys, *argv)[::2], "not enough space", "0 MiB free")
+  monkeypatch.undo()
+  _failing_write(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
+  _one_line_2(*run(capsys, *argv)[::2], "no space left on device writing",
+              out, "nothing was written")
+  assert [n for n in os.listdir(tmp_path) if n.startswith((".", "out"))] == []
+
+
+def test_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
+  bp, mps = make_set(tmp_path, sharded=True, n=2)
+  _failing_write(monkeypatch, KeyboardInterrupt())
+  code, _, err = run(capsys, "merge", "--method", "task_arithmetic", "--base",
+                     bp, "--models", *mps, "--out", tmp_path / "out")
+  assert code == 130 and "interrupted" in err
+  assert [n for n in os.listdir(tmp_path) if n.startswith((".", "out"))] == []
+
+
+_KILLABLE = """
+import sys, time
+from mtmerge import checkpoint_io, cli
+real = checkpoint_io._atomic_write
+def slow(dest, write, is_dir):
+  def write_and_wait(tmp):
+    write(tmp)
+    print("WRITTEN", flush=True)  # the temp is there, not yet renamed
+    time.sleep(60)
+  return real(dest, write_and_wait, is_dir)
+checkpoint_io._atomic_write = slow
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_killed_run_leaves_no_partial_output(tmp_path, capsys, sig):
+  import signal
+  bp, mps = make_set(tmp_path, sharded=True, n=2)
+  out = tmp_path / "out"
+  proc = subprocess.Popen(
+      [sys.executable, "-c", _KILLABLE, "merge", "--method",
+       "task_arithmetic", "--base", bp, "--models", *mps, "--out", str(out),
+       "--no-progress"],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      env={**os.environ, "PYTHONPATH": REPO, "MTMERGE_COMPILE_CACHE": "0"})
+  try:
+    assert proc.stdout.readline().strip() == "WRITTEN"
+    proc.send_signal(getattr(signal, sig))
+    _, err = proc.communicate(timeout=60)
+  finally:
+    proc.kill()
+  assert not os.path.exists(out)
+  temps = [n for n in os.listdir(tmp_path) if n.startswith(".")]
+  if sig == "SIGTERM":
+    assert proc.returncode == 143 and err.strip().splitlines()[-1:] == [
+        "mtmerge: error: terminated; no output was written"], err
+    assert temps == []
+  else:  # no handler runs; the next write there removes the dead run's temp
+    assert temps and all(n.startswith(".out.tmp-") for n in temps)
+    code, _, err = run(capsys, "merge", "--method", "task_arithmetic",
+                       "--base", bp, "--models", *mps, "--out", out)
+    assert code == 0, err
+    assert [n for n in os.listdir(tmp_path) if n.startswith(".")] == []
