@@ -25,6 +25,7 @@ setup(
         "pillow>=10",
         "scikit-learn>=1.3",  # only its bundled digits data file is read
         "matplotlib>=3.7",
+        "treescope>=0.1",  # pytree rendering in the notebook (flax needs it too)
     ],
     extras_require={
         "test": ["pytest>=8"],
