@@ -344,10 +344,9 @@ jax.tree.map(lambda x: x.shape, merged)"""),
 
 
 def cell(i: int, kind: str, text: str) -> dict:
-  """One nbformat 4.5 cell with a stable id."""
-  lines = text.splitlines(keepends=True)
+  """One nbformat 4.5 cell with a stable id (source as one string)."""
   out = {"cell_type": kind, "id": f"cell-{i:02d}", "metadata": {},
-         "source": lines}
+         "source": text}
   if kind == "code":
     out.update(execution_count=None, outputs=[])
   return out
