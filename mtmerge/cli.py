@@ -131,6 +131,13 @@ def _parser() -> _Parser:
                  "tall_mask_lambda=[0.2,0.4]")
   m.add_argument("--no-progress", action="store_true",
                  help="no progress bar on stderr")
+  m.add_argument("--max-memory", default="2G", metavar="SIZE",
+                 help="streamed merges: memory budget of one block of rows "
+                 "(e.g. 4G, 512M); tensors larger than that are read in row "
+                 "blocks (default 2G)")
+  m.add_argument("--in-memory", action="store_true",
+                 help="load every task vector instead of streaming blocks "
+                 "(methods without a streamed form always do)")
   r = sub.add_parser(
       "reconstruct", formatter_class=fmt, epilog="",
       help="rebuild task I's model from a compressed merge",
@@ -183,6 +190,18 @@ def _merge(args) -> None:
                                    for p in args.models])
   cli_output.check_space(args.out, cli_output.compressed_bytes(
       layout, len(args.models)) if spec.compressed else layout.nbytes)
+  from mtmerge import streaming
+  if not (spec.compressed or args.in_memory) and streaming.streams(name, full):
+    info = streaming.merge_files(
+        name, args.base, args.models, args.out, progress=not args.no_progress,
+        max_memory=streaming.parse_size(args.max_memory),
+        layout=cli_output.output_layout(layout, args.out, form), **hparams)
+    _report(args, name, full, t0, f"{form}, {_size(info['bytes'])}, streamed "
+            f"in {len(info['passes'])} passes of {info['blocks']} blocks")
+    return
+  if not (spec.compressed or args.in_memory):
+    print(f"note: {name} has no streamed form for these parameters; merging "
+          "in memory", file=sys.stderr)
   base, tvs, layout = checkpoint_io.load_task_vectors(
       args.base, args.models, progress=not args.no_progress, as_jax=True)
   floats = {k: base[k] for k in tvs}
@@ -198,6 +217,11 @@ def _merge(args) -> None:
     out = {**out, **kept}
     olayout = cli_output.output_layout(layout, args.out, form)
     what = f"{olayout.kind}, {_size(checkpoint_io.save(out, args.out, olayout))}"
+  _report(args, name, full, t0, what)
+
+
+def _report(args, name: str, full: dict[str, Any], t0: float,
+            what: str) -> None:
   params = ", ".join(f"{k}={v!r}" for k, v in full.items())
   alias = f" (mergekit's {args.method!r})" if name != args.method else ""
   print(f"merged T={len(args.models)} models with {name}{alias}"

@@ -222,3 +222,22 @@ def test_per_tensor_cosines(ckpts, tmp_path, method, hp, T):
   whole, _ = checkpoint_io.load(str(tmp_path / "w"))
   for k in ref:
     np.testing.assert_array_equal(whole[k], ref[k], err_msg=k)
+
+
+def test_cli_streams_and_matches_in_memory(ckpts, tmp_path, capsys):
+  from mtmerge import cli
+  bp, mps = ckpts["bf16"]
+  common = ["merge", "--method", "ties", "--base", bp, "--models", *mps,
+            "--param", "density=0.3", "--no-progress"]
+  assert cli.main(common + ["--out", str(tmp_path / "s.safetensors"),
+                            "--max-memory", "3K"]) == 0
+  assert "streamed in 3 passes" in capsys.readouterr().out  # 2 top-k
+  assert cli.main(common + ["--out", str(tmp_path / "m.safetensors"),
+                            "--in-memory"]) == 0
+  a, _ = checkpoint_io.load(str(tmp_path / "s.safetensors"))
+  b, _ = checkpoint_io.load(str(tmp_path / "m.safetensors"))
+  for k in b:
+    np.testing.assert_array_equal(a[k].view(np.uint8), b[k].view(np.uint8))
+  assert cli.main(common + ["--out", str(tmp_path / "x"), "--max-memory",
+                            "lots"]) == 2
+  assert "--max-memory expects a size" in capsys.readouterr().err

@@ -10,5 +10,6 @@ model: see `executor` (the block loop), `reader` (memory-mapped inputs),
 per-block partials) and `recipes` (which statistics each method needs).
 """
 
-from mtmerge.streaming.executor import (DEFAULT_MAX_MEMORY, merge_files)
+from mtmerge.streaming.executor import (DEFAULT_MAX_MEMORY, merge_files,
+                                        parse_size)
 from mtmerge.streaming.recipes import streams, supported

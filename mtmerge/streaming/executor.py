@@ -44,6 +44,21 @@ def bytes_per_entry(inputs: reader.Inputs) -> int:
   return 2 * (T + 1) * item + 8 * T + 8
 
 
+def parse_size(text: str) -> int:
+  """Bytes from `'4G'`, `'512M'`, `'1.5GiB'`, `'100000'` (powers of 1024)."""
+  t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+  mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+  scale = mult.get(t[-1:], 1)
+  try:
+    n = float(t[:-1] if t[-1:] in mult else t) * scale
+  except ValueError:
+    n = -1
+  if not n >= 1:
+    raise ValueError(f"--max-memory expects a size such as 4G or 512M, got "
+                     f"{text!r}")
+  return int(n)
+
+
 class Executor:
   """Runs passes over blocks: reads, checks once, calls, accounts bytes.
 
@@ -99,6 +114,7 @@ class Executor:
 
 def merge_files(method: str, base: str, models: Sequence[str], out: str,
                 max_memory: int = DEFAULT_MAX_MEMORY, progress: bool = True,
+                layout: checkpoint_io.Layout | None = None,
                 **hparams) -> dict[str, Any]:
   """Merges checkpoints on disk into `out`, streamed block by block.
 
@@ -112,6 +128,8 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
     max_memory: byte budget for one block's buffers (see `bytes_per_entry`);
       tensors larger than that are processed in row blocks.
     progress: a tqdm bar per pass on stderr (when it is a terminal).
+    layout: the output's layout (default: the base's own); e.g.
+      `cli_output.output_layout(...)` to write a sharded base as one file.
     **hparams: the method's hyperparameters, as `methods.merge`.
 
   Returns:
@@ -132,7 +150,11 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
   inputs = reader.Inputs(base, models)
   if max_memory <= 0:
     raise ValueError(f"max_memory must be positive, got {max_memory}")
-  blocks = reader.plan(inputs, bytes_per_entry(inputs), int(max_memory))
+  olayout = layout or inputs.layout
+  if sorted(olayout.weight_map) != sorted(inputs.layout.weight_map):
+    raise ValueError("the output layout must hold the base's tensors")
+  blocks = reader.plan(inputs, bytes_per_entry(inputs), int(max_memory),
+                       olayout)
   ex = Executor(inputs, progress)
   for p in recipe.passes(blocks):
     ex.run(p)
@@ -141,7 +163,7 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
     return np.asarray(inputs.whole(name))
 
   def write(tmp):
-    w = writer.Output(inputs.layout, tmp, fill)
+    w = writer.Output(olayout, tmp, fill)
     try:
       ex.run(recipes.Pass("merge", blocks, lambda blk, b, ms: w.write(
           blk.name, np.asarray(recipe.apply(blk, b, ms)))))
@@ -151,7 +173,7 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
       raise
 
   info: dict[str, Any] = {}
-  is_dir = inputs.layout.kind != "file"
+  is_dir = olayout.kind != "file"
   try:
     dest = checkpoint_io._atomic_write(out, write, is_dir=is_dir)
   finally:

@@ -234,8 +234,8 @@ def _open(fpath: str):
         f"cannot read {fpath} ({checkpoint_io._line(e)})") from None
 
 
-def plan(inputs: Inputs, bytes_per_entry: int, max_memory: int
-         ) -> list[Block]:
+def plan(inputs: Inputs, bytes_per_entry: int, max_memory: int,
+         layout: checkpoint_io.Layout | None = None) -> list[Block]:
   """Blocks of every merged tensor, in the base's file order.
 
   A tensor whose `numel * bytes_per_entry` exceeds `max_memory` is split
@@ -246,12 +246,13 @@ def plan(inputs: Inputs, bytes_per_entry: int, max_memory: int
     bytes_per_entry: memory one tensor entry costs while its block is
       processed (all models' inputs, float32 task vectors, outputs).
     max_memory: the budget for one block, in bytes.
+    layout: the output's layout (default the base's): its file order.
 
   Returns:
     Blocks in write order (shard by shard, tensor by tensor, row by row).
   """
   out = []
-  for file_names in inputs.layout.by_file().values():
+  for file_names in (layout or inputs.layout).by_file().values():
     for k in file_names:
       if k not in inputs.leaf:
         continue

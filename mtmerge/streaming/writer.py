@@ -84,7 +84,7 @@ class ShardWriter:
     self._f.close()
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(self.path, 0o666 & ~umask)
+    os.chmod(self.path, 0o666 & ~umask)  # as a new file: the umask's mode
 
   def abort(self) -> None:
     self._f.close()
@@ -94,7 +94,8 @@ class Output:
   """All output shards of a base layout, written in the layout's order.
 
   Args:
-    layout: the base's layout (kind, files, names, shapes, metadata).
+    layout: the output's layout (kind, files, names, shapes, metadata): the
+      base's, or `cli_output.output_layout`'s conversion of it.
     tmp: where to write: a file path ('file' kind) or an existing empty
       directory (the atomic writer's temp sibling).
     fill: name -> array for tensors that are not streamed (integer
@@ -109,7 +110,7 @@ class Output:
     self._files = list(layout.by_file().items())
     self._shard: ShardWriter | None = None
     self.total = 0
-    if layout.kind != "file":
+    if layout.kind != "file" and os.path.isdir(layout.source):
       checkpoint_io._copy_extras(layout.source, tmp)
 
   def _next_shard(self) -> None:
