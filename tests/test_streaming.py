@@ -237,7 +237,8 @@ def test_cli_streams_and_matches_in_memory(ckpts, tmp_path, capsys):
   a, _ = checkpoint_io.load(str(tmp_path / "s.safetensors"))
   b, _ = checkpoint_io.load(str(tmp_path / "m.safetensors"))
   for k in b:
-    np.testing.assert_array_equal(a[k].view(np.uint8), b[k].view(np.uint8))
+    np.testing.assert_array_equal(a[k].reshape(-1).view(np.uint8),
+                                  b[k].reshape(-1).view(np.uint8), err_msg=k)
   assert cli.main(common + ["--out", str(tmp_path / "x"), "--max-memory",
                             "lots"]) == 2
   assert "--max-memory expects a size" in capsys.readouterr().err
