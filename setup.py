@@ -28,7 +28,7 @@ setup(
         "treescope>=0.1",  # pytree rendering in the notebook (flax needs it too)
     ],
     extras_require={
-        "test": ["pytest>=8"],
+        "test": ["pytest>=8", "pytest-xdist>=3"],
         # Peers for parity tests and benchmarks; never needed at run time.
         # torch is pinned to the CPU build available offline on this machine.
         "peers": ["torch==2.13.0", "fusion-bench", "mergekit", "psutil",
