@@ -237,16 +237,43 @@ def mergekit_cmd(peers_python, method, base, models, out, workdir):
   return [exe, path, out, "--no-copy-tokenizer"]
 
 
-def compare(path_a, path_b):
-  """Entries of two bf16 checkpoints more than 1 bf16 ulp apart."""
+def _cutoff_ambiguous(base, models, k, density):
+  """Entries whose TIES trim may differ between mtmerge and mergekit.
+
+  Per task t, mergekit keeps `int(density * n)` entries of largest |tau_t|
+  (argsort: which of the entries tied at the cutoff is arbitrary), mtmerge
+  every entry at or above its `round(density * n)`-th largest. Entries with
+  |tau_t| between the two cutoff values (inclusive) of any task can differ.
+  """
+  import numpy as np
+  b = np.asarray(base, np.float32)
+  amb = np.zeros(b.shape, bool)
+  n = b.size
+  k_mk = max(1, int(density * n))
+  k_mt = int(min(max(np.floor(density * n + 0.5), 1), n))
+  for m in models:
+    a = np.abs(np.asarray(m, np.float32) - b)
+    flat = a.reshape(-1)
+    p = np.partition(flat, sorted({n - k_mk, n - k_mt}))
+    lo, hi = sorted((p[n - k_mk], p[n - k_mt]))
+    amb |= (a >= lo) & (a <= hi)
+  return amb
+
+
+def compare(path_a, path_b, inputs=None, density=None):
+  """Entries of two bf16 checkpoints more than 1 bf16 ulp apart.
+
+  With `inputs` (base, models) and a TIES `density`, also counts the
+  differing entries NOT explained by the top-k cutoff (`_cutoff_ambiguous`).
+  """
   import numpy as np
   from mtmerge import checkpoint_io
   la, lb = checkpoint_io.read_layout(path_a), checkpoint_io.read_layout(path_b)
   if sorted(la.weight_map) != sorted(lb.weight_map):
     return dict(error="different tensor names")
-  n = n_ulp = n_far = 0
+  n = n_ulp = n_far = n_unexplained = n_amb = 0
   max_diff = 0.0
-  views = {}
+  views, lays = {}, {}
   for k in sorted(la.weight_map):
     xs = []
     for lay in (la, lb):
@@ -257,6 +284,16 @@ def compare(path_a, path_b):
     a, b = xs
     if a.dtype != b.dtype or a.shape != b.shape:
       return dict(error=f"{k}: {a.dtype}{a.shape} vs {b.dtype}{b.shape}")
+    amb = None
+    if inputs is not None:
+      ins = []
+      for p in inputs:
+        lay = lays.setdefault(p, checkpoint_io.read_layout(p))
+        f = lay.path_of(lay.weight_map[k])
+        if f not in views:
+          views[f] = checkpoint_io._mmap_file(f)
+        ins.append(views[f][k])
+      amb = _cutoff_ambiguous(ins[0], ins[1:], k, density)
     ia = a.view(np.int16).astype(np.int32)
     ib = b.view(np.int16).astype(np.int32)
     oa = np.where(ia < 0, -(ia & 0x7fff), ia)  # bf16 order as integers
@@ -264,11 +301,18 @@ def compare(path_a, path_b):
     d = np.abs(oa - ob)
     n += d.size
     n_ulp += int((d > 1).sum())
+    if amb is not None:
+      n_unexplained += int(((d > 1) & ~amb).sum())
+      n_amb += int(amb.sum())
     n_far += int((d > 16).sum())
     max_diff = max(max_diff, float(np.abs(a.astype(np.float32)
                                           - b.astype(np.float32)).max()))
-  return dict(n=n, beyond_1_ulp=n_ulp, beyond_16_ulp=n_far,
-              frac_beyond_1_ulp=n_ulp / max(n, 1), max_abs_diff=max_diff)
+  out = dict(n=n, beyond_1_ulp=n_ulp, beyond_16_ulp=n_far,
+             frac_beyond_1_ulp=n_ulp / max(n, 1), max_abs_diff=max_diff)
+  if inputs is not None:
+    out.update(beyond_1_ulp_not_at_topk_cutoff=n_unexplained,
+               at_topk_cutoff=n_amb)
+  return out
 
 
 def plain_read_s(paths):
@@ -355,7 +399,8 @@ def main(argv=None):
               f" GiB, rc {r['returncode']}", flush=True)
         rows.append(r)
       if len(outs) == 2:
-        c = compare(outs["mtmerge"], outs["mergekit"])
+        c = compare(outs["mtmerge"], outs["mergekit"],
+                    ins if method == "ties" else None, 0.2)
         print(f"   agreement: {c}", flush=True)
         for r in rows[-2:]:
           r["agreement"] = c
@@ -393,7 +438,10 @@ def table(rows, shape_cfg, args):
     ag = r.get("agreement")
     ag_s = ("-" if not ag else ag.get("error") or
             f"{ag['beyond_1_ulp']} of {ag['n']} ({ag['frac_beyond_1_ulp']:.2e})"
-            f", > 16 ulp: {ag['beyond_16_ulp']}")
+            f", > 16 ulp: {ag['beyond_16_ulp']}"
+            + (f", not at the top-k cutoff: "
+               f"{ag['beyond_1_ulp_not_at_topk_cutoff']}"
+               if "at_topk_cutoff" in ag else ""))
     status = "" if r["returncode"] == 0 else f"  FAILED rc {r['returncode']}"
     lines.append(
         f"{r['method']:<12}{r['T']:>3} {r['tool']:<9}{r['wall_s']:>8.1f}"
