@@ -17,6 +17,7 @@ with one `jax.jvp`; fine-tuning trains `d`, merging adds task vectors in
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from typing import Any, Callable, NamedTuple
@@ -114,6 +115,11 @@ def load(name: str, num_layers: int | None = None) -> Encoder:
     c = model.config.vision
     dim = int(jax.eval_shape(lambda: model.encode_image(jnp.zeros(
         (1, c.image_size, c.image_size, c.num_channels)))).shape[-1])
+    if getattr(tok, "backend", None) == "jax":
+      # PIL resizes each image without a compile per image size (SUN397,
+      # Cars and DTD have thousands of sizes) and, like HF's
+      # CLIPImageProcessor, rounds the resized image to uint8.
+      tok = dataclasses.replace(tok, backend="pil")
     embed_text = scale = None
     if getattr(model, "text", None) is not None:
       embed_text = _clip_text(static, params, model.config.text.max_len, path)
