@@ -246,3 +246,27 @@ def test_cli_streams_and_matches_in_memory(ckpts, tmp_path, capsys):
   assert cli.main(common + ["--out", str(tmp_path / "x"), "--max-memory",
                             "lots"]) == 2
   assert "--max-memory expects a size" in capsys.readouterr().err
+
+
+def test_exact_kth_largest_and_radix_select():
+  """The host selections against a full sort (ties, zeros, tiny values)."""
+  from mtmerge.streaming import stats
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(2, 300, 700)).astype(np.float32)
+  x[0] = np.round(x[0] * 8) / 8  # heavy ties, many zeros
+  x[1, :5] = 2.0 ** -120  # below selection's "zero" floor
+  n = x[0].size
+  ks = [1, n // 5, n // 2 + 1, n - 1]
+  sel = stats.RadixSelect(2, {"g": ks})
+  for part in np.array_split(x, 3, axis=1):  # three row blocks
+    sel.add_hi("g", part)
+  sel.finish_hi()
+  for part in np.array_split(x, 3, axis=1):
+    sel.add_lo("g", part)
+  radix = sel.finish()["g"]
+  whole = stats.kth_largest(x, ks)
+  for t in range(2):
+    srt = np.sort(np.abs(x[t]).reshape(-1))[::-1]
+    want = [srt[k - 1] if srt[k - 1] >= 2.0 ** -100 else 0.0 for k in ks]
+    np.testing.assert_array_equal(radix[t], want)
+    np.testing.assert_array_equal(whole[t], want)

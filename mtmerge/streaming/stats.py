@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Hashable, Sequence
 
@@ -127,24 +128,48 @@ def _threshold(v: np.float32) -> np.float32:
   return np.float32(v) if bits >= selection._TINY_BITS else np.float32(0.0)
 
 
+_SAMPLE = 1 << 14
+
+
+def _kth(a: np.ndarray, k: int) -> np.float32:
+  """The exact k-th largest of 1-D float32 `a` (1 <= k <= a.size).
+
+  A sorted strided sample brackets the answer (~4 sigma margins); one
+  count above the bracket and a partition of the few entries inside it
+  give the exact value, ~3x faster than `np.partition` of all of `a`. A
+  bracket that misses falls back to the full partition.
+  """
+  n = a.size
+  if n > 8 * _SAMPLE:
+    s = np.sort(a[::n // _SAMPLE])
+    m, p = s.size, k / n
+    pos, margin = (1.0 - p) * m, 4.0 * math.sqrt(m * p * (1.0 - p)) + 2.0
+    i, j = int(pos - margin), int(math.ceil(pos + margin))
+    lo = s[i] if i >= 0 else -np.inf
+    hi = s[j] if j < m else np.inf
+    above = int(np.count_nonzero(a > hi))
+    if above < k:
+      mid = a[(a >= lo) & (a <= hi)]
+      r = k - above
+      if r <= mid.size:
+        return np.partition(mid, mid.size - r)[mid.size - r]
+  return np.partition(a, n - k)[n - k]
+
+
 def kth_largest(x: np.ndarray, ks: Sequence[int]) -> np.ndarray:
   """Exact thresholds `[T, len(ks)]` of a whole tensor `x` `[T, ...]`.
 
-  The in-block counterpart of `RadixSelect` (same convention), by
-  `np.partition` of each task's magnitudes.
+  The in-block counterpart of `RadixSelect` (same convention): the k-th
+  largest magnitude of each task (`_kth`).
   """
   T = x.shape[0]
   a = np.abs(np.asarray(x, np.float32).reshape(T, -1))
   n = a.shape[1]
   out = np.full((T, len(ks)), np.inf, np.float32)
-  pos = sorted({n - k for k in ks if 0 < k <= n})
   for t in range(T):
-    if not pos:
-      break
-    p = np.partition(a[t], pos)
     for i, k in enumerate(ks):
       if 0 < k <= n:
-        out[t, i] = _threshold(p[n - k])
+        out[t, i] = _threshold(_kth(a[t], k))
   return out
 
 
