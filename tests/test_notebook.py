@@ -46,10 +46,12 @@ def _run_cell(src: str, ns: dict, name: str):
   last = tree.body[-1] if tree.body and isinstance(tree.body[-1],
                                                    ast.Expr) else None
   body = tree.body[:-1] if last is not None else tree.body
-  exec(compile(ast.Module(body, type_ignores=[]), name, "exec"), ns)  # noqa: S102
+  code = compile(ast.Module(body, type_ignores=[]), name, "exec")
+  exec(code, ns)  # noqa: S102
   if last is None:
     return None
-  return eval(compile(ast.Expression(last.value), name, "eval"), ns)  # noqa: S307
+  expr = compile(ast.Expression(last.value), name, "eval")
+  return eval(expr, ns)  # noqa: S307
 
 
 def test_notebook_is_valid_nbformat4_written_by_its_generator():
