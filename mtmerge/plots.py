@@ -31,14 +31,15 @@ def bar_chart(rows: Sequence[dict[str, Any]], tasks: Sequence[str],
   Returns:
     `path`.
   """
-  import matplotlib
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt
+  # A bare Figure (no pyplot): no global backend switch, so a notebook that
+  # calls this keeps its inline plots.
+  from matplotlib import figure as figure_lib
   ref, indiv, methods = rows[0], rows[1], list(rows[2:])
   learned = set(learned)
   methods = ([r for r in methods if r["method"] not in learned] +
              [r for r in methods if r["method"] in learned])
-  fig, ax = plt.subplots(figsize=(8.0, 0.32 * len(methods) + 1.8))
+  fig = figure_lib.Figure(figsize=(8.0, 0.32 * len(methods) + 1.8))
+  ax = fig.subplots()
   y = list(range(len(methods)))[::-1]
   diff = [r["avg"] - indiv["avg"] for r in methods]
   colors = ["#dd8452" if r["method"] in learned else "#4c72b0"
@@ -74,7 +75,6 @@ def bar_chart(rows: Sequence[dict[str, Any]], tasks: Sequence[str],
     os.chmod(tmp, results.umask_mode())  # mkstemp's file is 0600
     os.replace(tmp, path)
   finally:
-    plt.close(fig)
     if os.path.exists(tmp):
       os.remove(tmp)
   return path

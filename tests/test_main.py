@@ -118,7 +118,6 @@ def test_notebook_runs_the_same_run_function(tmp_path, monkeypatch):
   nb = json.loads(open(os.path.join(REPO, "notebooks",
                                     "quickstart.ipynb")).read())
   code = [c["source"] for c in nb["cells"] if c["cell_type"] == "code"]
-  assert "benchmark.run(config" in "".join(code)
   # Execute the last cell (library composition) for real; the benchmark
   # cells are what test_default_benchmark_runlocal runs.
   ns = {}
