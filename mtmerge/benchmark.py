@@ -141,6 +141,7 @@ def run(config: Any, workdir: str) -> dict:
     raise ConfigError(f"config.tasks: {e.args[0]}") from None
   entries = _method_entries(config)  # bad config fails before any work
   learned_entries = benchmark_learned.entries(config, ConfigError)
+  mesh, rules = benchmark_learned.runtime(config, ConfigError)  # built once
   head_kind = config.heads.kind
   if head_kind not in heads_lib.KINDS:
     raise ConfigError(f"config.heads.kind must be one of {heads_lib.KINDS}, "
@@ -178,7 +179,8 @@ def run(config: Any, workdir: str) -> dict:
     for t in tasks:
       t1 = time.time()
       tuned.append(finetune.finetune_task(encoder, t, heads[t.name],
-                                          config.finetune, workdir))
+                                          config.finetune, workdir,
+                                          mesh=mesh, rules=rules))
       print(f"  {t.name}: fine-tuned in {time.time() - t1:.0f} s", flush=True)
   timing["finetune_s"] = time.time() - t0
 
@@ -252,7 +254,8 @@ def run(config: Any, workdir: str) -> dict:
         max_len=config.eval.max_len)
     rows += benchmark_learned.rows(
         config, workdir, problem, pool, base_sel, learned_entries,
-        lambda label, accs, extra: _row(label, accs, indiv, extra))
+        lambda label, accs, extra: _row(label, accs, indiv, extra),
+        mesh=mesh, rules=rules)
     timing["learned_s"] = time.time() - t0
   timing["total_s"] = time.time() - t_start
 

@@ -55,7 +55,8 @@ def entries(config, error_cls) -> list[tuple[str, str, dict, dict, dict]]:
       for hp in grid_points(grid):
         registry.check(name, {**fixed, **hp})
       train_over = dict(entry.get("train") or {})
-      _check_train(name, fixed, grid, train.TrainConfig.from_dict(train_over))
+      _check_train(name, fixed, grid, train.TrainConfig.from_dict(train_over),
+                   config.get("mesh"))
     except (ValueError, KeyError) as e:
       msg = e.args[0] if e.args else e
       raise error_cls(f"config.learned entry {entry['method']!r}: {msg}"
@@ -64,12 +65,13 @@ def entries(config, error_cls) -> list[tuple[str, str, dict, dict, dict]]:
   return out
 
 
-def _check_train(name, fixed, grid, cfg: train.TrainConfig) -> None:
+def _check_train(name, fixed, grid, cfg: train.TrainConfig,
+                 mesh_spec=None) -> None:
   """The mesh fits the devices and every batch size divides its data axes."""
   import jax
   from mtmerge import sharding
   from mtmerge.learned import registry
-  shape = sharding.mesh_shape(cfg.mesh, jax.device_count())
+  shape = sharding.mesh_shape(mesh_spec or cfg.mesh, jax.device_count())
   missing = [a for a in cfg.data_axes if a not in shape]
   if missing:
     raise ValueError(f"train.data_axes {missing} are not mesh axes "
@@ -84,6 +86,21 @@ def _check_train(name, fixed, grid, cfg: train.TrainConfig) -> None:
       raise ValueError(f"batch_size={bs} does not divide over the "
                        f"{shards} data shards of mesh {shape}; use a "
                        f"multiple of {shards}")
+
+
+def runtime(config, error_cls) -> tuple[Any, Any]:
+  """`(mesh, rules)` from `config.mesh` and `config.param_rules`.
+
+  Built once per run and passed to fine-tuning and every learned method.
+  Defaults: a 1-D `data` mesh over all devices, replicated params.
+  """
+  from mtmerge import sharding
+  try:
+    mesh = sharding.make_mesh(config.get("mesh") or [("data", -1)])
+  except ValueError as e:
+    raise error_cls(f"config.mesh: {e.args[0]}") from None
+  rules = config.get("param_rules")
+  return mesh, (None if rules is None else [tuple(r) for r in rules])
 
 
 def _key(config) -> str:
@@ -122,8 +139,11 @@ def _evaluator(pool, base_sel, res, num_tasks: int):
 
 
 def rows(config, workdir, problem, pool, base_sel, learned_entries,
-         row_fn) -> list[dict]:
-  """Runs every learned entry; one result row each (see `benchmark._row`)."""
+         row_fn, mesh=None, rules=None) -> list[dict]:
+  """Runs every learned entry; one result row each (see `benchmark._row`).
+
+  `mesh` and `rules` (from `runtime`) go to every method's trainer.
+  """
   from mtmerge.learned import registry
   root = os.path.join(workdir, "learned", _key(config))
   out = []
@@ -134,6 +154,7 @@ def rows(config, workdir, problem, pool, base_sel, learned_entries,
       tag = "-".join(f"{k}={v}" for k, v in sorted({**fixed, **hp}.items()))
       res = registry.run(
           name, problem, {**fixed, **hp}, train_config=train_over,
+          mesh=mesh, rules=rules,
           workdir=os.path.join(root, f"{label}-{tag}".replace("/", "_")
                                .replace(" ", "")[:150]),
           progress=True)
