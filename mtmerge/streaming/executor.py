@@ -87,7 +87,9 @@ class Executor:
     """Runs one pass: `p.fn(block, base rows, model rows)` per block."""
     from tqdm import tqdm  # local: keeps imports light
     T = self.inputs.num_models
-    sizes = [blk.numel * (T + 1) * 2 for blk in p.blocks]
+    lays = [self.inputs.layout] + self.inputs.model_layouts
+    sizes = [blk.numel * sum(checkpoint_io.np_dtype(
+        lay.dtypes[blk.name]).itemsize for lay in lays) for blk in p.blocks]
     self.passes.append(p.label)
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, file=sys.stderr,
                desc=f"pass {len(self.passes)} ({p.label})", leave=False,
