@@ -193,26 +193,32 @@ def _elect_signs(vectors, scope, zero_sign="majority"):
   return signs
 
 
-def _disjoint_merge(vectors, signs, merge_func):
-  """Aggregate, per entry, only the task entries that agree with the sign."""
+def _disjoint_merge(vectors, signs, merge_func, weights=None):
+  """Aggregate, per entry, only the task entries that agree with the sign.
+
+  weights (mergekit's `ties`): the vectors are already weighted; 'mean'
+  divides by the sum of the agreeing tasks' weights instead of their count.
+  """
   merged = {}
+  if weights is None:
+    weights = [1.0] * len(vectors)
   for name in signs:
     sign = signs[name]
     agree_sum = np.zeros_like(sign)
     agree_count = np.zeros_like(sign)
     agree_maxabs = np.zeros_like(sign)
-    for v in vectors:
+    for v, w in zip(vectors, weights):
       value = v[name]
       agrees = value * sign > 0  # strictly: zeros never agree
       agree_sum = agree_sum + np.where(agrees, value, 0.0)
-      agree_count = agree_count + agrees.astype(np.float64)
+      agree_count = agree_count + np.where(agrees, float(w), 0.0)
       agree_maxabs = np.maximum(agree_maxabs,
                                 np.where(agrees, np.abs(value), 0.0))
     if merge_func == "sum":
       merged[name] = agree_sum
     elif merge_func == "mean":
-      merged[name] = np.where(agree_count > 0,
-                              agree_sum / np.maximum(agree_count, 1.0), 0.0)
+      den = np.where(agree_count == 0, 1.0, agree_count)
+      merged[name] = np.where(agree_count != 0, agree_sum / den, 0.0)
     elif merge_func == "max":
       # The agreeing entry of largest magnitude; it carries the elected sign.
       merged[name] = sign * agree_maxabs
@@ -221,32 +227,43 @@ def _disjoint_merge(vectors, signs, merge_func):
   return merged
 
 
-def _ties_merge_vectors(vectors, threshold, merge_func, scope):
-  """Trim -> elect -> disjoint merge on a list of task-vector dicts."""
+def _ties_merge_vectors(vectors, threshold, merge_func, scope,
+                        zero_sign="majority", weights=None):
+  """Trim -> (weight) -> elect -> disjoint merge on task-vector dicts."""
   trimmed = _ties_trim(vectors, threshold, scope)
-  signs = _elect_signs(trimmed, scope)
-  return _disjoint_merge(trimmed, signs, merge_func)
+  if weights is not None:
+    trimmed = [{name: float(w) * v for name, v in tau.items()}
+               for tau, w in zip(trimmed, weights)]
+  signs = _elect_signs(trimmed, scope, zero_sign)
+  return _disjoint_merge(trimmed, signs, merge_func, weights)
 
 
 def ties_merged_vector(base, finetuned, threshold=0.2, merge_func="sum",
-                       scope="global"):
+                       scope="global", zero_sign="majority", weights=None):
   """The TIES merged task vector (before scaling)."""
   taus = _task_vectors(base, finetuned)
-  return _ties_merge_vectors(taus, threshold, merge_func, scope)
+  return _ties_merge_vectors(taus, threshold, merge_func, scope, zero_sign,
+                             weights)
 
 
 def ties_merging(base, finetuned, scaling_factor=0.3, threshold=0.2,
-                 merge_func="sum", scope="global"):
-  """TIES-Merging (Yadav et al. 2023).
+                 merge_func="sum", scope="global", zero_sign="majority",
+                 weights=None):
+  """TIES-Merging (Yadav et al. 2023), with mergekit's `ties` options.
 
   threshold is the fraction of entries KEPT per task (k = round-half-up of
-  threshold * n, clipped to [1, n]; ties at the cut kept). Elected sign =
-  sign(sum_t trimmed_t), zero -> overall majority sign (whole model for
-  'global', per parameter for 'per_tensor'; +1 if that is 0 too). merge_func:
-  'mean' (sum of agreeing / number of agreeing, 0 if none), 'sum', or 'max'
-  (agreeing entry of largest magnitude). Result theta_0 + lambda * merged.
+  threshold * n, clipped to [1, n]; ties at the cut kept). weights (mergekit,
+  Goddard et al. 2024): each trimmed task vector is multiplied by w_t before
+  the vote. Elected sign = sign(sum_t w_t trimmed_t); a zero becomes
+  zero_sign='majority': the sign of the sum of every elected sign of the
+  whole model (+1 if that is 0 too; official TIES code), or 'positive': +1
+  (mergekit). merge_func: 'mean' (sum of agreeing weighted entries / sum of
+  the agreeing tasks' weights (their count without weights), 0 if none),
+  'sum', or 'max' (agreeing entry of largest magnitude). Result
+  theta_0 + lambda * merged.
   """
-  merged = ties_merged_vector(base, finetuned, threshold, merge_func, scope)
+  merged = ties_merged_vector(base, finetuned, threshold, merge_func, scope,
+                              zero_sign, weights)
   return _add_scaled(base, merged, scaling_factor)
 
 
@@ -793,6 +810,26 @@ def della_from_uniforms(base, finetuned, uniforms, drop_rate=0.3,
         safe_p = np.where(keep, p, 1.0)
         new_rows[i] = np.where(keep, rows[i] / safe_p, 0.0)
       out[name] = new_rows.reshape(v.shape)
+    pruned.append(out)
+  signs = _elect_signs(pruned, "global")
+  merged = _disjoint_merge(pruned, signs, "mean")
+  return _add_scaled(base, merged, scaling_factor)
+
+
+def della_from_masks(base, finetuned, keep_masks, drop_rate=0.3,
+                     epsilon=0.07, scaling_factor=1.1):
+  """DELLA with given keep masks: kept entries divided by their p_keep."""
+  taus = _task_vectors(base, finetuned)
+  pruned = []
+  for tau, mask in zip(taus, keep_masks):
+    out = {}
+    for name in base:
+      rows = _as_rows(tau[name])
+      keep = _as_rows(np.asarray(mask[name], bool))
+      p = np.stack([della_keep_probabilities(np.abs(r), drop_rate, epsilon)
+                    for r in rows])
+      out[name] = np.where(keep, rows / np.where(keep, p, 1.0),
+                           0.0).reshape(np.shape(tau[name]))
     pruned.append(out)
   signs = _elect_signs(pruned, "global")
   merged = _disjoint_merge(pruned, signs, "mean")
