@@ -5,6 +5,7 @@ r"""Command line: `mtmerge merge ...` and `mtmerge reconstruct ...`.
     mtmerge merge --method tall_mask --base b.safetensors \
         --models x.safetensors y.safetensors --out tall/   # compressed form
     mtmerge reconstruct --in tall/ --base b.safetensors --task 1 --out y1.safetensors
+    mtmerge merge --config merge.yml --out merged/   # mergekit's YAML format
 
 Expected failures (bad paths, corrupt or mismatched checkpoints, bad
 parameters, NaN/Inf, an unsafe or ambiguous --out, a full disk) exit with
@@ -115,12 +116,15 @@ def _parser() -> _Parser:
           "keeps the base's layout (single file or sharded directory) and "
           "dtypes; compressed methods write a directory of tau, bit-packed "
           "masks and compressed.json (see `mtmerge reconstruct`).", 78))
-  m.add_argument("--method", required=True, metavar="NAME")
-  m.add_argument("--base", required=True, metavar="PATH",
-                 help="pretrained checkpoint")
-  m.add_argument("--models", required=True, nargs="+", metavar="PATH",
+  m.add_argument("--method", metavar="NAME")
+  m.add_argument("--base", metavar="PATH", help="pretrained checkpoint")
+  m.add_argument("--models", nargs="+", metavar="PATH",
                  help="fine-tuned checkpoints (task order = this order)")
-  m.add_argument("--out", required=True, metavar="PATH",
+  m.add_argument("--config", metavar="YAML",
+                 help="a mergekit configuration (merge_method, base_model, "
+                 "models, parameters, dtype, out_dtype) instead of --method, "
+                 "--base, --models and --param")
+  m.add_argument("--out", metavar="PATH",
                  help="NAME.safetensors: one file; any other name: a "
                  "directory (the base's shards, or model.safetensors)")
   m.add_argument("--force", action="store_true",
@@ -173,10 +177,42 @@ def _preflight(out: str, inputs: dict[str, str], force: bool,
   return form
 
 
+def _merge_config(args) -> None:
+  """`--config merge.yml`: mergekit's configuration format."""
+  from mtmerge import mergekit_merge
+  from mtmerge import streaming
+  given = [f for f, v in (("--method", args.method), ("--base", args.base),
+                          ("--models", args.models), ("--param", args.param))
+           if v]
+  if given:
+    raise ValueError(f"--config replaces --method, --base, --models and "
+                     f"--param; drop {given[0]}")
+  t0 = time.time()
+  info = mergekit_merge.merge(
+      args.config, args.out, args.force, not args.no_progress,
+      streaming.parse_size(args.max_memory), args.in_memory)
+  how = info["mtmerge"] + "".join(f", {k}={v!r}"
+                                   for k, v in info["hparams"].items())
+  print(f"merged {info['models']} models with mergekit's {info['method']} "
+        f"({how})")
+  print(f"wrote {args.out} ({_size(info['bytes'])}) in "
+        f"{time.time() - t0:.1f} s")
+
+
 def _merge(args) -> None:
   from mtmerge import methods
   from mtmerge import runtime
   runtime.enable_compile_cache()  # a rerun on the same shapes skips compile
+  need = (("--out", args.out),) if args.config else (
+      ("--method", args.method), ("--base", args.base),
+      ("--models", args.models), ("--out", args.out))
+  missing = [f for f, v in need if not v]
+  if missing:
+    raise ValueError(f"the following arguments are required: "
+                     f"{', '.join(missing)} (see 'mtmerge merge --help')")
+  if args.config:
+    _merge_config(args)
+    return
   t0 = time.time()
   name, hparams = method_names.resolve(args.method,
                                        parse_params(args.param))

@@ -4,9 +4,8 @@ mergekit (Goddard et al. 2024, "Arcee's MergeKit") names its methods
 `linear`, `ties`, `dare_ties`, ... Its `linear` with equal weights is
 mtmerge's `weight_averaging`, and its `ties` is `ties_merging` per tensor
 with the disjoint mean over agreeing tasks, a zero sign vote counted as
-positive and lambda 1 (its `density` defaults to 1: nothing trimmed; with
-a density below 1 mtmerge keeps `round(density * n)` entries of a tensor,
-mergekit `int(density * n)`, one more when the fraction is >= 0.5). Where
+positive, lambda 1 and mergekit's top-k count `max(1, int(density * n))`
+(`count='floor'`; its `density` defaults to 1: nothing trimmed). Where
 mergekit's name is also mtmerge's, mtmerge's method runs. mergekit's DARE
 and DELLA variants rescale the kept entries to each tensor's L1 norm, not by
 1/(1-p), so `dare_linear`, `della_linear` (and `breadcrumbs_ties`, which
@@ -26,7 +25,8 @@ MERGEKIT = {
     "linear": ("weight_averaging", {}),
     "ties": ("ties_merging", {"scope": "per_tensor", "merge_func": "mean",
                               "zero_sign": "positive", "sign_method": "sum",
-                              "scaling_factor": 1.0, "threshold": 1.0}),
+                              "scaling_factor": 1.0, "threshold": 1.0,
+                              "count": "floor"}),
 }
 _MERGEKIT_PARAMS = {"density": "threshold", "lambda": "scaling_factor"}
 # mergekit names with no exact counterpart: name -> (nearest, why not).
@@ -59,9 +59,9 @@ def help_lines() -> list[str]:
                                                    else ""), 78,
                            initial_indent="  ", subsequent_indent=" " * 6)
   lines += textwrap.wrap(
-      f"(with density < 1, {MERGEKIT['ties'][0]} keeps round(density * n) "
-      "entries per tensor, mergekit int(density * n))", 78,
-      initial_indent=" " * 6, subsequent_indent=" " * 6)
+      "(mtmerge merge --config merge.yml reads mergekit's YAML files, all "
+      "of these methods included)", 78, initial_indent=" " * 6,
+      subsequent_indent=" " * 6)
   for alias, why in MERGEKIT_SAME_NAME.items():
     lines += textwrap.wrap(f"{alias}: mtmerge's method ({why})", 78,
                            initial_indent="  ", subsequent_indent=" " * 6)

@@ -21,6 +21,7 @@ from mtmerge import transforms as tx
 from mtmerge.methods import registry
 from mtmerge.methods import validate as v
 from mtmerge.transforms import combine
+from mtmerge.transforms import sparsify
 
 Tree = Any
 
@@ -64,14 +65,18 @@ def _ties_thresholds(tvs: Tree, threshold: float, scope: str) -> Tree:
   return selection.topk_thresholds(tvs, threshold, scope)
 
 
-def _ties_flat_thresholds(tvs: Tree, threshold: float, scope: str):
+def _ties_flat_thresholds(tvs: Tree, threshold: float, scope: str,
+                          count: str = "round"):
   """`(flat thresholds, per-leaf offsets)` from one jitted search."""
   tx.check_fraction("threshold", threshold)
   offsets = selection.threshold_offsets(tvs, scope)
   if threshold >= 1.0:  # keep everything
     T = task_vectors.num_tasks(tvs)
     return jnp.zeros((T,), jnp.float32), [0] * len(offsets)
-  return _flat_thresholds(tvs, fraction=threshold, scope=scope), offsets
+  k = None if count == "round" else sparsify.RankCount(
+      "keep", float(threshold), rounding=count)
+  return _flat_thresholds(tvs, fraction=threshold, scope=scope,
+                          count=k), offsets
 
 
 def ties_vector(tvs: Tree, threshold: float = 0.2, merge_func: str = "sum",
@@ -103,12 +108,14 @@ _TIES_VALIDATORS = {
 }
 
 
-@registry.register("ties_merging", static=_TIES_STATIC,
-                   validators=_TIES_VALIDATORS, jit=False)
+@registry.register("ties_merging", static=_TIES_STATIC + ("count",),
+                   validators={**_TIES_VALIDATORS, "count": v.choice(
+                       "count", ("round", "floor"))}, jit=False)
 def ties_merging(base: Tree, tvs: Tree, scaling_factor: Any = 0.3,
                  threshold: float = 0.2, merge_func: str = "sum",
                  scope: str = "global", sign_method: str = "sum",
-                 zero_sign: str = "majority", weights: Any = None) -> Tree:
+                 zero_sign: str = "majority", weights: Any = None,
+                 count: str = "round") -> Tree:
   """TIES-Merging: trim, elect sign, disjoint merge (Yadav et al. 2023).
 
   Args:
@@ -124,6 +131,8 @@ def ties_merging(base: Tree, tvs: Tree, scaling_factor: Any = 0.3,
       code) or `positive` (mergekit).
     weights: optional per-task weights applied before the vote, with the
       disjoint mean divided by the agreeing weights (mergekit's `ties`).
+    count: entries kept of n: `round` = round(threshold * n) half up, at
+      least 1 (default), or `floor` = max(1, int(threshold * n)) (mergekit).
 
   Runs orchestrated (`jit=False`): the jitted threshold search, then
   `combine.ties_apply`'s per-leaf kernels, which add `scaling_factor * tau`
@@ -133,7 +142,7 @@ def ties_merging(base: Tree, tvs: Tree, scaling_factor: Any = 0.3,
   T = task_vectors.num_tasks(tvs)
   if weights is not None:
     weights = tx.check_coeffs(weights, T, "weights")
-  thr, offsets = _ties_flat_thresholds(tvs, threshold, scope)
+  thr, offsets = _ties_flat_thresholds(tvs, threshold, scope, count)
   return combine.ties_apply(base, tvs, thr, scaling_factor, sign_method,
                             zero_sign, merge_func, weights, offsets)
 

@@ -21,23 +21,26 @@ Tree = Any
 
 
 @registry.register(
-    "breadcrumbs", static=("threshold", "gamma", "scope"),
+    "breadcrumbs", static=("threshold", "gamma", "scope", "count"),
     validators={"threshold": v.fraction("threshold"),
                 "gamma": v.fraction("gamma", allow_zero=True),
                 "scope": v.choice("scope", ("row", "per_tensor")),
-                "scaling_factor": v.coeff("scaling_factor", per_task=True)})
+                "scaling_factor": v.coeff("scaling_factor", per_task=True),
+                "count": v.choice("count", ("round", "floor"))})
 def breadcrumbs(base: Tree, tvs: Tree, threshold: float = 0.15,
                 gamma: float = 0.006, scaling_factor: Any = 0.2,
-                scope: str = "row") -> Tree:
+                scope: str = "row", count: str = "round") -> Tree:
   """Model Breadcrumbs: drop outliers and small entries, then task arithmetic.
 
   Per row of the last axis (`scope='row'`, the official code; mergekit uses
   `per_tensor`), the largest `gamma` fraction of |tau_t| is removed and the
   next `threshold` fraction kept. Defaults are the official search's start
-  point (kept 0.15, removed 0.006, lambda 0.2).
+  point (kept 0.15, removed 0.006, lambda 0.2). Counts round half up
+  (`count='round'`) or down (`'floor'`, mergekit's `int(fraction * n)`).
   """
   T = task_vectors.num_tasks(tvs)
-  chain = tx.chain(tx.remove_outliers_and_trim(threshold, gamma, scope),
+  chain = tx.chain(tx.remove_outliers_and_trim(threshold, gamma, scope,
+                                               count),
                    tx.scale(tx.check_coeffs(scaling_factor, T)),
                    tx.sum_tasks())
   return task_vectors.apply(base, tx.run(chain, tvs))

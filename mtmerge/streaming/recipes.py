@@ -112,12 +112,14 @@ class TopK(Recipe):
     self.band = name == "breadcrumbs"
     if self.band:
       sparsify.remove_outliers_and_trim(f["threshold"], f["gamma"])  # checks
-      self.counts = sparsify.breadcrumbs_counts(f["threshold"], f["gamma"])
+      self.counts = sparsify.breadcrumbs_counts(f["threshold"], f["gamma"],
+                                                f["count"])
     elif name == "dare" or float(f["threshold"]) >= 1.0:
       self.counts = None  # nothing trimmed
     else:
       sparsify.check_fraction("threshold", f["threshold"])
-      self.counts = (sparsify.RankCount("keep", float(f["threshold"])),)
+      self.counts = (sparsify.RankCount("keep", float(f["threshold"]),
+                                        rounding=f.get("count", "round")),)
     self.scale = jnp.asarray(f.get("scaling_factor", 1.0), jnp.float32)
     w = f.get("weights")
     self.w = None if w is None else combine._weights(w, T)

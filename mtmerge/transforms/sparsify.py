@@ -97,18 +97,20 @@ def keep_rescaled(x: jax.Array, kept: jax.Array, keep: float,
 
 
 def remove_outliers_and_trim(density: float, top_remove: float,
-                             scope: str = "row") -> base.MergeTransform:
+                             scope: str = "row", rounding: str = "round"
+                             ) -> base.MergeTransform:
   """Model Breadcrumbs mask: keep ranks (top_remove, top_remove + density].
 
   Counts per group of n entries: removed = round(top_remove * n) (may be
   0), kept = round(density * n) (may be 0 for tiny groups), rounding half
-  up.
+  up (`rounding='floor'`: both rounded down, as mergekit).
 
   Args:
     density: fraction kept after removing outliers (the paper's ~0.1).
     top_remove: fraction of largest-magnitude entries removed (~0.006).
     scope: `row` (per row of the last axis, the paper / official code) or
       `per_tensor` (mergekit's `breadcrumbs`, gamma = top_remove).
+    rounding: `round` (half up) or `floor` (mergekit's `int(x * n)`).
   """
   check_fraction("density", density)
   check_fraction("top_remove", top_remove, allow_zero=True)
@@ -116,7 +118,8 @@ def remove_outliers_and_trim(density: float, top_remove: float,
     raise ValueError(f"density + top_remove must be <= 1, got {density} + "
                      f"{top_remove}")
 
-  removed, kept_or_removed = breadcrumbs_counts(density, top_remove)
+  removed, kept_or_removed = breadcrumbs_counts(density, top_remove,
+                                                rounding)
 
   def fn(tvs):
     # Entries ranked (removed, removed + kept] by magnitude survive.
@@ -133,28 +136,41 @@ class RankCount(NamedTuple):
   """`n -> k`, the number of entries in a group of n at or above a rank.
 
   A hashable value (a static argument of jitted callers): `kind` is `keep`
-  (`selection.keep_count(a, n)`), `removed` (`round(a * n)`, may be 0) or
-  `kept_or_removed` (`min(round(b * n) + round(a * n), n)`), rounding half
-  up.
+  (`selection.keep_count(a, n)`, at least 1), `removed` (`a * n`, may be 0)
+  or `kept_or_removed` (`min(b * n + a * n, n)`), each product rounded
+  half up (`rounding='round'`) or down (`'floor'`: mergekit's
+  `int(density * n)`).
   """
   kind: str
   a: float
   b: float = 0.0
+  rounding: str = "round"
+
+  def _r(self, x: float) -> int:
+    return int(x) if self.rounding == "floor" else int(math.floor(x + 0.5))
 
   def __call__(self, n: int) -> int:
     if self.kind == "keep":
+      if self.rounding == "floor":
+        return min(max(int(self.a * n), 1), n)
       return selection.keep_count(self.a, n)
     if self.kind == "removed":
-      return int(math.floor(self.a * n + 0.5))
-    return min(int(math.floor(self.b * n + 0.5))
-               + int(math.floor(self.a * n + 0.5)), n)
+      return self._r(self.a * n)
+    return min(self._r(self.b * n) + self._r(self.a * n), n)
 
 
-def breadcrumbs_counts(density: float, top_remove: float
+def check_rounding(rounding: str) -> None:
+  if rounding not in ("round", "floor"):
+    raise ValueError(f"count must be 'round' or 'floor', got {rounding!r}")
+
+
+def breadcrumbs_counts(density: float, top_remove: float,
+                       rounding: str = "round"
                        ) -> tuple[RankCount, RankCount]:
   """Breadcrumbs' (removed, removed + kept) counts per group of n entries."""
-  return (RankCount("removed", top_remove),
-          RankCount("kept_or_removed", density, top_remove))
+  check_rounding(rounding)
+  return (RankCount("removed", top_remove, rounding=rounding),
+          RankCount("kept_or_removed", density, top_remove, rounding))
 
 
 def _ascending_rank_fraction(a: jax.Array) -> jax.Array:
