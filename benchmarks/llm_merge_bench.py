@@ -413,9 +413,11 @@ def main(argv=None):
     with open(args.out, "w") as f:
       f.write(text + "\n")
   if args.json:
-    with open(args.json, "w") as f:
-      json.dump(dict(shape=shape_cfg, max_memory=args.max_memory,
-                     cpu_count=os.cpu_count(), rows=rows), f, indent=1)
+    text = json.dumps(dict(shape=shape_cfg, max_memory=args.max_memory,
+                           cpu_count=os.cpu_count(), rows=rows), indent=1)
+    with open(args.json, "w") as f:  # no machine paths in results
+      f.write(text.replace(workdir, "$WORKDIR").replace(
+          sys.executable, "python") + "\n")
   return 0 if all(r["returncode"] == 0 for r in rows) else 1
 
 
