@@ -8,8 +8,11 @@ Shapes are chosen so that `int(0.3 * n)` and `round(0.3 * n)` differ
 import json
 import os
 
+import ml_dtypes
 import numpy as np
 from safetensors.numpy import save_file
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
 
 LAYERS = 2
 SHAPES = {"model.embed_tokens.weight": (24, 16)}
@@ -50,7 +53,7 @@ def write(path, ts):
   os.makedirs(path, exist_ok=True)
   save_file(ts, os.path.join(path, "model.safetensors"),
             metadata={"format": "pt"})
-  cfg = dict(CONFIG, torch_dtype=str(next(iter(ts.values())).dtype))
+  cfg = dict(CONFIG, torch_dtype=str(next(iter(ts.values())).dtype.name))
   with open(os.path.join(path, "config.json"), "w") as f:
     json.dump(cfg, f)
   return str(path)

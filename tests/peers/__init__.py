@@ -1,0 +1,1 @@
+"""Parity with mergekit and FusionBench themselves (the `peers` extra)."""
