@@ -103,10 +103,10 @@ def entropy_objective(problem: problem_lib.MergeProblem, tvs: Tree,
     del rng
     merged = common.weighted_merge(k["base"], k["tvs"], in_merge(c),
                                    k.get("groups"))
-    feats = common.multi_task_features(problem, merged, batch)
-    per_task = {t: common.entropy(encoders.logits(k["heads"][t], f))
-                for t, f in feats.items()}
-    total = sum(per_task.values())
+    task_entropy = lambda p, head, inputs: common.entropy(
+        encoders.logits(head, problem.features(p, inputs)))
+    total, per_task = common.task_by_task(task_entropy, merged, k["heads"],
+                                          batch)
     return total, {f"entropy/{t}": h for t, h in per_task.items()}
 
   project = clip if clamp is not None and clamp_mode == "project" else None

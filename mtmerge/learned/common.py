@@ -148,6 +148,63 @@ def multi_task_features(problem: problem_lib.MergeProblem, params: Tree,
   return out
 
 
+def task_by_task(task_loss: Callable[[Tree, dict, dict], jax.Array],
+                 params: Tree, heads: dict[str, dict],
+                 batch: dict[str, dict]) -> tuple[jax.Array, dict]:
+  """`sum_t task_loss(params, heads[t], batch[t])`, one task at a time.
+
+  The gradient with respect to `params` is that of the sum, but the
+  forward pass is a `lax.scan` over the tasks that computes each task's
+  value and gradient and accumulates the gradients (float32), so only one
+  task's activations are alive at a time instead of all T tasks' (the
+  memory of FusionBench's per-task `backward`); the backward pass only
+  scales the accumulated gradient. Needs heads of one shape and inputs of
+  one signature (text padded to one length); otherwise the tasks run as
+  one concatenated batch (`multi_task_features`).
+
+  Returns:
+    The sum and `{task: value}` (the per-task values carry no gradient).
+  """
+  tasks = list(batch)
+  ins = [problem_lib.inputs_of(batch[t]) for t in tasks]
+  sig = lambda tree: [(np.shape(x), jnp.result_type(x))
+                      for x in jax.tree.leaves(tree)]
+  hs = [heads[t] for t in tasks]
+  if any(sig(d) != sig(ins[0]) or sig(h) != sig(hs[0]) or
+         jax.tree.structure(d) != jax.tree.structure(ins[0])
+         for d, h in zip(ins, hs)):
+    vals = {t: task_loss(params, h, d) for t, h, d in zip(tasks, hs, ins)}
+    return sum(vals.values()), vals
+  xs = jax.tree.map(lambda *a: jnp.stack(a), *hs), jax.tree.map(
+      lambda *a: jnp.stack(a), *ins)
+
+  def scan(p):
+    def body(acc, x):
+      v, g = jax.value_and_grad(task_loss)(p, *x)
+      return jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g), v
+    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), p)
+    return jax.lax.scan(body, zero, xs)
+
+  @jax.custom_vjp
+  def total(p):  # (sum, per-task values); differentiable through the sum
+    vals = jax.lax.map(lambda x: task_loss(p, *x), xs)
+    return jnp.sum(vals), vals
+
+  def fwd(p):
+    g, vals = scan(p)
+    dtypes = jax.tree.map(lambda a: jnp.zeros((), a.dtype), p)
+    return (jnp.sum(vals), vals), (g, dtypes)
+
+  def bwd(res, ct):
+    (g, dtypes), (ct_sum, _) = res, ct  # per-task values: no gradient
+    return (jax.tree.map(lambda a, z: (ct_sum * a).astype(z.dtype), g,
+                         dtypes),)
+
+  total.defvjp(fwd, bwd)
+  out, vals = total(params)
+  return out, {t: jax.lax.stop_gradient(vals[i]) for i, t in enumerate(tasks)}
+
+
 def entropy(logits: jax.Array, mask: jax.Array | None = None) -> jax.Array:
   """Mean Shannon entropy of softmax(logits) over the (unmasked) rows."""
   logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
