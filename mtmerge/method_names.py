@@ -106,4 +106,5 @@ def resolve(name: str, hparams: dict[str, Any]
       name, known + list(MERGEKIT) + list(MERGEKIT_UNMATCHED), n=1,
       cutoff=0.5)
   hint = f"; did you mean {close[0]!r}?" if close else ""
-  raise ValueError(f"unknown method {name!r}{hint} (see 'mtmerge merge --help')")
+  raise ValueError(f"unknown method {name!r}{hint} (see 'mtmerge merge "
+                   "--help')")

@@ -263,7 +263,8 @@ def _minilm_shapes(layers=1, vocab=512, d=384):
       sh[f"{p}{n}.weight"], sh[f"{p}{n}.bias"] = (d, d), (d,)
     sh[p + "intermediate.dense.weight"] = (4 * d, d)
     sh[p + "intermediate.dense.bias"] = (4 * d,)
-    sh[p + "output.dense.weight"], sh[p + "output.dense.bias"] = (d, 4 * d), (d,)
+    sh[p + "output.dense.weight"] = (d, 4 * d)
+    sh[p + "output.dense.bias"] = (d,)
     for n in ("attention.output.LayerNorm", "output.LayerNorm"):
       sh[f"{p}{n}.weight"], sh[f"{p}{n}.bias"] = (d,), (d,)
   return sh
@@ -321,10 +322,10 @@ def _snapshot(d):
 
 
 def test_out_never_overwrites_an_input(tmp_path, capsys):
-  bp, mps = make_set(tmp_path / "f", n=2) if (tmp_path / "f").mkdir() is None \
-      else None
-  sb, sms = make_set(tmp_path / "s", sharded=True, n=2) if (
-      tmp_path / "s").mkdir() is None else None
+  (tmp_path / "f").mkdir()
+  (tmp_path / "s").mkdir()
+  bp, mps = make_set(tmp_path / "f", n=2)
+  sb, sms = make_set(tmp_path / "s", sharded=True, n=2)
   before = _snapshot(tmp_path)
 
   def merge(base, models, out, *extra):
@@ -387,7 +388,8 @@ def test_integer_tensor_dtype_must_match_base(tmp_path, capsys):
   from safetensors.numpy import save_file
   w = np.ones((4, 3), np.float32)
   ids = np.arange(5)[None]
-  save_file({"w": w, "ids": ids.astype(np.int64)}, str(tmp_path / "b.safetensors"))
+  save_file({"w": w, "ids": ids.astype(np.int64)},
+            str(tmp_path / "b.safetensors"))
   save_file({"w": w + 1, "ids": ids.astype(np.int64)},
             str(tmp_path / "m0.safetensors"))
   save_file({"w": (w - 1).astype(BF16), "ids": ids.astype(np.int32)},
