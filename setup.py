@@ -20,6 +20,7 @@ setup(
         "safetensors>=0.4",
         "numpy>=1.26",
         "tqdm>=4.60",
+        "pyyaml>=6",  # mtmerge merge --config (mergekit's YAML files)
         "absl-py>=2.0",
         "tokenizers>=0.15",
         "pillow>=10",
@@ -29,7 +30,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-xdist>=3"],
-        # Peers for parity tests and benchmarks; never needed at run time.
+        # Peers for parity tests (tests/peers: torch, mergekit, fusion_bench)
+        # and benchmarks; never needed at run time.
         # torch is pinned to the CPU build available offline on this machine.
         "peers": ["torch==2.13.0", "fusion-bench", "mergekit", "psutil",
                   "transformers", "sentence-transformers"],
