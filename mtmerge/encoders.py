@@ -149,10 +149,15 @@ def _clip_text(static, params, max_len: int, path: str):
     if not tok:
       tok.append(tokenizer_lib.Tokenizer(os.path.join(path, "tokenizer.json")))
     return tok[0](texts, max_length=max_len, pad_to_multiple_of=16)
+
   def encode(ids, mask):  # rows padded to a multiple of 64: few compiles
     n = ids.shape[0]
     pad = ((0, -n % 64), (0, 0))
-    return fn(params, jnp.pad(ids, pad), jnp.pad(mask, pad))[:n]
+    if mask is None:
+      mask = jnp.ones_like(ids)
+    # Padding rows attend to every position (no all-masked softmax rows).
+    return fn(params, jnp.pad(ids, pad),
+              jnp.pad(mask, pad, constant_values=1))[:n]
   return encode, tokenize
 
 
