@@ -89,7 +89,11 @@ def merge(config: str, out: str, force: bool = False, progress: bool = True,
   cli_output.check_space(out, olayout.nbytes)
   floats = [k for k, v in layout.dtypes.items()
             if checkpoint_io._is_float(checkpoint_io.np_dtype(v))]
-  found = None if in_memory else plan(cfg, floats)
+  # Streamed kernels round to the base's dtype; a wider or different output
+  # dtype than a non-float32 base's would round twice: merge per tensor.
+  once = all(layout.dtypes[k] in ("float32", olayout.dtypes[k])
+             for k in floats)
+  found = None if in_memory or not once else plan(cfg, floats)
   info = {"method": cfg.method, "models": len(cfg.models)}
   if found is not None and _streams(found[0], found[1], len(models)):
     name, hp = found

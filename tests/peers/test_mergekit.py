@@ -138,6 +138,16 @@ def test_ties_bf16_inputs_bf16_output(fam, tmp_path):
   assert n_tied < 0.05 * sum(v.size for v in mk.values())  # a small minority
 
 
+def test_bf16_inputs_float32_compute_and_output(fam, tmp_path):
+  """dtype float32 without out_dtype: both write float32, rounded once."""
+  doc = dict(merge_method="task_arithmetic", base_model=fam["base16"],
+             dtype="float32",
+             models=_models(fam["models16"], weight=(0.3, 0.5, -0.2)))
+  mt, mk = _run_both(doc, tmp_path)
+  assert all(v.dtype == np.float32 for v in mt.values())
+  _close(mt, mk)
+
+
 @pytest.mark.parametrize("method", ["breadcrumbs", "breadcrumbs_ties"])
 def test_breadcrumbs(fam, tmp_path, method):
   doc = dict(merge_method=method, base_model=fam["base"], dtype="float32",
