@@ -90,13 +90,16 @@ def test_task_arithmetic(fam, tmp_path, normalize):
   _close(*_run_both(doc, tmp_path))
 
 
-@pytest.mark.parametrize("normalize", [True, False])
-def test_ties(fam, tmp_path, normalize):
+@pytest.mark.parametrize("normalize, rescale", [(True, False),
+                                                (False, False), (True, True)])
+def test_ties(fam, tmp_path, normalize, rescale):
   # density 0.3: q_proj's 256 entries give 76.8 (mergekit keeps 76).
+  # rescale: survivors scaled to the tensor's L1 norm (mergekit_kernels).
   doc = dict(merge_method="ties", base_model=fam["base"], dtype="float32",
              models=_models(fam["models"], weight=(1.0, 0.5, 0.7),
                             density=0.3),
-             parameters={"normalize": normalize, "lambda": 0.9})
+             parameters={"normalize": normalize, "lambda": 0.9,
+                         "rescale": rescale})
   # A 77th kept entry (round half up) would differ by |tau| ~ 1e-2 >> _F32.
   _close(*_run_both(doc, tmp_path))
 
@@ -175,7 +178,8 @@ def test_slerp(fam, tmp_path, other, t):
   _close(*_run_both(doc, tmp_path), atol=1e-6)
 
 
-@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear",
+                                    "dare_ties", "della"])
 def test_random_masks_same_statistics(fam, tmp_path, method):
   """Random masks: the same statistics, never the same bits.
 
@@ -184,7 +188,7 @@ def test_random_masks_same_statistics(fam, tmp_path, method):
   both, and the kept fraction is near the density in both.
   """
   params = dict(weight=1.0, density=0.4)
-  if method == "della_linear":
+  if method.startswith("della"):
     params["epsilon"] = 0.2
   doc = dict(merge_method=method, base_model=fam["base"], dtype="float32",
              models=_models(fam["models"][:1], **params))
