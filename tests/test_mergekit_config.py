@@ -229,3 +229,42 @@ def test_cli_streamed_and_per_tensor_equal_reference(fam, tmp_path, capsys):
     ref = _np_ties_floor(b[k], xs, [1.0, 0.5, 0.7], dens)
     np.testing.assert_allclose(f[k], ref, atol=1e-6)
   assert os.path.exists(tmp_path / "f" / "config.json")
+
+
+@pytest.mark.parametrize("method, sh", [
+    ("linear", dict(normalize=True)),
+    ("task_arithmetic", dict(normalize=False)),
+    ("task_arithmetic", dict(normalize=True)),
+])
+def test_equivalent_equals_mergekit_kernel(method, sh):
+  """The mtmerge mapping and the NumPy kernel compute the same tensor."""
+  rng = np.random.default_rng(3)
+  base = rng.normal(size=(6, 5)).astype(np.float32)
+  xs = (base + 0.1 * rng.normal(size=(3, 6, 5))).astype(np.float32)
+  w = [0.3, 0.5, -0.2]
+  pm = [{"weight": x, "density": 1.0} for x in w]
+  sh = dict(sh, rescale=False, int8_mask=False, **{"lambda": 0.8})
+  name, hp = mergekit_kernels.equivalent(method, pm, sh)
+  assert name == "task_arithmetic"
+  if method == "linear":  # no base: all three models, weights normalized
+    ref = np.tensordot(np.asarray(w, np.float32), xs, axes=1) / sum(w)
+    b, tv = xs[0], xs[1:] - xs[0]
+    own = mergekit_kernels.compute(method, None, xs, pm, sh, "a")
+    np.testing.assert_allclose(own, ref, atol=1e-6)
+  else:
+    d = sum(w) if sh["normalize"] else 1.0
+    ref = base + 0.8 * np.tensordot(np.asarray(w), xs - base, axes=1) / d
+    b, tv = base, xs - base
+    own = mergekit_kernels.compute(method, base, xs, pm, sh, "a")
+    np.testing.assert_allclose(own, ref, atol=1e-6)
+  got = methods.merge(name, {"a": jnp.asarray(b)}, {"a": jnp.asarray(tv)},
+                      **hp)["a"]
+  np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5)
+
+
+def test_config_excludes_method_flags(fam, tmp_path, capsys):
+  path = mh.yaml_file(tmp_path / "c.yml", _doc(fam))
+  assert cli.main(["merge", "--config", path, "--method", "ties", "--out",
+                   str(tmp_path / "o")]) == 2
+  err = capsys.readouterr().err
+  assert "--config replaces" in err and "--method" in err
