@@ -27,7 +27,8 @@ naming it.
 
 Arguments after `:` (comma-separated): `model=B/32|B/16|L/14`,
 `tasks=8|14|20` (14 and 20 stop at once with one line naming the tasks
-mtmerge does not register yet), `runlocal` (2 tasks, 16 examples, 4 methods: a smoke
+mtmerge does not register: fer2013; emnist_letters, rendered-sst2),
+`runlocal` (2 tasks, 16 examples, 4 methods: a smoke
 test of the wiring, not a result).
 
 Local smoke test (CPU, needs the checkpoints and mnist, eurosat):
@@ -60,11 +61,11 @@ TASKS_14 = TASKS_8 + ["oxford_flowers102", "pcam", "fer2013",
                       "oxford-iiit-pet", "stl10", "cifar100"]
 TASKS_20 = TASKS_14 + ["cifar10", "food101", "fashion_mnist", "emnist_letters",
                        "kmnist", "rendered-sst2"]
-_OURS = {"stanford-cars": "cars"}
-# Only the 8 tasks are registered in mtmerge.data.suites: `tasks=14|20`
-# stop with one line naming the other tasks (fer2013 and rendered-sst2 are
-# not in the TFDS catalog at all; the others could be registered by their
-# TFDS names with their templates and class names).
+_OURS = {"stanford-cars": "cars", "oxford-iiit-pet": "oxford_iiit_pet"}
+# mtmerge.data.suites registers the 8 tasks (suite clip8) and 9 of the
+# others (clip20, `mtmerge.data.clip_extra`); fer2013 and rendered-sst2 are
+# not in the TFDS catalog and emnist/letters has another label space there,
+# so `tasks=14|20` stop at once with one line naming them.
 
 
 def _grid(lo, hi, step):

@@ -282,10 +282,21 @@ def test_bad_task_and_task_sets(offline_env, tmp_path):
   with pytest.raises(benchmark.ConfigError, match="no_such_task"):
     benchmark.run(config, str(tmp_path / "w"))
   config = clip_vit.get_config("tasks=14")
-  with pytest.raises(benchmark.ConfigError, match=r"6 task\(s\) not in any "
-                     r"suite.*: oxford_flowers102, pcam, fer2013, "
-                     r"oxford-iiit-pet, stl10, cifar100 \(known"):
+  with pytest.raises(benchmark.ConfigError, match=r"1 task\(s\) not in any "
+                     r"suite.*: fer2013 \(known"):
     benchmark.run(config, str(tmp_path / "w"))
+  config = clip_vit.get_config("tasks=20")
+  with pytest.raises(benchmark.ConfigError, match=r"3 task\(s\) not in any "
+                     r"suite.*: fer2013, emnist_letters, rendered-sst2 \("):
+    benchmark.run(config, str(tmp_path / "w"))
+  assert config.task_models["oxford_iiit_pet"] == (
+      "tanganke/clip-vit-base-patch32_oxford-iiit-pet")
+  # The registered extra tasks have prompts for every class.
+  for t in suites.get_suite("clip20"):
+    names, templates = heads_lib.task_prompts(t)
+    assert len(names) == t.num_classes and templates == (
+        zeroshot.TEMPLATES[t.name])
+  assert len(zeroshot.TEMPLATES["cifar100"]) == 18
   with pytest.raises(ValueError, match="model='B/8'"):
     clip_vit.get_config("model=B/8")
   c = clip_vit.get_config("model=L/14,tasks=8")

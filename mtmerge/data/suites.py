@@ -13,6 +13,9 @@ Three suites:
   and AdaMerging (Yang et al., 2024) by their TFDS catalog names. They need
   the data prepared in a TFDS data dir (`tfds build`, or internet access);
   nothing is downloaded by default.
+* `clip20`: the nine tasks of the 14- and 20-task benchmarks of TALL masks
+  (Wang et al., 2024) that the TFDS catalog has (`clip_extra`), read the
+  same way.
 
 Validation splits follow the task-arithmetic code: where a dataset has no
 validation split, a seeded random `min(10% of train, 5000)` examples of
@@ -36,6 +39,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from mtmerge.data import builders
+from mtmerge.data import clip_extra
 
 SPLITS = ("train", "validation", "test")
 
@@ -144,10 +148,18 @@ def _registry() -> dict[str, list[TaskSpec]]:
   clip8 = [TaskSpec(name=n, suite="clip8", tfds_name=t, input_key="image",
                     num_classes=k, splits=s or TaskSpec.splits, holdout=h)
            for n, t, k, s, h in _CLIP8]
+  splits = {"tfds": (None, None), "carve": (_carved(_VAL), Holdout()),
+            "carve_test": ((("train", "train"), ("validation", "train"),
+                            ("test", "validation")), Holdout())}
+  clip20 = [TaskSpec(name=n, suite="clip20", tfds_name=t, input_key="image",
+                     num_classes=k, class_names=tuple(c),
+                     splits=splits[sp][0] or TaskSpec.splits,
+                     holdout=splits[sp][1])
+            for n, t, k, c, sp in clip_extra.TASKS]
   return {"text": _offline("text", builders.TEXT_BUILDER, builders.TEXT_TASKS),
           "images": _offline("images", builders.IMAGE_BUILDER,
                              builders.IMAGE_TASKS),
-          "clip8": clip8}
+          "clip8": clip8, "clip20": clip20}
 
 
 def suite_names() -> list[str]:

@@ -41,6 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtmerge.data import clip_extra
+
 Tokenize = Callable[[Sequence[str]], Mapping[str, np.ndarray]]
 
 # The templates of the task-arithmetic code (Ilharco et al. 2023,
@@ -68,6 +70,7 @@ TEMPLATES: dict[str, tuple[str, ...]] = {
     "sun397": ("a photo of a {}.", "a photo of the {}."),
 }
 TEMPLATES["cars"] = TEMPLATES["cars196"]  # the suites' task name
+TEMPLATES.update(clip_extra.TEMPLATES)  # the 14- and 20-task benchmarks
 
 # EuroSAT and GTSRB: the task-arithmetic code's class names (descriptive
 # phrases instead of the datasets' label names).
@@ -141,8 +144,10 @@ def clean_classname(name: str) -> str:
   """TFDS label -> prompt text: "/a/abbey" -> "abbey", "sea_ice" -> "sea ice".
 
   SUN397's labels are paths like "/b/bakery/shop"; the last two parts
-  become "bakery shop".
+  become "bakery shop". Other slashes stay ("T-shirt/top").
   """
+  if not name.startswith("/"):
+    return name.replace("_", " ").strip()
   parts = [p for p in name.strip("/").split("/") if p]
   if len(parts) > 1 and len(parts[0]) == 1:  # SUN397 "/x/..." prefix
     parts = parts[1:]
