@@ -157,7 +157,7 @@ def compute(method: str, base: np.ndarray | None, xs: np.ndarray,
     mask = np.sign(deltas) == majority
     mixed = (deltas * mask).sum(axis=0)
     divisor = (wb * mask).sum(axis=0)
-    divisor[divisor == 0] = 1
+    divisor = np.where(divisor == 0, np.float32(1), divisor)
   else:
     mixed = deltas.sum(axis=0)
     divisor = np.asarray(w.sum(), np.float32)

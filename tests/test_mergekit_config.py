@@ -268,3 +268,18 @@ def test_config_excludes_method_flags(fam, tmp_path, capsys):
                    str(tmp_path / "o")]) == 2
   err = capsys.readouterr().err
   assert "--config replaces" in err and "--method" in err
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della",
+                                    "breadcrumbs_ties", "dare_linear"])
+@pytest.mark.parametrize("shape", [(), (7,)])
+def test_kernel_small_tensors(method, shape):
+  """0-D and 1-D tensors (CLIP's logit_scale, biases) keep their shape."""
+  rng = np.random.default_rng(4)
+  base = rng.normal(size=shape).astype(np.float32)
+  xs = (base + rng.normal(size=(2,) + shape)).astype(np.float32)
+  per, shared = mergekit_config.spec(method)
+  pm = [dict(per, weight=1.0, density=0.9 if "della" not in method else 0.5)
+        for _ in range(2)]
+  out = mergekit_kernels.compute(method, base, xs, pm, shared, "t")
+  assert out.shape == shape and np.all(np.isfinite(out))
