@@ -59,7 +59,8 @@ def llama_layout(vocab, hidden, intermediate, layers, kv):
              (p + "mlp.down_proj.weight", (hidden, intermediate)),
              (p + "input_layernorm.weight", (hidden,)),
              (p + "post_attention_layernorm.weight", (hidden,))]
-  spec += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
+  spec += [("model.norm.weight", (hidden,)),
+           ("lm_head.weight", (vocab, hidden))]
   return spec
 
 
