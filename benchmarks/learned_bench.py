@@ -199,6 +199,7 @@ def child_mtmerge(cfg, args):
   tasks = tuple(f"task{t}" for t in range(T))
   enc = encoders.load(cfg["model_dir"], num_layers=cfg["num_layers"])
   sel, rest = encoders.split(enc.params, MT_MERGED)
+  base = dict(sel)  # the encoder's own device arrays (theta_0)
   sel = {k: np.asarray(v, np.float32) for k, v in sel.items()}
   path_of = {n: next(iter(convert.convert({n: np.zeros((1, 1), np.float32)},
                                           bert.RULES))) for n in names}
@@ -210,7 +211,11 @@ def child_mtmerge(cfg, args):
     p = path_of[n]
     ft = [convert.convert({n: data[f"ft/{t}/{n}"]}, bert.RULES)[p]
           for t in range(T)]
-    tvs[p] = np.stack([f - sel[p] for f in ft])
+    # Device arrays, as the benchmark's task vectors are: the trainer
+    # places them without another copy.
+    tvs[p] = jax.numpy.asarray(np.stack([f - sel[p] for f in ft]))
+    del ft
+  del sel  # host copy, only for the differences
   flat = tree_lib.to_flat_dict
   # As `problem.from_encoder` builds them (the rest of the encoder is closed
   # over; the merged params are the argument).
@@ -222,7 +227,7 @@ def child_mtmerge(cfg, args):
                          "attention_mask": data["attention_mask"][t]}}
             for t, k in enumerate(tasks)}
   problem = problem_lib.from_arrays(
-      tasks, tree_lib.from_flat_dict(sel), tree_lib.from_flat_dict(tvs),
+      tasks, tree_lib.from_flat_dict(base), tree_lib.from_flat_dict(tvs),
       features, heads, splits)
   # Step boundaries: fit requests step s's batches (task by task) only after
   # step s-1's metrics reached the host.

@@ -277,7 +277,8 @@ def place(tree: Tree, shardings: Tree) -> Tree:
   """
   def one(x, sh):
     if isinstance(x, jax.Array):
-      return x if x.sharding == sh else jax.device_put(x, sh)
+      same = x.sharding.is_equivalent_to(sh, x.ndim)
+      return x if same else jax.device_put(x, sh)
     if sh.is_fully_addressable:
       return jax.device_put(x, sh)
     return distributed.put_global(x, sh)
