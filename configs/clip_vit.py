@@ -34,9 +34,10 @@ test of the wiring, not a result).
 Local smoke test (CPU, needs the checkpoints and mnist, eurosat):
   HF_HUB_OFFLINE=1 python -m mtmerge.main \
       --config configs/clip_vit.py:runlocal --workdir runs/clip_smoke
-One GPU (ViT-B/32, 8 tasks; the test sets are cached preprocessed in host
-memory, about 0.6 MB per image: cap them with
-`--config.eval.limits.test=2000` on small hosts):
+One GPU (ViT-B/32, 8 tasks; the evaluation splits are cached preprocessed
+in host memory, about 0.6 MB per image, roughly 70 GB for the test and
+validation splits: cap them with `--config.eval.limits.test=2000
+--config.eval.limits.validation=1000` on smaller hosts):
   HF_HUB_OFFLINE=1 python -m mtmerge.main \
       --config configs/clip_vit.py:model=B/32,tasks=8 \
       --workdir runs/clip_b32
