@@ -208,3 +208,25 @@ def test_random_masks_same_statistics(fam, tmp_path, method):
     frac = np.average(kept[who], weights=[v.size for v in b.values()])
     assert abs(frac - 0.4) < 5 * np.sqrt(0.24 / n), (who, frac)
   assert not all(np.array_equal(mt[k], mk[k]) for k in b)
+
+
+@pytest.mark.parametrize("method, params, yaml_params", [
+    ("ties", ["density=0.3"], {"density": 0.3}),
+    ("task_arithmetic", ["scaling_factor=1.0"], {}),
+    ("breadcrumbs", ["scope='per_tensor'", "scaling_factor=1.0",
+                     "count='floor'", "threshold=0.3", "gamma=0.05"],
+     {"density": 0.3, "gamma": 0.05}),
+])
+def test_method_names_on_the_command_line(fam, tmp_path, method, params,
+                                          yaml_params):
+  """README's mergekit-name table: `--method NAME --param ...` == mergekit."""
+  from mtmerge import cli
+  args = ["merge", "--method", method, "--base", fam["base"], "--models",
+          *fam["models"], "--out", str(tmp_path / "cli"), "--no-progress"]
+  for p in params:
+    args += ["--param", p]
+  assert cli.main(args) == 0
+  doc = dict(merge_method=method, base_model=fam["base"], dtype="float32",
+             models=_models(fam["models"], weight=1.0, **yaml_params))
+  _, mk = _run_both(doc, tmp_path)
+  _close(mh.read(str(tmp_path / "cli")), mk)
