@@ -22,6 +22,9 @@ from mtmerge.data import sources
 from mtmerge.data import suites
 
 tfds = pytest.importorskip("tensorflow_datasets")
+# Loaded explicitly: `tfds.core.data_sources.array_record` is otherwise only
+# an attribute once some earlier test has read a data source.
+from tensorflow_datasets.core.data_sources import array_record  # noqa: E402,F401,E501  pylint: disable=g-import-not-at-top
 
 SPLITS = ("train", "validation", "test")
 WORD_TASKS = ("moral_foundation", "word_domain", "word_valence",
