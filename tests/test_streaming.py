@@ -117,6 +117,8 @@ CASES = [
     ("magnitude_prune", dict(threshold=0.3, scope="global")),
     ("magnitude_prune", dict(threshold=0.3)),
     ("consensus", {}),
+    ("consensus", dict(base_method="ties", threshold=0.3, merge_func="mean",
+                       tall_mask_lambda=[0.4, 0.6, 0.5])),
 ]
 
 

@@ -23,8 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax._src.random import threefry2x32 as _threefry
 
+from mtmerge import task_vectors
 from mtmerge.methods import arithmetic
 from mtmerge.methods import interpolate
+from mtmerge.methods import masks
 from mtmerge.methods import registry
 from mtmerge.transforms import combine
 from mtmerge.transforms import sparsify
@@ -176,3 +178,22 @@ def slerp_apply(b, ms, t, dot):
   """SLERP of the block given the tensor's direction cosine `dot`."""
   a, c = interpolate.slerp_ends(b, tvs(b, ms))
   return interpolate.slerp_mix(a, c, t, dot).astype(b.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "merge_func"))
+def consensus_ties_apply(b, ms, thr, total, lam, scale, k, merge_func):
+  """Consensus merging on the TIES vector (`masks.consensus`), one block.
+
+  The TIES vector from `combine`'s vote and merge kernels (sum votes, zero
+  votes to the model-wide majority, no weights), then the TALL masks'
+  `sum_t m_t >= k` filter and `theta_0 + scale * tau`.
+  """
+  x = tvs(b, ms)
+  t = _col(thr, 0, x)
+  v = combine._leaf_vote(x, t, None, "sum")
+  s = jnp.where(v == 0, combine._fill(total, "majority"), v)
+  tau = combine._leaf_merge(x, t, s, None, merge_func)
+  m = masks.tall_masks({"x": x}, {"x": tau}, lam)["x"]
+  keep = jnp.sum(m.astype(jnp.int32), axis=0) >= k
+  merged = jnp.where(keep, tau, 0)
+  return task_vectors.apply({"x": b}, {"x": merged}, scale)["x"]

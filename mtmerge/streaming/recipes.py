@@ -10,7 +10,7 @@ Methods without a recipe are refused by name (`for_method`).
   `model_stock` and `slerp` (per-tensor cosines: as the in-memory method
   on a tensor in one block, from summed row-block partials otherwise).
 * top-k (`TopK`): ties_merging, dare_ties, magnitude_prune and breadcrumbs
-  (global or per-tensor scope), dare: thresholds from `stats.RadixSelect`
+  (global or per-tensor scope), Consensus on the TIES vector, dare: thresholds from `stats.RadixSelect`
   (global, or per tensor for tensors split over blocks) or
   `stats.kth_largest` (a tensor in one block), the TIES
   vote total from `stats.VoteTotal` when `zero_sign='majority'`, DARE's
@@ -30,6 +30,7 @@ from mtmerge.methods import registry
 from mtmerge.streaming import kernels
 from mtmerge.streaming import reader
 from mtmerge.streaming import stats
+from mtmerge import transforms as tx
 from mtmerge.transforms import combine
 from mtmerge.transforms import sparsify
 
@@ -103,7 +104,12 @@ class TopK(Recipe):
   def __init__(self, name, full, T):
     super().__init__(name, full, T)
     f = full
-    self.ties = name in ("ties_merging", "dare_ties")
+    self.consensus = name == "consensus"  # on the TIES vector
+    self.ties = name in ("ties_merging", "dare_ties", "consensus")
+    if self.consensus:
+      full = f = dict(full, scope="global", sign_method="sum",
+                      zero_sign="majority")
+      self.full = full
     self.scope = f.get("scope", "global")
     self.drop = name in ("dare", "dare_ties")
     self.seed = f.get("seed", 0)
@@ -121,6 +127,9 @@ class TopK(Recipe):
       self.counts = (sparsify.RankCount("keep", float(f["threshold"]),
                                         rounding=f.get("count", "round")),)
     self.scale = jnp.asarray(f.get("scaling_factor", 1.0), jnp.float32)
+    if self.consensus:
+      self.lam = tx.check_coeffs(f["tall_mask_lambda"], T,
+                                 "tall_mask_lambda")
     w = f.get("weights")
     self.w = None if w is None else combine._weights(w, T)
     self.thr: dict = {}
@@ -187,6 +196,10 @@ class TopK(Recipe):
   def apply(self, blk, b, ms):
     thr = self._thr(blk, b, ms)
     d = self._drop(blk)
+    if self.consensus:
+      return kernels.consensus_ties_apply(
+          b, ms, thr, self.total, self.lam, self.scale,
+          k=int(self.full["k"]), merge_func=self.full["merge_func"])
     if self.ties:
       f = self.full
       return kernels.ties_apply(b, ms, thr, self.total, self.w, self.scale,
@@ -203,6 +216,8 @@ def for_method(name: str, full: dict[str, Any], T: int) -> Recipe:
   Raises:
     ValueError: naming the method when it cannot be streamed (yet).
   """
+  if name == "consensus" and full["base_method"] == "ties":
+    return TopK(name, full, T)
   if name in _LOCAL or name in _WHOLE_ONLY or (
       name == "consensus" and full["base_method"] == "task_arithmetic") or (
           name in ("breadcrumbs", "magnitude_prune")
