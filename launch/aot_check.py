@@ -160,9 +160,11 @@ def _synthetic_features(layers: int, data_axes: tuple[str, ...] = (),
   pod model annotates them (MaxText's logical activation rules): without
   it XLA propagates the vocabulary-sharded embedding's layout and keeps
   whole-batch activations on every device (measured: 55 GiB of 57 at 7B x
-  8 tasks on 64 devices). `remat` recomputes each block in the backward
-  pass, so only the block inputs are saved and each block's gathered
-  weights live for that block only.
+  8 tasks on 64 devices). `remat` recomputes each block's attention and
+  MLP halves in the backward pass, so only their inputs are saved and
+  their gathered weights live for that half only; `scan` runs the blocks as
+  one loop body, so XLA gathers one block's weights at a time (unrolled,
+  XLA:CPU schedules every all-gather up front).
   """
   import jax
   import jax.numpy as jnp
@@ -176,19 +178,23 @@ def _synthetic_features(layers: int, data_axes: tuple[str, ...] = (),
     return (x - mu) * jax.lax.rsqrt(((x - mu) ** 2).mean(-1, keepdims=True)
                                     + 1e-6)
 
-  def block(blk, h):
-    d = h.shape[-1]
-    dense = lambda x, name: (x @ blk[name[0]][name[1]]["kernel"]
-                             + blk[name[0]][name[1]]["bias"])
-    q, k, v = jnp.split(dense(ln(h) * blk["ln1"]["scale"], ("attn", "qkv")),
-                        3, axis=-1)
-    att = jax.nn.softmax(q @ k.swapaxes(-1, -2) / jnp.sqrt(d), axis=-1)
-    h = constrain(h + dense(att @ v, ("attn", "out")))
-    x = jax.nn.gelu(dense(ln(h) * blk["ln2"]["scale"], ("mlp", "in")))
-    return constrain(h + dense(x, ("mlp", "out")))
+  def dense(blk, x, name):
+    return x @ blk[name[0]][name[1]]["kernel"] + blk[name[0]][name[1]]["bias"]
 
-  if remat:
-    block = jax.checkpoint(block)
+  def attention(blk, h):
+    q, k, v = jnp.split(dense(blk, ln(h) * blk["ln1"]["scale"],
+                              ("attn", "qkv")), 3, axis=-1)
+    att = jax.nn.softmax(q @ k.swapaxes(-1, -2) / jnp.sqrt(h.shape[-1]),
+                         axis=-1)
+    return constrain(h + dense(blk, att @ v, ("attn", "out")))
+
+  def mlp(blk, h):
+    x = jax.nn.gelu(dense(blk, ln(h) * blk["ln2"]["scale"], ("mlp", "in")))
+    return constrain(h + dense(blk, x, ("mlp", "out")))
+
+  if remat:  # two halves: each gathers only its own weights when recomputed
+    attention, mlp = jax.checkpoint(attention), jax.checkpoint(mlp)
+  block = lambda blk, h: mlp(blk, attention(blk, h))
 
   def features(p, inputs):
     if param_shardings is not None:  # the merged params stay sharded

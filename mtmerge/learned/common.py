@@ -59,7 +59,15 @@ def task_mix(c: jax.Array, v: jax.Array) -> jax.Array:
   step). The task-vector cotangent `c[t] * g` is dead code in jitted
   steps that only differentiate the coefficients, and is dropped there.
   """
-  return jnp.tensordot(c.astype(jnp.float32), v.astype(jnp.float32), axes=1)
+  c = c.astype(jnp.float32)
+  if v.dtype == jnp.float32:
+    return jnp.tensordot(c, v, axes=1)
+  # Narrower task vectors (bf16) are widened inside one fused multiply-sum:
+  # a float32 copy of every [T, ...] tensor would otherwise be shared with
+  # the backward pass and kept alive across the whole step (measured by
+  # launch/aot_check.py at 7B x 8 tasks: ~2 GiB per device).
+  return jnp.sum(c.reshape((-1,) + (1,) * (v.ndim - 1)) * v.astype(
+      jnp.float32), axis=0)
 
 
 def _task_mix_fwd(c, v):
