@@ -41,8 +41,14 @@ from mtmerge.methods import validate as v
 Tree = Any
 
 
-def _one_blas_thread():
-  """A context limiting BLAS/LAPACK libraries to one thread (if possible)."""
+def one_blas_thread():
+  """A context limiting BLAS/LAPACK libraries to one thread (if possible).
+
+  `tsv_merging` runs inside it. Run a whole-program `jax.jit` of it (as
+  `registry.jitted` builds) inside it too: there XLA runs the leaves'
+  factorizations concurrently and OpenBLAS' own threads make MiniLM crawl
+  (over 300 s for T=3 on a busy 2-core host).
+  """
   try:
     import scipy.linalg  # noqa: F401  (loads the OpenBLAS jaxlib calls)
     import threadpoolctl  # a scikit-learn dependency
@@ -135,7 +141,7 @@ def tsv_merging(base: Tree, tvs: Tree, alpha: Any = 1.0) -> Tree:
   one jitted kernel per distinct leaf shape, leaf by leaf.
   """
   alpha = jnp.asarray(alpha, jnp.float32)
-  with _one_blas_thread():
+  with one_blas_thread():
     out = jax.tree.map(functools.partial(_merge_one, alpha=alpha), base, tvs)
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(out)):
       return out  # traced inside a caller's jit: nothing runs here
