@@ -50,6 +50,7 @@ METHODS = ("linear", *_GTA, "slerp", "model_stock")
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 _TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype",
              "out_dtype", "tokenizer_source")
+_FLAGS = ("normalize", "rescale", "int8_mask", "filter_wise")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -163,9 +164,11 @@ def _check_setting(key: str, setting: Any, where: str) -> None:
         raise ValueError(f"{where}: {key}: a filter entry takes 'filter' and "
                          f"'value', got {sorted(e)}")
       _check_setting(key, e["value"], where)
-    elif not isinstance(e, (bool, int, float, str)):
-      raise ValueError(f"{where}: {key} has a value of type "
-                       f"{type(e).__name__}")
+    elif key in _FLAGS and not isinstance(e, bool):
+      raise ValueError(f"{where}: {key} must be true or false, got {e!r}")
+    elif key not in _FLAGS and (isinstance(e, bool) or not isinstance(
+        e, (int, float)) or (key == "seed" and not isinstance(e, int))):
+      raise ValueError(f"{where}: {key} must be a number, got {e!r}")
 
 
 def _model_path(entry: Any, where: str, root: str) -> tuple[str, dict]:

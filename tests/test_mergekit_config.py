@@ -42,6 +42,10 @@ def _doc(fam, method="ties", **kw):
     (dict(parameters=dict(normalize=True, foo=1)), "unsupported parameter "
      "'foo' for ties"),
     (dict(dtype="int8"), "dtype 'int8' is not supported"),
+    (dict(parameters=dict(normalize="yes")), "parameters: normalize must be "
+     "true or false, got 'yes'"),
+    (dict(parameters={"lambda": "big"}), "parameters: lambda must be a "
+     "number, got 'big'"),
     (dict(base_model="no/such/dir"), "base_model: model path 'no/such/dir' "
      "does not exist"),
 ])
