@@ -102,19 +102,17 @@ CASES = [
     ("task_arithmetic", dict(scaling_factor=[0.3, 0.5, 0.2])),
     ("weight_averaging", {}),
     ("ties_merging", dict(threshold=0.2)),
-    ("ties_merging", dict(threshold=0.2, zero_sign="positive")),
     ("ties_merging", dict(threshold=0.3, scope="per_tensor",
                           merge_func="mean")),
     ("ties_merging", dict(threshold=0.3, scope="per_tensor",
                           zero_sign="positive", merge_func="mean",
                           weights=[1.0, 0.5, 2.0], scaling_factor=1.0)),
     ("ties_merging", dict(threshold=0.25, sign_method="count",
-                          merge_func="max")),
+                          merge_func="max", zero_sign="positive")),
     ("dare", dict(drop_rate=0.4, seed=3)),
     ("dare_ties", dict(drop_rate=0.3, seed=1, threshold=0.5)),
     ("breadcrumbs", dict(scope="per_tensor")),
     ("breadcrumbs", {}),
-    ("magnitude_prune", dict(threshold=0.3, scope="global")),
     ("magnitude_prune", dict(threshold=0.3)),
     ("consensus", {}),
     ("consensus", dict(base_method="ties", threshold=0.3, merge_func="mean",
@@ -135,8 +133,7 @@ def test_streamed_equals_in_memory_float32(ckpts, tmp_path, method, hp):
 
 
 @pytest.mark.parametrize("method,hp", [
-    ("task_arithmetic", {}), ("ties_merging", dict(threshold=0.2)),
-    ("ties_merging", dict(scope="per_tensor")), ("dare_ties", {})])
+    ("task_arithmetic", {}), ("ties_merging", dict(scope="per_tensor"))])
 def test_streamed_bf16_sharded_layout(ckpts, tmp_path, method, hp):
   bp, mps = ckpts["bf16"]
   ref = _in_memory(method, bp, mps, hp)
@@ -211,8 +208,7 @@ def test_refusals_and_bad_input(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize("method,hp,T", [("model_stock", {}, 3),
-                                         ("slerp", dict(t=0.3), 2),
-                                         ("slerp", {}, 1)])
+                                         ("slerp", dict(t=0.3), 2)])
 def test_per_tensor_cosines(ckpts, tmp_path, method, hp, T):
   """Row-blocked tensors sum their cosine partials: float32 rounding only."""
   bp, mps = ckpts["f32"]
