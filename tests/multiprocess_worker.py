@@ -49,6 +49,9 @@ def learned_merge(mesh):
   local_rows = sharding.check_batch_divides(BATCH, mesh, "data")
   rows = distributed.host_local_slice(BATCH)
   assert rows.stop - rows.start == local_rows, (rows, local_rows)
+  # The block fine-tuning's per-host Batcher reads (finetune.finetune_task).
+  index, count = sharding.data_shard(BATCH, mesh, "data")
+  assert (index * local_rows, count * local_rows) == (rows.start, BATCH)
 
   def loss_fn(lam, k, x, rng):
     del rng

@@ -96,6 +96,8 @@ def test_two_processes_match_one_process(tmp_path):
   # Hosts own contiguous blocks of the data axis (so host_local_slice matches
   # the rows global_batch places on each host's devices).
   assert results[0]["device_processes"] == [0, 0, 0, 0, 1, 1, 1, 1]
+  # One process reads every row (the workers assert their half).
+  assert sharding.data_shard(worker.BATCH, mesh, "data") == (0, 1)
   # Learning moved the coefficients (so the comparison below is not vacuous).
   assert np.max(np.abs(lam - 0.3)) > 0.05, lam
   assert losses[-1] < losses[0], losses
