@@ -175,6 +175,6 @@ def adamerging(problem: problem_lib.MergeProblem, *,
                           {"clamp_mode": clamp_mode})),
       progress=progress)
   learned = jax.tree.map(np.asarray, clipper(clamp)(res.params))
-  merged = jax.tree.map(np.asarray, common.weighted_merge(
-      problem.base, tvs, learned))
+  # One jitted merge, left on device (no host copy of the merged model).
+  merged = jax.jit(common.weighted_merge)(problem.base, tvs, learned)
   return common.LearnedResult(merged, learned, res.log, {})
