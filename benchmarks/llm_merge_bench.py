@@ -408,18 +408,22 @@ def main(argv=None):
       if not args.keep_outputs:
         for out in outs.values():
           subprocess.run(["rm", "-rf", out], check=True)
-  text = table(rows, shape_cfg, args)
-  print("\n" + text, flush=True)
+      save(rows, shape_cfg, args, workdir)  # after every pair: partial runs
+  print("\n" + table(rows, shape_cfg, args), flush=True)
+  return 0 if all(r["returncode"] == 0 for r in rows) else 1
+
+
+def save(rows, shape_cfg, args, workdir):
+  """Writes the table (`--out`) and the numbers (`--json`) so far."""
   if args.out:
     with open(args.out, "w") as f:
-      f.write(text + "\n")
+      f.write(table(rows, shape_cfg, args) + "\n")
   if args.json:
     text = json.dumps(dict(shape=shape_cfg, max_memory=args.max_memory,
                            cpu_count=os.cpu_count(), rows=rows), indent=1)
     with open(args.json, "w") as f:  # no machine paths in results
       f.write(text.replace(workdir, "$WORKDIR").replace(
           sys.executable, "python") + "\n")
-  return 0 if all(r["returncode"] == 0 for r in rows) else 1
 
 
 def table(rows, shape_cfg, args):
