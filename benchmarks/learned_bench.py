@@ -22,9 +22,10 @@ same model, inputs and starting point:
 mtmerge runs the library path, `adamerging.adamerging(problem,
 granularity="layer")` on a `problem.from_arrays` problem whose features are
 built as `problem.from_encoder` builds them. Steps are timed from the batch
-source: `train.fit` asks for step s's batch only after step s-1's metrics
-are on the host, so the time between two consecutive requests is one whole
-step (batch assembly, jitted step, metric sync). Step 0 includes tracing
+source: on CPU `train.fit` asks for step s's batch only after step s-1 has
+finished (it waits for every step there; metrics reach the host at log
+steps), so the time between two consecutive requests is one whole step
+(batch assembly, jitted step). Step 0 includes tracing
 and XLA compilation and is reported apart.
 
 FusionBench runs `LayerWiseMergedModel` (fusion_bench.models.wrappers.
@@ -229,8 +230,8 @@ def child_mtmerge(cfg, args):
   problem = problem_lib.from_arrays(
       tasks, tree_lib.from_flat_dict(base), tree_lib.from_flat_dict(tvs),
       features, heads, splits)
-  # Step boundaries: fit requests step s's batches (task by task) only after
-  # step s-1's metrics reached the host.
+  # Step boundaries: on CPU fit requests step s's batches (task by task)
+  # only after step s-1 finished.
   stamps = []
   make_data = problem.data
 

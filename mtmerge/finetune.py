@@ -114,19 +114,24 @@ def linear_probe(encoder: encoders.Encoder, task: Any, config: Any,
 
 
 def _loss_fn(encoder, mode, trainable):
-  """`(loss(params, head, batch) -> (ce, acc), initial params)`."""
+  """`(loss(params, head, batch, frozen=None) -> (ce, acc), initial params)`.
+
+  `frozen` (standard mode) is the rest of the encoder's params (default:
+  the encoder's own); passing it as an argument keeps it out of the
+  compiled program as a constant.
+  """
   base_sel, rest = encoders.split(encoder.params, trainable)
   flat = tree_lib.to_flat_dict
   if mode == "tangent":
     lin = encoders.linearized(encoder.features, encoder.params, trainable)
-    feats = lambda p, batch: lin(flat(p), batch)
+    feats = lambda p, batch, frozen: lin(flat(p), batch)
   else:
-    feats = lambda p, batch: encoder.features(encoders.join(flat(p), rest),
-                                              batch)
+    feats = lambda p, batch, frozen: encoder.features(
+        encoders.join(flat(p), rest if frozen is None else frozen), batch)
 
-  def loss(p, head, batch):
+  def loss(p, head, batch, frozen=None):
     inputs = {k: v for k, v in batch.items() if k != "label"}
-    logits = encoders.logits(head, feats(p, inputs))
+    logits = encoders.logits(head, feats(p, inputs, frozen))
     ce = optax.softmax_cross_entropy_with_integer_labels(logits,
                                                          batch["label"])
     acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
@@ -167,11 +172,14 @@ def _objective(encoder, config, head) -> train.Objective:
 
     def loss(params, consts, batch, rng):
       del rng  # deterministic: no dropout while fine-tuning
-      ce, acc = loss_fn(params, consts["head"], batch)
+      ce, acc = loss_fn(params, consts["head"], batch, consts.get("frozen"))
       return ce, {"acc": acc}
     _LOSSES[key] = (encoder, loss, init)
   _, loss, init = _LOSSES[key]
-  return train.Objective(init, loss, {"head": pad_classes(head)})
+  consts = {"head": pad_classes(head)}
+  if config.mode == "standard":  # frozen params: arguments, not constants
+    consts["frozen"] = encoders.split(encoder.params, config.trainable)[1]
+  return train.Objective(init, loss, consts)
 
 
 def train_config(config, data_axes=("data",)) -> train.TrainConfig:
