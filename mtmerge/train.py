@@ -378,7 +378,10 @@ def fit(objective: Objective, batches: Callable[[int], Tree],
   if run is not None and run.done():
     # Wrapped in a dict: orbax's StandardSave takes no bare array (a
     # task-wise coefficient vector is one).
-    params = run.load_final({"params": target["params"]})["params"]
+    try:
+      params = run.load_final({"params": target["params"]})["params"]
+    except ValueError:  # a bare final (fine-tuning runs before train.fit)
+      params = run.load_final(target["params"])
     log = _read_log(run.directory)
     if own_run:
       run.close()

@@ -260,3 +260,15 @@ def test_bad_inputs_fail_before_training(prob):
               progress=False)
   with pytest.raises(ValueError, match="granularity must be one of"):
     adamerging.adamerging(prob, granularity="block", progress=False)
+
+
+def test_finished_run_with_a_bare_final_is_loaded(tmp_path):
+  """Fine-tuning runs finished before train.fit wrote bare final params."""
+  run = checkpoint.Run(str(tmp_path), {"task": "x"})
+  run.finish({"w": np.full(3, 7.0, np.float32)})
+  obj = train.Objective({"w": np.ones(3, np.float32)},
+                        lambda c, k, b, r: ((c["w"] ** 2).sum(), {}))
+  res = train.fit(obj, lambda s: {"x": np.ones((8, 1), np.float32)},
+                  train.TrainConfig(steps=2), run=run, progress=False)
+  np.testing.assert_array_equal(res.params["w"], [7.0, 7.0, 7.0])
+  run.close()
