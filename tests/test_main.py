@@ -27,8 +27,11 @@ def test_default_benchmark_runlocal(tmp_path, monkeypatch):
   config = default.get_config("runlocal")
   out = benchmark.run(config, str(tmp_path / "run"))
   methods = [r["method"] for r in out["rows"]]
-  assert methods == ["zero-shot", "individual", "task_arithmetic",
-                     "ties_merging", "tall_mask", "adamerging(layer)"]
+  # runlocal runs every training-free and learned method of the default.
+  assert methods == (["zero-shot", "individual"] +
+                     [m.get("label") or m["method"].split("(")[0]
+                      for m in default.METHODS] +
+                     [m["label"] for m in default.LEARNED])
   for r in out["rows"]:
     for t in config.tasks:
       assert 0.0 <= r[t] <= 100.0
@@ -61,11 +64,13 @@ def test_default_benchmark_runlocal(tmp_path, monkeypatch):
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
   assert (tmp_path / "run" / "results.csv").read_text().startswith("method,")
   # Hyperparameters were chosen from the configured grid on validation.
-  ta = out["rows"][2]
+  ta = out["rows"][methods.index("task_arithmetic")]
   assert ta["hparams"] in ("scaling_factor=0.3", "scaling_factor=0.5")
   assert max(g["val"] for g in ta["grid"]) == ta["val"]
-  # The learned row trained (checkpointed, with its log) and was evaluated.
-  logs = list((tmp_path / "run" / "learned").glob("*/*/train_log.json"))
+  # The learned rows trained (checkpointed, with their logs) and were
+  # evaluated.
+  logs = list((tmp_path / "run" / "learned").glob(
+      "*/adamerging(layer)*/train_log.json"))
   assert len(logs) == 1, logs
   assert [r["step"] for r in json.loads(logs[0].read_text())] == [1, 2]
 
