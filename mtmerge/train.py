@@ -391,7 +391,12 @@ def fit(objective: Objective, batches: Callable[[int], Tree],
   start, log = 0, []
   if run is not None and run.latest_step() is not None:
     start = int(run.latest_step())
-    state = run.restore(start, target)
+    try:
+      state = run.restore(start, target)
+    except ValueError:  # no "step" entry (fine-tuning before train.fit)
+      state = dict(run.restore(start, {k: target[k] for k in ("params",
+                                                              "opt")}),
+                   step=jax.device_put(jnp.int32(start), state_sh["step"]))
     log = [r for r in _read_log(run.directory) if r["step"] <= start]
   else:
     init = jax.jit(lambda p: {"params": jax.tree.map(jnp.copy, p),
