@@ -1,28 +1,38 @@
-"""The sharded trainer of learned merges: one jitted step over a device mesh.
+"""The one trainer: one jitted step over a device mesh, for every trainer.
 
-Learned merge methods (AdaMerging, aTLAS, Concrete masks, the Twin-Merging
-router, skill localization) differ only in what they learn and in their
-loss; `fit` runs all of them the same way:
+Fine-tuning (`mtmerge.finetune`) and the learned merge methods (AdaMerging,
+aTLAS, Concrete masks, the Twin-Merging router, skill localization) differ
+only in what they learn and in their loss; `fit` runs all of them the same
+way:
 
-* an `Objective`: the learned params (coefficients, mask logits, a router),
-  frozen constants (theta_0, stacked task vectors, heads) and a pure
+* an `Objective`: the learned params (encoder weights, coefficients, mask
+  logits, a router), frozen constants (theta_0, stacked task vectors,
+  heads, frozen encoder params) and a pure
   `loss(params, consts, batch, rng) -> (loss, metrics)`, plus an optional
   projection applied after every update (AdaMerging clamps to [0, 1]);
-* a mesh from config data (`sharding.make_mesh`), `NamedSharding`s for the
-  learned params, the optimizer state, the constants (parameter rules plus a
-  task axis for stacked task vectors, `sharding.task_vector_sharding`) and
-  the batch (split over the data axes); the train state is donated, so XLA
-  updates it in place;
+* a mesh from config data (built once by the caller, `sharding.make_mesh`),
+  `NamedSharding`s for the learned params (rules), the optimizer state
+  (following the params), the constants (parameter rules plus a task axis
+  for stacked task vectors, `sharding.task_vector_sharding`) and the batch
+  (split over the data axes);
+* the state built abstractly (`jax.eval_shape`, `optax.tree_map_params`)
+  and materialized by a jitted init with `out_shardings`, or restored from
+  a checkpoint straight into those shards; constants placed device to
+  device (`place`), never through host numpy; the state is donated, so XLA
+  updates it in place, and one compiled step serves every run with the
+  same loss function and optimizer (fine-tuning task after task);
 * batches by step index (`batches(step) -> host-local numpy pytree`), each
   host supplying only its rows, assembled into global arrays with
   `jax.make_array_from_process_local_data`; the step's PRNG key is
   `fold_in(seed, step)`; together these make a resumed run end with exactly
-  the coefficients of an uninterrupted one;
+  the params of an uninterrupted one;
 * orbax checkpoints of `{params, opt, step}` every `save_every` steps
   through `mtmerge.checkpoint.Run` (config fingerprint, atomic writes, a
-  `final` checkpoint that marks the run done), metrics written by process
-  0, a progress bar, and a `FloatingPointError` naming the step and the
-  parameter path as soon as the loss or a learned value is non-finite.
+  `final` checkpoint that marks the run done), metrics kept on device and
+  fetched at log steps (written by process 0), a progress bar, and a
+  `FloatingPointError` naming the step and the parameter path of the first
+  non-finite loss or learned value (checked at the next log step, and
+  always before a checkpoint is written).
 
 The loop follows big_vision's and MaxText's trainers: build shardings from
 rules, jit the step once with donated state, feed global batches.
