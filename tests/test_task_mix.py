@@ -40,3 +40,25 @@ def test_task_mix_in_weighted_merge_matches_loop():
   for k in base:
     want = base[k] + coeffs[k][0] * tvs[k][0] + coeffs[k][1] * tvs[k][1]
     np.testing.assert_allclose(out[k], want, rtol=1e-6)
+
+
+def test_task_by_task_equals_the_sum_with_padded_heads():
+  """One task at a time (scan + accumulated gradient) == the plain sum."""
+  rng = np.random.default_rng(0)
+  f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
+  w = {"w": f32(5, 4)}
+  heads = {"a": {"kernel": f32(4, 2), "bias": f32(2)},
+           "b": {"kernel": f32(4, 3), "bias": f32(3)}}
+  batch = {t: {"x": f32(6, 5)} for t in heads}
+  loss = lambda p, h, inp: common.entropy(inp["x"] @ p["w"] @ h["kernel"]
+                                          + h["bias"])
+  ref = lambda p: sum(loss(p, heads[t], batch[t]) for t in heads)
+  padded = common.pad_heads(heads)
+  assert padded["a"]["kernel"].shape == (4, 3)
+  got = lambda p: common.task_by_task(loss, p, padded, batch)[0]
+  np.testing.assert_allclose(got(w), ref(w), rtol=1e-6)
+  np.testing.assert_allclose(jax.jit(jax.grad(got))(w)["w"],
+                             jax.grad(ref)(w)["w"], rtol=1e-5, atol=1e-7)
+  per_task = common.task_by_task(loss, w, padded, batch)[1]
+  np.testing.assert_allclose(per_task["b"], loss(w, heads["b"], batch["b"]),
+                             rtol=1e-6)

@@ -105,8 +105,8 @@ def entropy_objective(problem: problem_lib.MergeProblem, tvs: Tree,
                                    k.get("groups"))
     task_entropy = lambda p, head, inputs: common.entropy(
         encoders.logits(head, problem.features(p, inputs)))
-    total, per_task = common.task_by_task(task_entropy, merged, k["heads"],
-                                          batch)
+    total, per_task = common.task_by_task(
+        task_entropy, merged, common.pad_heads(k["heads"]), batch)
     return total, {f"entropy/{t}": h for t, h in per_task.items()}
 
   project = clip if clamp is not None and clamp_mode == "project" else None

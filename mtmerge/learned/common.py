@@ -156,6 +156,25 @@ def multi_task_features(problem: problem_lib.MergeProblem, params: Tree,
   return out
 
 
+def pad_heads(heads: dict[str, dict]) -> dict[str, dict]:
+  """Linear heads padded to one class count (zero weights, -1e4 bias).
+
+  A padded class has softmax probability exactly 0 in float32, so
+  entropies, cross-entropies, argmaxes and their gradients are those of
+  the unpadded head, while every task's head has one shape
+  (`task_by_task` can then scan over the tasks).
+  """
+  c = max(int(np.shape(h["bias"])[-1]) for h in heads.values())
+
+  def pad(h):
+    extra = c - int(np.shape(h["bias"])[-1])
+    if not extra:
+      return h
+    return {"kernel": jnp.pad(h["kernel"], ((0, 0), (0, extra))),
+            "bias": jnp.pad(h["bias"], (0, extra), constant_values=-1e4)}
+  return {t: pad(h) for t, h in heads.items()}
+
+
 def task_by_task(task_loss: Callable[[Tree, dict, dict], jax.Array],
                  params: Tree, heads: dict[str, dict],
                  batch: dict[str, dict]) -> tuple[jax.Array, dict]:
