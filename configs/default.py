@@ -113,6 +113,10 @@ def get_config(arg=None):
   c.model = "minilm"
   c.num_layers = None  # all 6 layers
   c.tasks = list(TASKS)
+  # One mesh for fine-tuning and every learned method (built once by the
+  # benchmark): data parallel over all devices; `param_rules` (regex ->
+  # PartitionSpec) would shard parameters, e.g. on a pod with an fsdp axis.
+  c.mesh = [("data", -1)]
 
   # The papers' protocol: frozen zero-shot heads from class prompts embedded
   # by the pretrained encoder (CLIP's logit scale 100); `heads=linear_probe`
