@@ -55,8 +55,9 @@ def entries(config, error_cls) -> list[tuple[str, str, dict, dict, dict]]:
       for hp in grid_points(grid):
         registry.check(name, {**fixed, **hp})
       train_over = dict(entry.get("train") or {})
+      # An entry's own `train.mesh` overrides the run's `config.mesh`.
       _check_train(name, fixed, grid, train.TrainConfig.from_dict(train_over),
-                   config.get("mesh"))
+                   train_over.get("mesh") or config.get("mesh"))
     except (ValueError, KeyError) as e:
       msg = e.args[0] if e.args else e
       raise error_cls(f"config.learned entry {entry['method']!r}: {msg}"
@@ -154,7 +155,7 @@ def rows(config, workdir, problem, pool, base_sel, learned_entries,
       tag = "-".join(f"{k}={v}" for k, v in sorted({**fixed, **hp}.items()))
       res = registry.run(
           name, problem, {**fixed, **hp}, train_config=train_over,
-          mesh=mesh, rules=rules,
+          mesh=None if train_over.get("mesh") else mesh, rules=rules,
           workdir=os.path.join(root, f"{label}-{tag}".replace("/", "_")
                                .replace(" ", "")[:150]),
           progress=True)
