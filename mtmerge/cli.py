@@ -236,8 +236,9 @@ def _merge(args) -> None:
             f"in {len(info['passes'])} passes of {info['blocks']} blocks")
     return
   if not (spec.compressed or args.in_memory):
+    # stdout, like the report: stderr keeps the one-line error contract.
     print(f"note: {name} has no streamed form for these parameters; merging "
-          "in memory", file=sys.stderr)
+          "in memory", flush=True)
   base, tvs, layout = checkpoint_io.load_task_vectors(
       args.base, args.models, progress=not args.no_progress, as_jax=True)
   floats = {k: base[k] for k in tvs}
