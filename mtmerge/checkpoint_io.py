@@ -187,40 +187,52 @@ def read_layout(path: str) -> Layout:
   return layout
 
 
+def tensor_index(fpath: str) -> dict[str, tuple[np.dtype, tuple, int, int]]:
+  """`{name: (dtype, shape, begin, end)}` of a safetensors file's tensors.
+
+  `begin`/`end` are absolute byte offsets in the file. The header is
+  validated against the file size, so a truncated file is a ValueError
+  naming the tensor (callers wrap it into a `CheckpointError`).
+  """
+  size = os.path.getsize(fpath)
+  with open(fpath, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    if not 2 <= n <= min(size - 8, 100 << 20):
+      raise ValueError(f"header length {n} does not fit a {size}-byte file")
+    header = json.loads(f.read(n))
+  start = 8 + n
+  out = {}
+  for k, info in header.items():
+    if k == "__metadata__":
+      continue
+    dtype = np_dtype(_ST_DTYPES.get(info["dtype"], info["dtype"]))
+    shape = tuple(int(d) for d in info["shape"])
+    b, e = (int(o) for o in info["data_offsets"])
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if e - b != nbytes or start + e > size or b < 0:
+      raise ValueError(f"tensor {k!r} ({info['dtype']} {list(shape)}) has "
+                       f"data offsets [{b}, {e}] outside the file or of the "
+                       "wrong size (truncated?)")
+    out[k] = (dtype, shape, start + b, start + e)
+  return out
+
+
 def _mmap_file(fpath: str) -> dict[str, np.ndarray]:
   """Read-only memory-mapped views of every tensor in one safetensors file.
 
   No tensor data is read here: each view pages in from the OS cache when an
   operation touches it, so a loader can subtract straight from the file into
   its own buffers (one pass, no intermediate copy). The header is validated
-  against the file size, so a truncated file is an error naming it.
+  against the file size (`tensor_index`), so a truncated file is an error
+  naming it.
   """
   try:
-    size = os.path.getsize(fpath)
-    with open(fpath, "rb") as f:
-      n = int.from_bytes(f.read(8), "little")
-      if not 2 <= n <= min(size - 8, 100 << 20):
-        raise ValueError(f"header length {n} does not fit a {size}-byte file")
-      header = json.loads(f.read(n))
-    start = 8 + n
-    buf = np.memmap(fpath, dtype=np.uint8, mode="r") if size > start else None
-    out = {}
-    for k, info in header.items():
-      if k == "__metadata__":
-        continue
-      dtype = np_dtype(_ST_DTYPES.get(info["dtype"], info["dtype"]))
-      shape = tuple(int(d) for d in info["shape"])
-      b, e = (int(o) for o in info["data_offsets"])
-      nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-      if e - b != nbytes or start + e > size or b < 0:
-        raise ValueError(f"tensor {k!r} ({info['dtype']} {list(shape)}) has "
-                         f"data offsets [{b}, {e}] outside the file or of the "
-                         "wrong size (truncated?)")
-      if nbytes == 0:
-        out[k] = np.zeros(shape, dtype)
-      else:
-        out[k] = buf[start + b:start + e].view(dtype).reshape(shape)
-    return out
+    index = tensor_index(fpath)
+    buf = (np.memmap(fpath, dtype=np.uint8, mode="r")
+           if any(e > b for _, _, b, e in index.values()) else None)
+    return {k: (buf[b:e].view(dtype).reshape(shape) if e > b
+                else np.zeros(shape, dtype))
+            for k, (dtype, shape, b, e) in index.items()}
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise CheckpointError(f"cannot read {fpath} ({_line(e)})") from None
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import json
 import os
 from typing import Callable, Iterator, Sequence
 
@@ -208,26 +207,8 @@ def _finite(x: np.ndarray) -> bool:
 def _open(fpath: str):
   """`(fd, {name: (dtype, shape, absolute offset)})`, offsets validated."""
   try:
-    size = os.path.getsize(fpath)
-    with open(fpath, "rb") as f:
-      n = int.from_bytes(f.read(8), "little")
-      if not 2 <= n <= min(size - 8, 100 << 20):
-        raise ValueError(f"header length {n} does not fit a {size}-byte file")
-      header = json.loads(f.read(n))
-    out = {}
-    for k, info in header.items():
-      if k == "__metadata__":
-        continue
-      st = info["dtype"]
-      dtype = checkpoint_io.np_dtype(checkpoint_io._ST_DTYPES.get(st, st))
-      shape = tuple(int(d) for d in info["shape"])
-      b, e = (int(o) for o in info["data_offsets"])
-      nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-      if e - b != nbytes or 8 + n + e > size or b < 0:
-        raise ValueError(f"tensor {k!r} ({st} {list(shape)}) has data offsets "
-                         f"[{b}, {e}] outside the file or of the wrong size "
-                         "(truncated?)")
-      out[k] = (dtype, shape, 8 + n + b)
+    index = checkpoint_io.tensor_index(fpath)
+    out = {k: (dtype, shape, b) for k, (dtype, shape, b, _) in index.items()}
     return os.open(fpath, os.O_RDONLY), out
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise checkpoint_io.CheckpointError(
