@@ -212,10 +212,16 @@ class Layer(nnx.Module):
     self.mlp_norm = _norm(cfg, dtype, rngs)
     self.dropout = nnx.Dropout(cfg.hidden_dropout_prob, rngs=dropout_rngs)
 
-  def __call__(self, x, bias, deterministic):
+  def __call__(self, x, bias, deterministic, adapter=None):
     drop = lambda t: self.dropout(t, deterministic=deterministic)
     x = self.attention_norm(x + drop(self.attention(x, bias, deterministic)))
-    return self.mlp_norm(x + drop(self.mlp(x)))
+    h = x + drop(self.mlp(x))
+    if adapter is None:
+      return self.mlp_norm(h)
+    # Pfeiffer et al. (2020) placement, as adapter-transformers wires it for
+    # BERT: the adapter reads LN(h) and its output joins the residual h
+    # before the same (pretrained) LayerNorm is applied again.
+    return self.mlp_norm(h + adapter(self.mlp_norm(h)))
 
 
 class Bert(nnx.Module):
@@ -249,7 +255,8 @@ class Bert(nnx.Module):
                             for _ in range(cfg.num_hidden_layers)])
 
   def __call__(self, input_ids, attention_mask, token_type_ids=None, *,
-               deterministic: bool | None = None) -> jax.Array:
+               deterministic: bool | None = None,
+               adapters=None) -> jax.Array:
     """Encodes a batch of token ids.
 
     Args:
@@ -257,6 +264,10 @@ class Bert(nnx.Module):
       attention_mask: `[B, L]`, 1 for real tokens and 0 for padding.
       token_type_ids: int `[B, L]` segment ids; default all zeros.
       deterministic: overrides the dropout mode set by `train()`/`eval()`.
+      adapters: optional bottleneck adapters after each layer's MLP block
+        (`mtmerge.transfer.adapters`): `adapters(i, x) -> [B, L, H]`, the
+        adapter output of layer `i` for its input `x`; None (default): the
+        plain encoder.
 
     Returns:
       The last hidden states, `[B, L, H]`.
@@ -280,8 +291,10 @@ class Bert(nnx.Module):
     big_neg = jnp.finfo(jnp.float32).min
     bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, big_neg)
     x = self.embeddings(input_ids, token_type_ids, deterministic)
-    for layer in self.layers:
-      x = layer(x, bias, deterministic)
+    for i, layer in enumerate(self.layers):
+      hook = None if adapters is None else (
+          lambda a, i=i: adapters(i, a))
+      x = layer(x, bias, deterministic, hook)
     return x
 
 

@@ -1,0 +1,1 @@
+"""Task transfer beyond task vectors: adapters and ScaLearn."""
