@@ -139,6 +139,10 @@ def _parser() -> _Parser:
                  help="streamed merges: memory budget of one block of rows "
                  "(e.g. 4G, 512M); tensors larger than that are read in row "
                  "blocks (default 2G)")
+  m.add_argument("--mesh", default=None, metavar="SPEC",
+                 help="streamed merges: the device mesh each block's rows "
+                 "are split over, e.g. data:-1 (default: all devices when "
+                 "there are several; 'none': one device)")
   m.add_argument("--in-memory", action="store_true",
                  help="load every task vector instead of streaming blocks "
                  "(methods without a streamed form always do)")
@@ -230,7 +234,7 @@ def _merge(args) -> None:
   if not (spec.compressed or args.in_memory) and streaming.streams(name, full):
     info = streaming.merge_files(
         name, args.base, args.models, args.out, progress=not args.no_progress,
-        max_memory=streaming.parse_size(args.max_memory),
+        max_memory=streaming.parse_size(args.max_memory), mesh=args.mesh,
         layout=cli_output.output_layout(layout, args.out, form), **hparams)
     _report(args, name, full, t0, f"{form}, {_size(info['bytes'])}, streamed "
             f"in {len(info['passes'])} passes of {info['blocks']} blocks")

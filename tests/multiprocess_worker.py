@@ -13,6 +13,11 @@ process (8 devices) and spawns this file as a script, once per process:
 
   python tests/multiprocess_worker.py --process_id I --num_processes 2 \
       --port PORT --local_devices 4 --out result_I.json [--via_env]
+
+With `--merge JOBS.json` it instead runs streamed merges
+(`mtmerge.streaming.merge_files` over the global mesh): every process reads
+only its rows and writes its part of each output, as
+`tests/test_streaming_mesh.py` checks against one process.
 """
 
 import argparse
@@ -69,6 +74,22 @@ def learned_merge(mesh):
   return np.asarray(res.params), [r["loss"] for r in res.log]
 
 
+def streamed_merges(jobs_file):
+  """Runs each job `{method, base, models, out, max_memory, hparams}`."""
+  from mtmerge import streaming
+  with open(jobs_file) as f:
+    jobs = json.load(f)
+  done = []
+  for job in jobs:
+    info = streaming.merge_files(
+        job["method"], job["base"], job["models"], job["out"],
+        max_memory=job["max_memory"], progress=False, mesh="data:-1",
+        **job["hparams"])
+    done.append({"out": info["out"], "devices": info["devices"],
+                 "processes": info["processes"], "passes": info["passes"]})
+  return done
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--process_id", type=int, required=True)
@@ -78,6 +99,8 @@ def main():
   parser.add_argument("--out", required=True)
   parser.add_argument("--via_env", action="store_true",
                       help="pass the coordinator in MTMERGE_* variables")
+  parser.add_argument("--merge", default=None,
+                      help="JSON list of streamed merge jobs to run instead")
   args = parser.parse_args()
   flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                  os.environ.get("XLA_FLAGS", ""))
@@ -101,6 +124,12 @@ def main():
   assert distributed.process_count() == args.num_processes
   assert distributed.is_main() == (args.process_id == 0)
   assert jax.local_device_count() == args.local_devices
+  if args.merge:
+    merged = streamed_merges(args.merge)
+    if distributed.is_main():
+      with open(args.out, "w") as f:
+        json.dump(merged, f)
+    return
   mesh = sharding.make_mesh(MESH)
   lam, losses = learned_merge(mesh)
   tmp = args.out + ".tmp"

@@ -91,9 +91,10 @@ def _in_memory(method, bp, mps, hp):
   return {k: np.asarray(v) for k, v in merged.items()}
 
 
-def _streamed(method, bp, mps, out, hp, budget=BUDGET["f32"]):
+def _streamed(method, bp, mps, out, hp, budget=BUDGET["f32"], mesh=False):
+  # One device; test_streaming_mesh.py runs these on the 8 fake devices.
   info = streaming.merge_files(method, bp, mps, out, max_memory=budget,
-                               progress=False, **hp)
+                               progress=False, mesh=mesh, **hp)
   loaded, _ = checkpoint_io.load(out)
   return loaded, info
 
@@ -171,14 +172,14 @@ def test_output_is_atomic(ckpts, tmp_path, monkeypatch):
   out.mkdir()
   (out / "old.txt").write_text("previous output")
   calls = []
-  real = writer.ShardWriter.write
+  real = writer.ShardWriter.write_at
 
-  def failing(self, name, x):
+  def failing(self, name, first, x):
     calls.append(name)
     if len(calls) == 4:
       raise OSError("No space left on device")
-    return real(self, name, x)
-  monkeypatch.setattr(writer.ShardWriter, "write", failing)
+    return real(self, name, first, x)
+  monkeypatch.setattr(writer.ShardWriter, "write_at", failing)
   with pytest.raises(checkpoint_io.CheckpointError, match="No space left"):
     streaming.merge_files("task_arithmetic", bp, mps, str(out),
                           max_memory=BUDGET["bf16"], progress=False)
@@ -219,7 +220,8 @@ def test_per_tensor_cosines(ckpts, tmp_path, method, hp, T):
     np.testing.assert_allclose(got[k], ref[k], rtol=1e-6, atol=1e-6,
                                err_msg=k)
   one = streaming.merge_files(method, bp, mps[:T], str(tmp_path / "w"),
-                              max_memory=10 ** 9, progress=False, **hp)
+                              max_memory=10 ** 9, progress=False, mesh=False,
+                              **hp)
   assert one["passes"] == ["merge"]  # every tensor whole: no statistics
   whole, _ = checkpoint_io.load(str(tmp_path / "w"))
   for k in ref:

@@ -20,6 +20,8 @@ import jax
 import numpy as np
 
 from mtmerge import checkpoint_io
+from mtmerge.streaming import atomic
+from mtmerge.streaming import placement
 from mtmerge.streaming import reader
 from mtmerge.streaming import recipes
 from mtmerge.streaming import writer
@@ -68,9 +70,11 @@ class Executor:
     passes: labels of the passes run, in order.
   """
 
-  def __init__(self, inputs: reader.Inputs, progress: bool = True):
-    self.inputs = inputs
-    self.progress = progress and sys.stderr.isatty()
+  def __init__(self, inputs: reader.Inputs, progress: bool = True,
+               place: placement.Placement | None = None):
+    self.inputs, self.place = inputs, place
+    self.progress = progress and sys.stderr.isatty() and (
+        jax.process_index() == 0)
     self.checked: set = set()
     self.peak_bytes = 0
     self.passes: list[str] = []
@@ -84,7 +88,11 @@ class Executor:
     return True
 
   def run(self, p: recipes.Pass) -> None:
-    """Runs one pass: `p.fn(block, base rows, model rows)` per block."""
+    """Runs one pass: `p.fn(block, base rows, model rows)` per block.
+
+    On a mesh (`self.place`) this process reads only its rows of each
+    block and `p.fn` gets global arrays sharded over the mesh.
+    """
     from tqdm import tqdm  # local: keeps imports light
     T = self.inputs.num_models
     lays = [self.inputs.layout] + self.inputs.model_layouts
@@ -96,13 +104,19 @@ class Executor:
                disable=not self.progress)
     names = sorted({blk.name for blk in p.blocks})
     done: set = set()
+    place = self.place
+    reads = p.blocks if place is None else [place.local_block(blk)
+                                            for blk in p.blocks]
     with bar:
-      for (blk, b, ms), size in zip(self.inputs.prefetch(
-          p.blocks, self._check), sizes):
-        # Aligned host buffers: adopted by the CPU backend without a copy.
-        b, ms = jax.device_put(b), jax.device_put(ms)
+      for (_, b, ms), blk, size in zip(self.inputs.prefetch(
+          reads, self._check), p.blocks, sizes):
+        if place is None:
+          # Aligned host buffers: adopted by the CPU backend without a copy.
+          b, ms = jax.device_put(b), jax.device_put(ms)
+        else:
+          b, ms = place.put(blk, b, ms)
         # This block's and the prefetched next block's inputs, the float32
-        # task vectors and output.
+        # task vectors and output (all devices of this process together).
         held = 2 * (b.nbytes + ms.nbytes) + 4 * (T + 1) * blk.numel
         self.peak_bytes = max(self.peak_bytes, held)
         p.fn(blk, b, ms)
@@ -116,7 +130,7 @@ class Executor:
 
 def merge_files(method: str, base: str, models: Sequence[str], out: str,
                 max_memory: int = DEFAULT_MAX_MEMORY, progress: bool = True,
-                layout: checkpoint_io.Layout | None = None,
+                layout: checkpoint_io.Layout | None = None, mesh: Any = None,
                 **hparams) -> dict[str, Any]:
   """Merges checkpoints on disk into `out`, streamed block by block.
 
@@ -132,14 +146,21 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
     progress: a tqdm bar per pass on stderr (when it is a terminal).
     layout: the output's layout (default: the base's own); e.g.
       `cli_output.output_layout(...)` to write a sharded base as one file.
+    mesh: where blocks are computed (`placement.make`): None = all devices
+      when there are several, a `Mesh` or a spec like `'data:-1'`, False =
+      one device. With several JAX processes every process must call this
+      with the same arguments; each reads and writes only its rows, and
+      `out` must be on a filesystem they all share.
     **hparams: the method's hyperparameters, as `methods.merge`.
 
   Returns:
-    `{"out", "bytes", "passes", "blocks", "peak_block_bytes", "seconds"}`.
+    `{"out", "bytes", "passes", "blocks", "peak_block_bytes", "seconds",
+    "devices", "processes"}`.
 
   Raises:
     ValueError (CheckpointError): bad hparams, an unstreamable method, bad
-      or mismatched checkpoints, NaN/Inf in an input.
+      or mismatched checkpoints, NaN/Inf in an input, a mesh that does not
+      fit the devices.
   """
   from mtmerge import methods
   t0 = time.time()
@@ -148,7 +169,8 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
     raise ValueError(f"method {method!r} writes a compressed form, which "
                      "has no streamed writer yet; use the in-memory path")
   full = spec.check(hparams, len(models))
-  recipe = recipes.for_method(method, full, len(models))
+  place = placement.make(mesh)
+  recipe = recipes.for_method(method, full, len(models), place)
   inputs = reader.Inputs(base, models)
   if max_memory <= 0:
     raise ValueError(f"max_memory must be positive, got {max_memory}")
@@ -156,19 +178,36 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
   if sorted(olayout.weight_map) != sorted(inputs.layout.weight_map):
     raise ValueError("the output layout must hold the base's tensors")
   blocks = reader.plan(inputs, bytes_per_entry(inputs), int(max_memory),
-                       olayout)
-  ex = Executor(inputs, progress)
+                       olayout, place.size if place else 1)
+  ex = Executor(inputs, progress, place)
   for p in recipe.passes(blocks):
     ex.run(p)
 
   def fill(name):
     return np.asarray(inputs.whole(name))
 
+  streamed = {blk.name for blk in blocks}
+  multi = place is not None and place.multi
+  main = jax.process_index() == 0
+
   def write(tmp):
-    w = writer.Output(olayout, tmp, fill)
+    if multi and not main:  # the files exist once process 0 made them
+      atomic.barrier("mtmerge-output-created")
+    w = writer.Output(olayout, tmp, fill, streamed, create=main,
+                      single=not multi)
     try:
-      ex.run(recipes.Pass("merge", blocks, lambda blk, b, ms: w.write(
-          blk.name, np.asarray(recipe.apply(blk, b, ms)))))
+      if multi and main:
+        atomic.barrier("mtmerge-output-created")
+
+      def one(blk, b, ms):
+        if place is None:
+          w.write(blk.name, blk.r0 * _inner(blk), np.asarray(
+              recipe.apply(blk, b, ms)))
+          return
+        y = recipe.apply(blk, b, ms, out_sharding=place.shardings(blk)[0])
+        for first, data in place.pieces(blk, y):
+          w.write(blk.name, first, data)
+      ex.run(recipes.Pass("merge", blocks, one))
       info["bytes"] = w.close()
     except BaseException:
       w.abort()
@@ -177,9 +216,21 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
   info: dict[str, Any] = {}
   is_dir = olayout.kind != "file"
   try:
-    dest = checkpoint_io._atomic_write(out, write, is_dir=is_dir)
+    if multi:
+      dest = atomic.write(out, write, is_dir)
+    else:
+      dest = checkpoint_io._atomic_write(out, write, is_dir=is_dir)
   finally:
     inputs.close()
   info.update(out=dest, passes=ex.passes, blocks=len(blocks),
-              peak_block_bytes=ex.peak_bytes, seconds=time.time() - t0)
+              peak_block_bytes=ex.peak_bytes, seconds=time.time() - t0,
+              devices=place.size if place else 1,
+              processes=jax.process_count())
   return info
+
+
+def _inner(blk) -> int:
+  """Entries per row of a block's tensor (1 for 0-D/1-D: one 'row')."""
+  if len(blk.shape) >= 2:
+    return int(np.prod(blk.shape[1:], dtype=np.int64))
+  return 1

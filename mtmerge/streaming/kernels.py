@@ -93,13 +93,31 @@ def tvs(b, ms, drop: Drop | None = None, drop_rate: float = 0.0,
 _DROP = ("drop_rate", "rescale")
 
 
-@functools.partial(jax.jit, static_argnames=_DROP)
+def _kernel(*static: str):
+  """`jax.jit` of a block kernel with an optional `out_sharding` argument.
+
+  On a mesh the executor passes the block's `NamedSharding` (rows split
+  over the devices): the result is constrained to it, so the block is
+  computed and left sharded, never gathered onto one device.
+  """
+  def deco(f):
+    def run(*args, out_sharding=None, **kw):
+      y = f(*args, **kw)
+      if out_sharding is None:
+        return y
+      return jax.lax.with_sharding_constraint(y, out_sharding)
+    run.__name__, run.__doc__ = f.__name__, f.__doc__
+    return jax.jit(run, static_argnames=static + ("out_sharding",))
+  return deco
+
+
+@_kernel(*_DROP)
 def tv_block(b, ms, drop=None, drop_rate=0.0, rescale=True):
   """The block's (dropped) float32 task vectors, for host-side statistics."""
   return tvs(b, ms, drop, drop_rate, rescale)
 
 
-@functools.partial(jax.jit, static_argnames=("name", "static"))
+@_kernel("name", "static")
 def local(b, ms, traced, name, static):
   """A block-local method on the block: its registered fn on `{"x": ...}`."""
   spec = registry.get(name)
@@ -121,8 +139,7 @@ def ties_votes(b, ms, thr, w, drop=None, drop_rate=0.0, rescale=True,
   return jnp.sum(v)
 
 
-@functools.partial(jax.jit, static_argnames=_DROP + (
-    "sign_method", "zero_sign", "merge_func"))
+@_kernel(*_DROP, "sign_method", "zero_sign", "merge_func")
 def ties_apply(b, ms, thr, total, w, scale, drop=None, drop_rate=0.0,
                rescale=True, sign_method="sum", zero_sign="majority",
                merge_func="sum"):
@@ -134,7 +151,7 @@ def ties_apply(b, ms, thr, total, w, scale, drop=None, drop_rate=0.0,
                                merge_func=merge_func)
 
 
-@functools.partial(jax.jit, static_argnames=_DROP + ("band",))
+@_kernel(*_DROP, "band")
 def trim_apply(b, ms, thr, scale, drop=None, drop_rate=0.0, rescale=True,
                band=False):
   """Trim (or DARE-drop), then task arithmetic with `scale`.
@@ -160,7 +177,7 @@ def gram(b, ms):
   return x @ x.T
 
 
-@jax.jit
+@_kernel()
 def stock_apply(b, ms, cos):
   """Model Stock's `theta_0 + t * mean_t tau_t` given the tensor's cosine."""
   return interpolate.model_stock_apply(b, tvs(b, ms), cos)
@@ -173,14 +190,14 @@ def slerp_moments(b, ms):
   return jnp.stack([jnp.sum(a * a), jnp.sum(c * c), jnp.sum(a * c)])
 
 
-@jax.jit
+@_kernel()
 def slerp_apply(b, ms, t, dot):
   """SLERP of the block given the tensor's direction cosine `dot`."""
   a, c = interpolate.slerp_ends(b, tvs(b, ms))
   return interpolate.slerp_mix(a, c, t, dot).astype(b.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "merge_func"))
+@_kernel("k", "merge_func")
 def consensus_ties_apply(b, ms, thr, total, lam, scale, k, merge_func):
   """Consensus merging on the TIES vector (`masks.consensus`), one block.
 

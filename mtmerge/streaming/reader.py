@@ -216,11 +216,14 @@ def _open(fpath: str):
 
 
 def plan(inputs: Inputs, bytes_per_entry: int, max_memory: int,
-         layout: checkpoint_io.Layout | None = None) -> list[Block]:
+         layout: checkpoint_io.Layout | None = None,
+         row_multiple: int = 1) -> list[Block]:
   """Blocks of every merged tensor, in the base's file order.
 
   A tensor whose `numel * bytes_per_entry` exceeds `max_memory` is split
   into row ranges of (near) equal size; 0-D and 1-D tensors are never split.
+  With `row_multiple=n` (a mesh of n devices) every block's row count is a
+  multiple of n, except one tail block of the last `rows % n` rows.
 
   Args:
     inputs: the opened checkpoints.
@@ -228,6 +231,7 @@ def plan(inputs: Inputs, bytes_per_entry: int, max_memory: int,
       processed (all models' inputs, float32 task vectors, outputs).
     max_memory: the budget for one block, in bytes.
     layout: the output's layout (default the base's): its file order.
+    row_multiple: the number of devices a block's rows are split over.
 
   Returns:
     Blocks in write order (shard by shard, tensor by tensor, row by row).
@@ -243,11 +247,16 @@ def plan(inputs: Inputs, bytes_per_entry: int, max_memory: int,
       if len(shape) < 2:
         out.append(Block(k, inputs.leaf[k], 0, 1, shape))
         continue
-      rows = shape[0]
+      rows, m = shape[0], max(1, int(row_multiple))
+      main = rows - rows % m if rows >= m else rows  # rows in full blocks
       row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * bytes_per_entry
-      per = max(1, min(rows, max_memory // max(row_bytes, 1)))
-      n = -(-rows // per)
-      per = -(-rows // n)  # near-equal blocks: at most two shapes
-      for r0 in range(0, rows, per):
-        out.append(Block(k, inputs.leaf[k], r0, min(rows, r0 + per), shape))
+      per = max(1, min(main, max_memory // max(row_bytes, 1)))
+      n = -(-main // per)
+      per = -(-main // n)  # near-equal blocks: at most two shapes
+      if m > 1 and rows >= m:  # within the budget, but at least m rows
+        per = max(m, per // m * m)  # rows a multiple of the device count
+      for r0 in range(0, main, per):
+        out.append(Block(k, inputs.leaf[k], r0, min(main, r0 + per), shape))
+      if main < rows:  # the tail the mesh does not divide
+        out.append(Block(k, inputs.leaf[k], main, rows, shape))
   return out

@@ -28,6 +28,7 @@ import numpy as np
 from mtmerge.methods import interpolate
 from mtmerge.methods import registry
 from mtmerge.streaming import kernels
+from mtmerge.streaming import placement
 from mtmerge.streaming import reader
 from mtmerge.streaming import stats
 from mtmerge import transforms as tx
@@ -51,21 +52,23 @@ class Pass:
 class Recipe:
   """Base: no statistics; `apply` gives a block's merged rows."""
 
-  def __init__(self, name: str, full: dict[str, Any], T: int):
-    self.name, self.full, self.T = name, full, T
+  def __init__(self, name: str, full: dict[str, Any], T: int,
+               place: placement.Placement | None = None):
+    self.name, self.full, self.T, self.place = name, full, T, place
 
   def passes(self, blocks: list) -> Iterator[Pass]:
     return iter(())
 
-  def apply(self, blk: reader.Block, b, ms):
+  def apply(self, blk: reader.Block, b, ms, out_sharding=None):
+    """The block's merged rows (constrained to `out_sharding` on a mesh)."""
     raise NotImplementedError
 
 
 class Local(Recipe):
   """A method whose result on a block is its result on the whole model there."""
 
-  def __init__(self, name, full, T):
-    super().__init__(name, full, T)
+  def __init__(self, name, full, T, place=None):
+    super().__init__(name, full, T, place)
     spec = registry.get(name)
     self.static = tuple(sorted((k, registry._freeze(v)) for k, v in
                                full.items() if k in spec.static))
@@ -79,30 +82,31 @@ class Local(Recipe):
       fn = kernels.gram if self.name == "model_stock" else (
           kernels.slerp_moments)
       yield Pass("per-tensor moments", split, lambda blk, b, ms: mom.add(
-          blk.name, np.asarray(fn(b, ms))))
+          blk.name, placement.host(fn(b, ms))))
       self.moments = mom
 
-  def apply(self, blk, b, ms):
+  def apply(self, blk, b, ms, out_sharding=None):
+    o = dict(out_sharding=out_sharding)
     if blk.whole or self.name not in _WHOLE_ONLY:
       return kernels.local(b, ms, self.traced, name=self.name,
-                           static=self.static)
+                           static=self.static, **o)
     m = self.moments.get(blk.name)
     eps = float(self.full["epsilon"])
     if self.name == "model_stock":
       g = jnp.asarray(m, jnp.float32)
       cos = interpolate.mean_cos_from_gram(g, jnp.sqrt(jnp.diagonal(g)), eps)
-      return kernels.stock_apply(b, ms, cos)
+      return kernels.stock_apply(b, ms, cos, **o)
     na, nc = np.sqrt(m[0]), np.sqrt(m[1])
     dot = m[2] / ((na if na > eps else 1.0) * (nc if nc > eps else 1.0))
     return kernels.slerp_apply(b, ms, jnp.float32(self.full["t"]),
-                               jnp.float32(dot))
+                               jnp.float32(dot), **o)
 
 
 class TopK(Recipe):
   """Magnitude top-k (TIES, pruning, Breadcrumbs) and DARE, streamed."""
 
-  def __init__(self, name, full, T):
-    super().__init__(name, full, T)
+  def __init__(self, name, full, T, place=None):
+    super().__init__(name, full, T, place)
     f = full
     self.consensus = name == "consensus"  # on the TIES vector
     self.ties = name in ("ties_merging", "dare_ties", "consensus")
@@ -141,7 +145,14 @@ class TopK(Recipe):
     return kernels.drop_args(self.seed, blk.leaf, blk.shape, blk.r0, self.T)
 
   def _x(self, blk, b, ms):
-    return np.asarray(kernels.tv_block(b, ms, self._drop(blk), **self.dkw))
+    """The block's float32 task vectors on the host, in parts that add up.
+
+    One part on one device; on a mesh, this process's shards (no device
+    holds the whole block), whose histograms `RadixSelect` sums.
+    """
+    x = kernels.tv_block(b, ms, self._drop(blk), **self.dkw)
+    return [np.asarray(x)] if self.place is None else (
+        self.place.host_parts(x))
 
   def _group(self, blk):
     return "model" if self.scope == "global" else blk.name
@@ -151,30 +162,32 @@ class TopK(Recipe):
       if self.scope == "global":
         n = sum(int(np.prod(blk.shape, dtype=np.int64)) for blk in blocks
                 if blk.r0 == 0)
-        if n >= 2 ** 32:  # the in-memory search's uint32 counter limit
-          raise ValueError(f"global top-k over {n} entries per task exceeds "
-                           "the uint32 counter; use scope='per_tensor'")
         ranks = {"model": [c(n) for c in self.counts]}
         sel_blocks = blocks
       else:
-        sel_blocks = [blk for blk in blocks if not blk.whole]
+        # On a mesh every tensor goes through the radix passes: exact, and
+        # its blocks stay sharded (`kth_largest` needs a tensor on the host).
+        sel_blocks = [blk for blk in blocks
+                      if not blk.whole or self.place is not None]
         ranks = {blk.name: [c(int(np.prod(blk.shape, dtype=np.int64)))
                             for c in self.counts] for blk in sel_blocks}
       if sel_blocks:
-        sel = stats.RadixSelect(self.T, ranks)
-        yield Pass("top-k buckets", sel_blocks, lambda blk, b, ms: sel.add_hi(
-            self._group(blk), self._x(blk, b, ms)))
+        sel = stats.RadixSelect(self.T, ranks, placement.allreduce_int)
+
+        def add(f):
+          return lambda blk, b, ms: [f(self._group(blk), x)
+                                     for x in self._x(blk, b, ms)]
+        yield Pass("top-k buckets", sel_blocks, add(sel.add_hi))
         sel.finish_hi()
-        yield Pass("top-k exact", sel_blocks, lambda blk, b, ms: sel.add_lo(
-            self._group(blk), self._x(blk, b, ms)))
+        yield Pass("top-k exact", sel_blocks, add(sel.add_lo))
         self.thr = sel.finish()
     if self.ties and self.full["zero_sign"] == "majority":
       votes = stats.VoteTotal()
 
       def vote(blk, b, ms):
-        votes.add(blk.leaf, kernels.ties_votes(
+        votes.add(blk.leaf, placement.host(kernels.ties_votes(
             b, ms, self._thr(blk, b, ms), self.w, self._drop(blk),
-            **self.dkw, sign_method=self.full["sign_method"]))
+            **self.dkw, sign_method=self.full["sign_method"])))
       yield Pass("sign votes", blocks, vote)
       self.total = jnp.float32(votes.total())
 
@@ -186,45 +199,47 @@ class TopK(Recipe):
       return jnp.asarray(self.thr[self._group(blk)])
     if blk.name not in self.thr:  # a whole tensor: exact, on the host
       n = int(np.prod(blk.shape, dtype=np.int64))
-      self.thr[blk.name] = stats.kth_largest(self._x(blk, b, ms),
+      self.thr[blk.name] = stats.kth_largest(self._x(blk, b, ms)[0],
                                              [c(n) for c in self.counts])
     thr = self.thr[blk.name]
     if not (self.ties and self.full["zero_sign"] == "majority"):
       del self.thr[blk.name]  # needed once
     return jnp.asarray(thr)
 
-  def apply(self, blk, b, ms):
+  def apply(self, blk, b, ms, out_sharding=None):
     thr = self._thr(blk, b, ms)
     d = self._drop(blk)
+    o = dict(out_sharding=out_sharding)
     if self.consensus:
       return kernels.consensus_ties_apply(
           b, ms, thr, self.total, self.lam, self.scale,
-          k=int(self.full["k"]), merge_func=self.full["merge_func"])
+          k=int(self.full["k"]), merge_func=self.full["merge_func"], **o)
     if self.ties:
       f = self.full
       return kernels.ties_apply(b, ms, thr, self.total, self.w, self.scale,
                                 d, **self.dkw, sign_method=f["sign_method"],
                                 zero_sign=f["zero_sign"],
-                                merge_func=f["merge_func"])
+                                merge_func=f["merge_func"], **o)
     return kernels.trim_apply(b, ms, thr, self.scale, d, **self.dkw,
-                              band=self.band)
+                              band=self.band, **o)
 
 
-def for_method(name: str, full: dict[str, Any], T: int) -> Recipe:
-  """The recipe of `name` with validated hparams `full`.
+def for_method(name: str, full: dict[str, Any], T: int,
+               place: placement.Placement | None = None) -> Recipe:
+  """The recipe of `name` with validated hparams `full` (on `place`).
 
   Raises:
     ValueError: naming the method when it cannot be streamed (yet).
   """
   if name == "consensus" and full["base_method"] == "ties":
-    return TopK(name, full, T)
+    return TopK(name, full, T, place)
   if name in _LOCAL or name in _WHOLE_ONLY or (
       name == "consensus" and full["base_method"] == "task_arithmetic") or (
           name in ("breadcrumbs", "magnitude_prune")
           and full["scope"] == "row"):
-    return Local(name, full, T)
+    return Local(name, full, T, place)
   if name in _TOPK:
-    return TopK(name, full, T)
+    return TopK(name, full, T, place)
   raise ValueError(f"method {name!r} cannot run streamed yet (streamed: "
                    f"{', '.join(supported())}); use the in-memory path")
 

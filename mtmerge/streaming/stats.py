@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -57,14 +57,21 @@ def _descend(hist: np.ndarray, k: int) -> tuple[int, int]:
 class RadixSelect:
   """Exact k-th largest magnitudes per group and task, in two passes.
 
+  Counts are int64 on the host, so a group may hold any number of entries
+  (the in-memory search's counter is uint32: under 2**32 per task).
+
   Args:
     T: number of tasks (rows of every block's leading axis).
     ranks: group -> list of ranks k (1-based, the same for every task);
       k <= 0 yields +inf.
+    reduce: combines a histogram over processes before each pass is
+      finished (`placement.allreduce_int`; default: this process only).
   """
 
-  def __init__(self, T: int, ranks: dict[Hashable, Sequence[int]]):
+  def __init__(self, T: int, ranks: dict[Hashable, Sequence[int]],
+               reduce: Callable[[np.ndarray], np.ndarray] | None = None):
     self.T = T
+    self.reduce = reduce or (lambda h: h)
     self.ranks = {g: [int(k) for k in ks] for g, ks in ranks.items()}
     self.hi = {g: np.zeros((T, _HI), np.int64) for g in self.ranks}
     self.lo: dict = {}
@@ -82,6 +89,7 @@ class RadixSelect:
   def finish_hi(self) -> None:
     """Combines pass 1: each rank's bucket and its rank inside it."""
     for g, ks in self.ranks.items():
+      self.hi[g] = self.reduce(self.hi[g])
       picks = []
       for t in range(self.T):
         row = []
@@ -108,6 +116,10 @@ class RadixSelect:
   def finish(self) -> dict[Hashable, np.ndarray]:
     """Combines pass 2: group -> float32 thresholds `[T, len(ranks)]`."""
     for g, picks in self.pick.items():
+      keys = sorted(self.lo[g])
+      if keys:  # one combine of all picked buckets' histograms
+        both = self.reduce(np.stack([self.lo[g][key] for key in keys]))
+        self.lo[g] = dict(zip(keys, both))
       out = np.full((self.T, len(self.ranks[g])), np.inf, np.float32)
       for t, row in enumerate(picks):
         for i, p in enumerate(row):

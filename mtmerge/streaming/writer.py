@@ -1,9 +1,14 @@
-"""Streamed output in the base's layout: shard by shard, block by block.
+"""Streamed output in the base's layout: preallocated shards, written by offset.
 
-The base's layout fixes every output tensor's name, shape and dtype before
-any data exists, so each safetensors header is written first (offsets
-known) and the data follows in blocks, appended in order: nothing but the
-current block is ever held. `Output` writes into the temp path that
+The base's layout fixes every output tensor's name, shape, dtype and
+therefore its byte offset before any data exists, so each safetensors file
+is created whole up front (header written, data area preallocated with
+`ftruncate`) and every block is written with `os.pwrite` at its own offset.
+Blocks may therefore arrive in any order and from several processes: with
+`jax.distributed`, process 0 creates the files, every process writes the
+rows its devices computed into the same temp files (a filesystem all hosts
+share), and process 0 renames the finished output into place
+(`atomic_write`). `Output` writes into the temp path that
 `checkpoint_io._atomic_write` gives it, so the finished file or directory
 appears under its final name only once every shard is complete and synced.
 """
@@ -26,72 +31,85 @@ def _nbytes(shape, dtype: np.dtype) -> int:
 
 
 class ShardWriter:
-  """One safetensors file whose tensors arrive in order, in blocks.
+  """One safetensors file, preallocated; tensors written by entry offset.
 
   Args:
-    path: the file to create.
+    path: the file.
     names: tensor names in data order.
     shapes, dtypes: name -> shape, name -> numpy dtype.
     metadata: the header's `__metadata__` (str -> str), or None.
+    create: True writes the header and preallocates the data (one process
+      does); False opens the file another process created.
   """
 
   def __init__(self, path: str, names, shapes: Mapping[str, tuple],
-               dtypes: Mapping[str, np.dtype], metadata=None):
+               dtypes: Mapping[str, np.dtype], metadata=None,
+               create: bool = True):
     header, off = {}, 0
     if metadata:
       header["__metadata__"] = dict(metadata)
-    self.todo = []  # (name, bytes still to write)
+    self.slots = {}  # name -> (data offset, bytes)
     for k in names:
       n = _nbytes(shapes[k], dtypes[k])
       header[k] = {"dtype": _ST_NAME[dtypes[k].name],
                    "shape": list(shapes[k]), "data_offsets": [off, off + n]}
-      self.todo.append([k, n])
+      self.slots[k] = (off, n)
       off += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * ((-(8 + len(text))) % 8)  # 8-byte aligned data
     self.path, self.dtypes, self.nbytes = path, dtypes, off
-    self._f = open(path, "wb")
-    self._f.write(len(text).to_bytes(8, "little"))
-    self._f.write(text)
+    self.data0 = 8 + len(text)
+    self.written = {k: 0 for k in names}
+    if create:
+      self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+      head = len(text).to_bytes(8, "little") + text
+      if os.pwrite(self._fd, head, 0) != len(head):
+        raise OSError(f"short write of the header of {path}")
+      os.ftruncate(self._fd, self.data0 + off)
+    else:
+      self._fd = os.open(path, os.O_WRONLY)
 
-  @property
-  def expected(self) -> str | None:
-    """The tensor whose data comes next (None when all are written)."""
-    while self.todo and self.todo[0][1] == 0 and len(self.todo) > 1:
-      self.todo.pop(0)  # zero-size tensors have no data
-    return self.todo[0][0] if self.todo else None
-
-  def write(self, name: str, x: np.ndarray) -> None:
-    """Appends the next rows of `name` (cast to its dtype by the caller)."""
-    if self.expected != name:
-      raise RuntimeError(f"{self.path}: got {name!r}, expected "
-                         f"{self.expected!r}")
+  def write_at(self, name: str, first: int, x: np.ndarray) -> None:
+    """Writes `x` (cast by the caller) from entry `first` of tensor `name`."""
     x = np.ascontiguousarray(x, self.dtypes[name]).reshape(-1)
-    if x.nbytes > self.todo[0][1]:
-      raise RuntimeError(f"{self.path}: too much data for {name!r}")
-    self._f.write(x.view(np.uint8).data)
-    self.todo[0][1] -= x.nbytes
-    if self.todo[0][1] == 0:
-      self.todo.pop(0)
+    off, n = self.slots[name]
+    pos = first * self.dtypes[name].itemsize
+    if pos < 0 or pos + x.nbytes > n:
+      raise RuntimeError(f"{self.path}: entries {first}..{first + x.size} "
+                         f"are outside tensor {name!r}")
+    view, at = memoryview(x.view(np.uint8)), self.data0 + off + pos
+    while view.nbytes:
+      got = os.pwrite(self._fd, view, at)
+      view, at = view[got:], at + got
+    self.written[name] += x.nbytes
 
-  def close(self) -> None:
-    """Checks completeness, then flushes and syncs the file."""
-    self.todo = [t for t in self.todo if t[1]]
-    if self.todo:
-      raise RuntimeError(f"{self.path}: tensor {self.todo[0][0]!r} incomplete")
-    self._f.flush()
-    os.fsync(self._f.fileno())
-    self._f.close()
+  def incomplete(self) -> str | None:
+    """A tensor this writer has written fewer bytes of than it holds."""
+    for k, (_, n) in self.slots.items():
+      if self.written[k] < n:
+        return k
+    return None
+
+  def close(self, check: bool = True) -> None:
+    """Checks completeness (one writer only), syncs and closes the file."""
+    if check and self.incomplete():
+      raise RuntimeError(f"{self.path}: tensor {self.incomplete()!r} "
+                         "incomplete")
+    os.fsync(self._fd)
+    os.close(self._fd)
+    self._fd = -1
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(self.path, 0o666 & ~umask)  # as a new file: the umask's mode
 
   def abort(self) -> None:
-    self._f.close()
+    if self._fd >= 0:
+      os.close(self._fd)
+      self._fd = -1
 
 
 class Output:
-  """All output shards of a base layout, written in the layout's order.
+  """All output shards of a base layout, preallocated and written by offset.
 
   Args:
     layout: the output's layout (kind, files, names, shapes, metadata): the
@@ -99,59 +117,54 @@ class Output:
     tmp: where to write: a file path ('file' kind) or an existing empty
       directory (the atomic writer's temp sibling).
     fill: name -> array for tensors that are not streamed (integer
-      buffers, empty tensors): written when their turn comes.
+      buffers, empty tensors), written at once by the creating process.
+    streamed: names whose data arrives through `write`.
+    create: True on the one process that creates the files (and fills and
+      indexes them); False on the others, which open them.
+    single: True when this process writes every streamed entry (then
+      `close` checks that each tensor is complete).
   """
 
   def __init__(self, layout: checkpoint_io.Layout, tmp: str,
-               fill: Callable[[str], np.ndarray]):
-    self.layout, self.tmp, self.fill = layout, tmp, fill
+               fill: Callable[[str], np.ndarray], streamed=None,
+               create: bool = True, single: bool = True):
+    self.layout, self.tmp, self.single = layout, tmp, single
+    self.create = create
     self.dtypes = {k: checkpoint_io.np_dtype(v)
                    for k, v in layout.dtypes.items()}
-    self._files = list(layout.by_file().items())
-    self._shard: ShardWriter | None = None
-    self.total = 0
-    if layout.kind != "file" and os.path.isdir(layout.source):
+    if create and layout.kind != "file" and os.path.isdir(layout.source):
       checkpoint_io._copy_extras(layout.source, tmp)
+    self.shards: dict[str, ShardWriter] = {}
+    self.where: dict[str, ShardWriter] = {}
+    try:
+      for file, names in layout.by_file().items():
+        path = tmp if layout.kind == "file" else os.path.join(tmp, file)
+        w = ShardWriter(path, names, layout.shapes, self.dtypes,
+                        layout.file_metadata.get(file), create)
+        self.shards[file] = w
+        for k in names:
+          self.where[k] = w
+          if k not in (streamed if streamed is not None else ()):
+            if create:
+              w.write_at(k, 0, np.asarray(fill(k)).astype(self.dtypes[k],
+                                                         copy=False))
+            else:
+              w.written[k] = w.slots[k][1]
+    except BaseException:
+      self.abort()
+      raise
+    self.total = sum(w.nbytes for w in self.shards.values())
 
-  def _next_shard(self) -> None:
-    if self._shard is not None:
-      self._shard.close()
-      self.total += self._shard.nbytes
-      self._shard = None
-    if self._files:
-      file, names = self._files.pop(0)
-      path = self.tmp if self.layout.kind == "file" else os.path.join(
-          self.tmp, file)
-      self._shard = ShardWriter(path, names, self.layout.shapes, self.dtypes,
-                                self.layout.file_metadata.get(file))
-
-  def _advance(self, until: str | None) -> None:
-    """Writes filled tensors until `until` is the one expected."""
-    while True:
-      if self._shard is None or self._shard.expected is None:
-        if not self._files:
-          if until is not None:
-            raise RuntimeError(f"no output slot left for tensor {until!r}")
-          if self._shard is not None:
-            self._next_shard()
-          return
-        self._next_shard()
-        continue
-      k = self._shard.expected
-      if k == until:
-        return
-      self._shard.write(k, self.fill(k))
-
-  def write(self, name: str, x: np.ndarray) -> None:
-    """Writes the next block of tensor `name` (any float dtype: cast)."""
-    self._advance(name)
-    self._shard.write(name, np.asarray(x).astype(self.dtypes[name],
-                                                 copy=False))
+  def write(self, name: str, first: int, x: np.ndarray) -> None:
+    """Writes entries `first, first + 1, ...` of tensor `name` (cast)."""
+    self.where[name].write_at(name, first, np.asarray(x).astype(
+        self.dtypes[name], copy=False))
 
   def close(self) -> int:
-    """Writes the remaining filled tensors and the index; returns bytes."""
-    self._advance(None)
-    if self.layout.kind == "sharded":
+    """Syncs every shard (and writes the index); returns the bytes."""
+    for w in self.shards.values():
+      w.close(check=self.single)
+    if self.create and self.layout.kind == "sharded":
       index = {"metadata": {**self.layout.index_metadata,
                             "total_size": self.total},
                "weight_map": dict(sorted(self.layout.weight_map.items()))}
@@ -162,5 +175,5 @@ class Output:
     return self.total
 
   def abort(self) -> None:
-    if self._shard is not None:
-      self._shard.abort()
+    for w in self.shards.values():
+      w.abort()

@@ -1,0 +1,212 @@
+"""Streamed merges on a device mesh and over several processes.
+
+8 fake CPU devices (conftest) against one device, and 2 local JAX
+processes (2 devices each, `multiprocess_worker.py --merge`) against one
+process: output files compared byte for byte. Shapes include a tensor whose
+rows the mesh does not divide (a sharded body plus a replicated tail) and an
+odd 1-D tensor (replicated).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from mtmerge import checkpoint_io
+from mtmerge import cli
+from mtmerge import streaming
+from mtmerge.streaming import placement
+from mtmerge.streaming import reader
+from mtmerge.streaming import recipes
+from mtmerge.streaming import stats
+
+import test_distributed as td
+
+SHAPES = {"emb": (36, 8), "q": (16, 8), "norm": (8,), "odd": (5,),
+          "scale": ()}
+BUDGET = 8 * 8 * 64  # ~8-row blocks at T=3 float32 (64 bytes per entry)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+  d = tmp_path_factory.mktemp("mesh")
+  rng = np.random.default_rng(0)
+  base = {k: np.asarray(rng.normal(size=s), np.float32)
+          for k, s in SHAPES.items()}
+  paths = [str(d / "base.safetensors")]
+  save_file(base, paths[0])
+  for t in range(3):
+    m = {k: np.asarray(v + 0.02 * (t + i + 1) * rng.normal(size=v.shape),
+                       np.float32) for i, (k, v) in enumerate(base.items())}
+    paths.append(str(d / f"m{t}.safetensors"))
+    save_file(m, paths[-1])
+  return paths[0], paths[1:]
+
+
+def _bytes(path):
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _merge(files, out, method, hp, mesh, T=3):
+  bp, mps = files
+  return streaming.merge_files(method, bp, mps[:T], out, max_memory=BUDGET,
+                               progress=False, mesh=mesh, **hp)
+
+
+# Every recipe path: block-local, global and per-tensor radix top-k with the
+# vote pass, DARE's counter-based draw (in dare_ties), Breadcrumbs' band,
+# Consensus on TIES. (test_streaming's cases run these same recipes on one
+# device against the in-memory methods.)
+EXACT = [
+    ("task_arithmetic", dict(scaling_factor=[0.3, 0.5, 0.2])),
+    ("ties_merging", dict(threshold=0.2)),
+    ("ties_merging", dict(threshold=0.3, scope="per_tensor",
+                          merge_func="mean", weights=[1.0, 0.5, 2.0])),
+    ("dare_ties", dict(drop_rate=0.3, seed=1, threshold=0.5)),
+    ("breadcrumbs", dict(scope="per_tensor")),
+    ("consensus", dict(base_method="ties", threshold=0.3)),
+]
+
+
+@pytest.mark.parametrize("method,hp", EXACT,
+                         ids=[f"{m}-{i}" for i, (m, _) in enumerate(EXACT)])
+def test_eight_devices_equal_one_bit_for_bit(files, tmp_path, method, hp):
+  one = _merge(files, str(tmp_path / "1.safetensors"), method, hp, False)
+  eight = _merge(files, str(tmp_path / "8.safetensors"), method, hp, None)
+  assert (one["devices"], eight["devices"]) == (1, 8)
+  assert one["passes"][-1] == eight["passes"][-1] == "merge"
+  assert _bytes(one["out"]) == _bytes(eight["out"])
+
+
+@pytest.mark.parametrize("method,hp,T", [("model_stock", {}, 3),
+                                         ("slerp", dict(t=0.3), 2)])
+def test_per_tensor_cosines_within_float32_rounding(files, tmp_path, method,
+                                                    hp, T):
+  """Their per-tensor sums are split over devices: the order changes."""
+  one = _merge(files, str(tmp_path / "1"), method, hp, False, T)
+  eight = _merge(files, str(tmp_path / "8"), method, hp, "data:4,x:2", T)
+  a, _ = checkpoint_io.load(one["out"])
+  b, _ = checkpoint_io.load(eight["out"])
+  for k in SHAPES:
+    np.testing.assert_allclose(b[k], a[k], rtol=2e-6, atol=1e-6, err_msg=k)
+
+
+def test_blocks_are_sharded_not_gathered(files):
+  """Inputs and outputs of a block kernel hold 1/8 of the rows per device."""
+  bp, mps = files
+  place = placement.make("data:-1")
+  inputs = reader.Inputs(bp, mps)
+  blocks = reader.plan(inputs, 64, BUDGET, row_multiple=place.size)
+  emb = [(b.r0, b.r1) for b in blocks if b.name == "emb"]
+  assert emb == [(0, 8), (8, 16), (16, 24), (24, 32), (32, 36)]  # tail
+  rec = recipes.for_method("task_arithmetic", dict(scaling_factor=0.3), 3,
+                           place)
+  for blk in blocks:
+    b, ms = inputs.read(blk)
+    gb, gms = place.put(blk, b, ms)
+    y = rec.apply(blk, gb, gms, out_sharding=place.shardings(blk)[0])
+    split = place.sharded(blk)
+    assert split == (blk.name in ("emb", "q", "norm") and blk.r1 - blk.r0
+                     != 4), blk
+    rows = b.shape[0] if b.ndim else 1
+    for arr in (gb, y):
+      assert arr.sharding.is_fully_replicated == (not split)
+      assert {s.data.shape[0] if arr.ndim else 1
+              for s in arr.addressable_shards} == {
+                  rows // 8 if split else rows}
+    if gms.ndim > 1:  # [T, rows, ...]: the rows are split, not the tasks
+      assert {s.data.shape[:2] for s in gms.addressable_shards} == {
+          (3, rows // 8 if split else rows)}
+  inputs.close()
+
+
+def test_bad_mesh_is_one_line(files, tmp_path, capsys):
+  with pytest.raises(ValueError, match="need a multiple of 3 devices"):
+    _merge(files, str(tmp_path / "o"), "task_arithmetic", {}, "data:3")
+  bp, mps = files
+  args = ["merge", "--method", "task_arithmetic", "--base", bp, "--models",
+          *mps, "--out", str(tmp_path / "o.safetensors"), "--no-progress"]
+  assert cli.main(args + ["--mesh", "data:3"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "multiple of 3 devices" in err[0], err
+  assert cli.main(args + ["--mesh", "data:x"]) == 2
+  assert "is not an integer" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "o.safetensors")
+  assert cli.main(args + ["--mesh", "data:2,fsdp:-1"]) == 0
+  assert os.path.exists(tmp_path / "o.safetensors")
+
+
+def test_radix_counts_past_two_to_the_32():
+  """Global top-k histograms are int64: ranks beyond uint32 are exact."""
+  sel = stats.RadixSelect(1, {"g": [3 * 2 ** 32]})
+  one = np.float32(1.0).view(np.uint32) >> 16
+  half = np.float32(0.5).view(np.uint32) >> 16
+  sel.hi["g"][0, one] = 2 ** 32          # 2**32 entries equal to 1.0
+  sel.hi["g"][0, half] = 2 ** 33         # 2**33 entries equal to 0.5
+  sel.finish_hi()
+  sel.lo["g"][(0, int(half))][0] = 2 ** 33
+  assert sel.finish()["g"][0, 0] == np.float32(0.5)
+
+
+def _run_procs(tmp_path, jobs, n=2, local=2):
+  port = td._free_port()
+  env = dict(os.environ, JAX_PLATFORMS="cpu", MTMERGE_COMPILE_CACHE="0",
+             PYTHONPATH=os.pathsep.join([td.ROOT] + [
+                 p for p in [os.environ.get("PYTHONPATH")] if p]))
+  for k in ("MTMERGE_COORDINATOR", "MTMERGE_NUM_PROCESSES",
+            "MTMERGE_PROCESS_ID", "JAX_COORDINATOR_ADDRESS"):
+    env.pop(k, None)
+  jobs_file = tmp_path / "jobs.json"
+  jobs_file.write_text(json.dumps(jobs))
+  procs, logs = [], []
+  try:
+    for i in range(n):
+      logs.append(open(tmp_path / f"w{i}.log", "w"))
+      procs.append(subprocess.Popen(
+          [sys.executable, td.WORKER, "--process_id", str(i),
+           "--num_processes", str(n), "--port", str(port),
+           "--local_devices", str(local), "--merge", str(jobs_file),
+           "--out", str(tmp_path / "done.json")],
+          env=env, cwd=td.ROOT, stdout=logs[-1], stderr=subprocess.STDOUT,
+          start_new_session=True))
+    deadline = time.monotonic() + td.DEADLINE_S
+    for p in procs:
+      try:
+        p.wait(timeout=max(0.1, deadline - time.monotonic()))
+      except subprocess.TimeoutExpired:
+        break
+  finally:
+    for p in procs:
+      td._kill(p)
+    for log in logs:
+      log.close()
+  for i, p in enumerate(procs):
+    if p.returncode != 0:
+      tail = (tmp_path / f"w{i}.log").read_text()[-3000:]
+      pytest.fail(f"merge worker {i} exited with {p.returncode}:\n{tail}")
+  return json.loads((tmp_path / "done.json").read_text())
+
+
+def test_two_processes_write_the_same_bytes_as_one(files, tmp_path):
+  bp, mps = files
+  jobs = [dict(method=m, base=bp, models=mps, max_memory=BUDGET, hparams=hp,
+               out=str(tmp_path / f"mp{i}.safetensors"))
+          for i, (m, hp) in enumerate([EXACT[1], EXACT[2], EXACT[3]])]
+  done = _run_procs(tmp_path, jobs)
+  assert [d["processes"] for d in done] == [2, 2, 2]
+  assert [d["devices"] for d in done] == [4, 4, 4]
+  for job, d in zip(jobs, done):
+    ref = _merge(files, str(tmp_path / "ref.safetensors"), job["method"],
+                 job["hparams"], False)
+    assert _bytes(d["out"]) == _bytes(ref["out"]), job["method"]
+    assert oct(os.stat(d["out"]).st_mode & 0o777) == oct(
+        os.stat(ref["out"]).st_mode & 0o777)
+  left = [n for n in os.listdir(tmp_path) if n.startswith(".")]
+  assert not left, left  # no temp siblings
