@@ -57,7 +57,7 @@ def _batches(encoder, task, cfg, mesh):
       b.append(taskdata.batcher(
           encoder, task, "train", rows, shuffle=True, seed=cfg.seed,
           limit=cfg.limit, max_len=cfg.max_len,
-          multiple=16 if count == 1 else cfg.max_len,
+          multiple=cfg.get("multiple", 16) if count == 1 else cfg.max_len,
           process_index=index, process_count=count))
     return taskdata.batch_at(b[0], step)
   return batches, data_axes
@@ -122,6 +122,9 @@ def run(config: Any, workdir: str) -> dict:
   scaled = jax.jit(lambda p, s, w, b: adapters_lib.features(
       encoder, p, b, scalearn.hook(s, w)))
   rows, log = [], {}
+  # Resumable cached runs; off only in `runlocal` (orbax saves dominate it).
+  ckpt = lambda *p: (os.path.join(workdir, *p)
+                     if config.get("checkpoints", True) else None)
 
   t0 = time.time()
   rows.append(_row("frozen encoder (zero-shot heads)", {
@@ -136,7 +139,7 @@ def run(config: Any, workdir: str) -> dict:
                                  acfg.reduction_factor)
     batches, axes = _batches(encoder, t, acfg, mesh)
     res = train.fit(obj, batches, _train_cfg(acfg, axes), mesh=mesh,
-                    workdir=os.path.join(workdir, "adapters", t.name),
+                    workdir=ckpt("adapters", t.name),
                     fingerprint={"task": t.name, "adapter": acfg.to_dict(),
                                  "model": encoder.name,
                                  "layers": num_layers},
@@ -163,8 +166,7 @@ def run(config: Any, workdir: str) -> dict:
         batches, axes = _batches(encoder, t, scfg, mesh)
         res = train.fit(
             obj, batches, _train_cfg(scfg, axes), mesh=mesh,
-            workdir=os.path.join(workdir, "scalearn", setting, variant,
-                                 t.name),
+            workdir=ckpt("scalearn", setting, variant, t.name),
             fingerprint={"target": t.name, "sources": sorted(sources),
                          "variant": variant, "scalearn": scfg.to_dict(),
                          "adapter": acfg.to_dict(), "model": encoder.name,
