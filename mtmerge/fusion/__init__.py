@@ -1,0 +1,1 @@
+"""Fusion beyond task vectors: logits (logits_*) and optimal transport (ot_*)."""

@@ -1,0 +1,286 @@
+"""Dynamic Logits Fusion (mtmerge.fusion.logits_*): the fusion rule and the
+objective against NumPy written from the equations, the weight solver
+against brute-force grid search, per-step generation against a
+step-by-step reference, 8 devices == 1, bad inputs, the config (runlocal).
+"""
+
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtmerge.fusion import logits_fusion as lf
+from mtmerge.fusion import logits_generate as lg
+
+P = jax.sharding.PartitionSpec
+
+
+def _np_logsoftmax(z):
+  z = np.asarray(z, np.float64)
+  z = z - z.max(-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+def _np_kl(p, q):
+  lp, lq = _np_logsoftmax(p), _np_logsoftmax(q)
+  return (np.exp(lp) * (lp - lq)).sum(-1)
+
+
+def _np_objective(w, strong, experts, base):
+  """The residuals for one example, in float64, loops over experts."""
+  fused = np.asarray(strong, np.float64).copy()
+  for t in range(len(w)):
+    fused += w[t] * (np.asarray(experts[t], np.float64) - base)
+  gap = _np_kl(strong, base)
+  total = 0.0
+  for t in range(len(w)):
+    total += (_np_kl(fused, strong) - _np_kl(experts[t], base)) ** 2
+    total += (_np_kl(fused, experts[t]) - gap) ** 2
+  return total
+
+
+def _np_objective_grid(pts, strong, experts, base):
+  """`_np_objective` at many weight vectors `pts [K, T]` at once."""
+  pts = np.asarray(pts, np.float64)
+  delta = np.asarray(experts, np.float64) - base
+  fused = strong + pts @ delta                                # [K, V]
+  gap = _np_kl(strong, base)
+  shift = _np_kl(fused, np.asarray(strong, np.float64)[None])  # [K]
+  out = np.zeros(len(pts))
+  for t in range(len(experts)):
+    out += (shift - _np_kl(experts[t], base)) ** 2
+    out += (_np_kl(fused, np.asarray(experts[t], np.float64)[None]) - gap) ** 2
+  return out
+
+
+def _problem(seed, n, t, v, spread=1.0):
+  rng = np.random.default_rng(seed)
+  base = rng.normal(size=(n, v)).astype(np.float32)
+  strong = (base + rng.normal(size=(n, v)) * spread).astype(np.float32)
+  experts = (base[None] + rng.normal(size=(t, n, v)) * 1.5).astype(np.float32)
+  return strong, experts, base
+
+
+def test_fuse_and_objective_match_numpy():
+  strong, experts, base = _problem(0, 6, 3, 7)
+  w = np.random.default_rng(1).uniform(0, 2, size=(6, 3)).astype(np.float32)
+  want = strong + np.einsum("nt,tnv->nv", w, experts - base[None])
+  np.testing.assert_allclose(lf.fuse(strong, experts, base, w), want,
+                             rtol=1e-5, atol=1e-5)
+  # One weight per expert broadcasts over examples.
+  want1 = strong + np.einsum("t,tnv->nv", w[0], experts - base[None])
+  np.testing.assert_allclose(lf.fuse(strong, experts, base, w[0]), want1,
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(lf.kl(strong, base), _np_kl(strong, base),
+                             rtol=1e-4, atol=1e-6)
+  for i in range(6):
+    got = lf.objective(w[i], strong[i], experts[:, i], base[i])
+    want = _np_objective(w[i], strong[i], experts[:, i], base[i])
+    assert float(got) == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert _np_objective_grid(w[i][None], strong[i], experts[:, i],
+                              base[i])[0] == pytest.approx(want, rel=1e-9)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+def test_solver_matches_brute_force_grid(t):
+  # Exhaustive search on a grid 20x (T=1) / 5x (T=2) finer than the
+  # solver's, scored by the float64 NumPy objective.
+  strong, experts, base = _problem(2 + t, 12, t, 5)
+  w = np.asarray(lf.solve_weights(strong, experts, base))
+  assert w.shape == (12, t) and (w >= 0).all() and (w <= 2).all()
+  fine = np.linspace(0, 2, 401 if t == 1 else 101)
+  pts = np.array(list(itertools.product(fine, repeat=t)))
+  for i in range(12):
+    args = (strong[i], experts[:, i], base[i])
+    brute = _np_objective_grid(pts, *args).min()
+    got = _np_objective(w[i], *args)
+    assert got <= brute + 1e-5 + 1e-3 * brute, (i, w[i], got, brute)
+
+
+def test_solver_single_expert_finds_the_unique_minimum():
+  # One expert, one class direction: the objective is smooth in w with
+  # one minimum inside the box; the solver lands on the brute-force point.
+  strong = np.array([[0.0, 0.0, 0.0]], np.float32)
+  base = np.array([[0.0, 0.0, 0.0]], np.float32)
+  experts = np.array([[[2.0, 0.0, 0.0]]], np.float32)
+  w = float(lf.solve_weights(strong, experts, base)[0, 0])
+  fine = np.linspace(0, 2, 20001)
+  vals = _np_objective_grid(fine[:, None], strong[0], experts[:, 0], base[0])
+  assert w == pytest.approx(fine[int(np.argmin(vals))], abs=2e-4)
+  # Large and small models equal: full transfer (w = 1) is exact.
+  assert w == pytest.approx(1.0, abs=1e-3)
+
+
+def test_solver_many_experts_beats_coarse_grid():
+  # T=4 exceeds max_grid: coordinate sweeps + refinement must still reach
+  # (or beat) the best point of the exhaustive 0.25-step grid.
+  strong, experts, base = _problem(7, 6, 4, 6)
+  w = np.asarray(lf.solve_weights(strong, experts, base))
+  coarse = np.array(list(itertools.product(np.linspace(0, 2, 9), repeat=4)))
+  for i in range(6):
+    args = (strong[i], experts[:, i], base[i])
+    brute = _np_objective_grid(coarse, *args).min()
+    assert _np_objective(w[i], *args) <= brute + 1e-5 + 1e-3 * brute
+
+
+def test_solver_jit_no_recompile_and_sharded_equals_unsharded(mesh8):
+  strong, experts, base = _problem(11, 16, 2, 5)
+  w1 = lf.solve_weights(strong, experts, base)
+  n0 = lf.solve._cache_size()  # pylint: disable=protected-access
+  s8 = jax.device_put(strong, jax.sharding.NamedSharding(mesh8, P("x")))
+  e8 = jax.device_put(experts,
+                      jax.sharding.NamedSharding(mesh8, P(None, "x")))
+  b8 = jax.device_put(base, jax.sharding.NamedSharding(mesh8, P("x")))
+  w8 = lf.solve_weights(s8, e8, b8)
+  assert len(w8.sharding.device_set) == 8
+  # Per-device programs round differently; where the objective is flat
+  # that moves the weights, so compare the objective they reach.
+  for i in range(16):
+    args = (strong[i], experts[:, i], base[i])
+    assert _np_objective(np.asarray(w8)[i], *args) == pytest.approx(
+        _np_objective(np.asarray(w1)[i], *args), rel=1e-3, abs=1e-5)
+  lf.solve_weights(strong + 1.0, experts, base)  # same shapes: cached
+  assert lf.solve._cache_size() <= n0 + 1  # pylint: disable=protected-access
+
+
+def test_bad_inputs_one_clear_error():
+  strong, experts, base = _problem(0, 4, 2, 5)
+  with pytest.raises(lf.FusionError, match="no experts"):
+    lf.solve_weights(strong, [], base)
+  with pytest.raises(lf.FusionError, match="no experts"):
+    lf.solve_weights(strong, experts[:0], base)
+  with pytest.raises(lf.FusionError, match=r"expert 'word' has 4 classes"):
+    lf.solve_weights(strong, [experts[0], experts[1, :, :4]], base,
+                     names=["sent", "word"])
+  with pytest.raises(lf.FusionError, match="untuned small model"):
+    lf.solve_weights(strong, experts, base[:, :3])
+  with pytest.raises(lf.FusionError,
+                     match=r"expert 'b' has classes \('x', 'y'\) but the "
+                           r"strong model has \('x', 'y', 'z'\)"):
+    lf.check_class_sets(("x", "y", "z"), {"a": ("x", "y", "z"),
+                                          "b": ("x", "y")})
+  with pytest.raises(lf.FusionError, match="no experts"):
+    lf.check_class_sets(("x",), {})
+
+
+# ---------------------------------------------------------------- generation
+
+
+def _lms(vocab=11, t=2, small_vocab=None):
+  keys = jax.random.split(jax.random.PRNGKey(0), 2 + t)
+  strong = lg.init_tiny_lm(keys[0], vocab, dim=16, layers=2, scale=3.0)
+  base = lg.init_tiny_lm(keys[1], small_vocab or vocab, dim=8, scale=3.0)
+  experts = [jax.tree.map(lambda x, k=k: x + 0.5 * jax.random.normal(
+      k, x.shape), base) for k in keys[2:]]
+  return strong, base, experts
+
+
+def _np_norm(x):
+  x = x - x.mean(-1, keepdims=True)
+  return x / np.sqrt((x * x).mean(-1, keepdims=True) + 1e-5)
+
+
+def _np_tiny_lm(params, ids):
+  """`tiny_lm` in NumPy: next-token logits `[B, V]` after the prefix."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  ids = np.asarray(ids)
+  length = ids.shape[1]
+  h = p["embed"][ids] + p["pos"][:length]
+  heads = p["attn_heads"].shape[0]
+  for blk in p["blocks"]:
+    q, k, v = np.split(_np_norm(h) @ blk["qkv"], 3, axis=-1)
+    q, k, v = (x.reshape(x.shape[:2] + (heads, -1)) for x in (q, k, v))
+    att = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    att = np.where(np.tril(np.ones((length, length), bool)), att, -np.inf)
+    att = np.exp(att - att.max(-1, keepdims=True))
+    att /= att.sum(-1, keepdims=True)
+    h = h + np.einsum("bhqk,bkhd->bqhd", att, v).reshape(h.shape) @ blk["out"]
+    u = _np_norm(h) @ blk["up"]
+    gelu = 0.5 * u * (1 + np.tanh(np.sqrt(2 / np.pi) * (u + 0.044715 * u**3)))
+    h = h + gelu @ blk["down"]
+  return (_np_norm(h) @ p["unembed"])[:, -1].astype(np.float32)
+
+
+def _reference_generate(strong, base, experts, prompt, steps, weights=None):
+  """Step by step: a growing prefix, each model run in NumPy on its own,
+  the fused logits in NumPy, the solver called per step."""
+  seq = np.asarray(prompt)
+  ws = []
+  for _ in range(steps):
+    zl, zs = _np_tiny_lm(strong, seq), _np_tiny_lm(base, seq)
+    ze = np.stack([_np_tiny_lm(e, seq) for e in experts])
+    if weights is None:
+      w = np.asarray(lf.solve_weights(zl, ze, zs))
+    else:
+      w = np.broadcast_to(np.asarray(weights, np.float32),
+                          (seq.shape[0], len(experts)))
+    fused = zl + np.einsum("bt,tbv->bv", w, ze - zs[None])
+    seq = np.concatenate([seq, fused.argmax(-1)[:, None]], axis=1)
+    ws.append(w)
+  return seq, np.stack(ws, axis=1)
+
+
+def _assert_same_objective(strong, base, experts, out, ref_w):
+  """Weights of `out` reach the reference weights' objective at every step
+  (XLA rounds the fused program differently; the objective is flat)."""
+  seq = np.asarray(out.tokens)
+  steps = ref_w.shape[1]
+  p = seq.shape[1] - steps
+  for k in range(steps):
+    prefix = seq[:, :p + k]
+    zl, zs = _np_tiny_lm(strong, prefix), _np_tiny_lm(base, prefix)
+    ze = np.stack([_np_tiny_lm(e, prefix) for e in experts])
+    for b in range(seq.shape[0]):
+      args = (zl[b], ze[:, b], zs[b])
+      assert _np_objective(np.asarray(out.weights)[b, k], *args) == (
+          pytest.approx(_np_objective(ref_w[b, k], *args), rel=1e-3,
+                        abs=1e-5)), (b, k)
+
+
+def test_generation_equals_step_by_step_reference():
+  strong, base, experts = _lms()
+  prompt = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 3, 5]], np.int32)
+  out = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, prompt, 6)
+  ref_tokens, ref_w = _reference_generate(strong, base, experts, prompt, 6)
+  np.testing.assert_array_equal(np.asarray(out.tokens), ref_tokens)
+  _assert_same_objective(strong, base, experts, out, ref_w)
+  assert out.weights.shape == (4, 6, 2)
+  assert np.ptp(np.asarray(out.weights)) > 0.1  # weights do vary by step
+  # Fixed weight 1 (proxy-tuning style) against the same reference.
+  fixed = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, prompt,
+                      6, weights=1.0)
+  ref_fixed, _ = _reference_generate(strong, base, experts, prompt, 6, 1.0)
+  np.testing.assert_array_equal(np.asarray(fixed.tokens), ref_fixed)
+
+
+def test_generation_sharded_equals_unsharded(mesh8):
+  strong, base, experts = _lms()
+  prompt = np.random.default_rng(0).integers(0, 11, size=(8, 3)).astype(
+      np.int32)
+  one = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, prompt, 4)
+  p8 = jax.device_put(prompt, jax.sharding.NamedSharding(mesh8, P("x")))
+  eight = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, p8, 4)
+  np.testing.assert_array_equal(np.asarray(eight.tokens),
+                                np.asarray(one.tokens))
+  _assert_same_objective(strong, base, experts, eight,
+                         np.asarray(one.weights))
+
+
+def test_generation_bad_inputs():
+  strong, base, experts = _lms()
+  prompt = np.zeros((2, 3), np.int32)
+  with pytest.raises(lf.FusionError, match="no experts"):
+    lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, [], prompt, 2)
+  _, base9, experts9 = _lms(small_vocab=9)
+  with pytest.raises(lf.FusionError,
+                     match=r"expert 'code' has a vocabulary of 9 tokens but "
+                           r"the strong model has 11"):
+    lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base,
+                [experts[0], experts9[0]], prompt, 2, names=["math", "code"])
+  with pytest.raises(lf.FusionError, match="untuned small model have a "
+                     "vocabulary of 9"):
+    lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base9, experts, prompt, 2)
