@@ -16,6 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 
 JOBS = {"benchmark": "mtmerge.benchmark", "demo": "mtmerge.demo"}
+JOBS["logits_fusion"] = "mtmerge.fusion.logits_bench"  # Dynamic Logits Fusion
 JOBS["scalearn"] = "mtmerge.transfer.bench"  # ScaLearn transfer
 
 
