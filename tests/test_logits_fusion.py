@@ -83,18 +83,25 @@ def test_fuse_and_objective_match_numpy():
     assert float(got) == pytest.approx(want, rel=1e-4, abs=1e-6)
     assert _np_objective_grid(w[i][None], strong[i], experts[:, i],
                               base[i])[0] == pytest.approx(want, rel=1e-9)
+    # Classes padded at logit -1e4 (the job's shared solver shape) leave
+    # the objective unchanged.
+    pad = lambda x: np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, 3)],
+                           constant_values=-1e4)
+    assert float(lf.objective(w[i], pad(strong[i]), pad(experts[:, i]),
+                              pad(base[i]))) == pytest.approx(float(got),
+                                                              rel=1e-5)
 
 
 @pytest.mark.parametrize("t", [1, 2])
 def test_solver_matches_brute_force_grid(t):
   # Exhaustive search on a grid 20x (T=1) / 5x (T=2) finer than the
   # solver's, scored by the float64 NumPy objective.
-  strong, experts, base = _problem(2 + t, 12, t, 5)
+  strong, experts, base = _problem(2 + t, 16, t, 5)
   w = np.asarray(lf.solve_weights(strong, experts, base))
-  assert w.shape == (12, t) and (w >= 0).all() and (w <= 2).all()
+  assert w.shape == (16, t) and (w >= 0).all() and (w <= 2).all()
   fine = np.linspace(0, 2, 401 if t == 1 else 101)
   pts = np.array(list(itertools.product(fine, repeat=t)))
-  for i in range(12):
+  for i in range(16):
     args = (strong[i], experts[:, i], base[i])
     brute = _np_objective_grid(pts, *args).min()
     got = _np_objective(w[i], *args)
@@ -128,7 +135,7 @@ def test_solver_many_experts_beats_coarse_grid():
 
 
 def test_solver_jit_no_recompile_and_sharded_equals_unsharded(mesh8):
-  strong, experts, base = _problem(11, 16, 2, 5)
+  strong, experts, base = _problem(11, 16, 2, 5)  # shapes as above
   w1 = lf.solve_weights(strong, experts, base)
   n0 = lf.solve._cache_size()  # pylint: disable=protected-access
   s8 = jax.device_put(strong, jax.sharding.NamedSharding(mesh8, P("x")))
@@ -168,6 +175,10 @@ def test_bad_inputs_one_clear_error():
 
 
 # ---------------------------------------------------------------- generation
+
+
+_PROMPT = np.random.default_rng(0).integers(0, 11, size=(8, 3)).astype(
+    np.int32)
 
 
 def _lms(vocab=11, t=2, small_vocab=None):
@@ -243,27 +254,28 @@ def _assert_same_objective(strong, base, experts, out, ref_w):
 
 def test_generation_equals_step_by_step_reference():
   strong, base, experts = _lms()
-  prompt = np.array([[1, 2, 3], [4, 5, 6], [7, 8, 9], [0, 3, 5]], np.int32)
-  out = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, prompt, 6)
-  ref_tokens, ref_w = _reference_generate(strong, base, experts, prompt, 6)
+  prompt = _PROMPT
+  out = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, prompt, 5)
+  ref_tokens, ref_w = _reference_generate(strong, base, experts, prompt, 5)
   np.testing.assert_array_equal(np.asarray(out.tokens), ref_tokens)
   _assert_same_objective(strong, base, experts, out, ref_w)
-  assert out.weights.shape == (4, 6, 2)
+  assert out.weights.shape == (8, 5, 2)
   assert np.ptp(np.asarray(out.weights)) > 0.1  # weights do vary by step
   # Fixed weight 1 (proxy-tuning style) against the same reference.
   fixed = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, prompt,
-                      6, weights=1.0)
-  ref_fixed, _ = _reference_generate(strong, base, experts, prompt, 6, 1.0)
+                      5, weights=1.0)
+  ref_fixed, _ = _reference_generate(strong, base, experts, prompt, 5, 1.0)
+  assert (ref_fixed != ref_tokens).any()  # the solver changes the output
   np.testing.assert_array_equal(np.asarray(fixed.tokens), ref_fixed)
 
 
 def test_generation_sharded_equals_unsharded(mesh8):
   strong, base, experts = _lms()
-  prompt = np.random.default_rng(0).integers(0, 11, size=(8, 3)).astype(
-      np.int32)
-  one = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, prompt, 4)
+  prompt = _PROMPT  # the shapes of the test above: its program is reused
+  one = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, prompt, 5)
   p8 = jax.device_put(prompt, jax.sharding.NamedSharding(mesh8, P("x")))
-  eight = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, p8, 4)
+  eight = lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base, experts, p8, 5)
+  assert len(eight.tokens.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(eight.tokens),
                                 np.asarray(one.tokens))
   _assert_same_objective(strong, base, experts, eight,
@@ -284,3 +296,56 @@ def test_generation_bad_inputs():
   with pytest.raises(lf.FusionError, match="untuned small model have a "
                      "vocabulary of 9"):
     lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base9, experts, prompt, 2)
+
+
+# ------------------------------------------------------------------- the job
+
+
+def test_config_runlocal_end_to_end(tmp_path, monkeypatch):
+  from configs import logits_fusion as lf_config  # pylint: disable=g-import-not-at-top
+  from mtmerge.fusion import logits_bench  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("MTMERGE_CACHE", str(tmp_path / "cache"))
+  config = lf_config.get_config("runlocal")
+  config.fixed_weight = 0.0  # w = 0 must give back the strong model
+  out = logits_bench.run(config, str(tmp_path / "run"))
+  rows = {r["method"]: r for r in out["rows"]}
+  tasks = config.tasks
+  assert list(rows) == (
+      ["strong zero-shot", "small zero-shot (1 layers)"] +
+      [f"expert {t} alone" for t in tasks] +
+      ["own expert alone", "single-task fusion (solver)",
+       "single-task fusion (w=0)", "multi-task fusion (solver)",
+       "multi-task fusion (w=0 each)"])
+  for t in tasks:
+    for r in rows.values():
+      assert 0.0 <= r[t] <= 100.0
+    assert rows["single-task fusion (w=0)"][t] == rows["strong zero-shot"][t]
+    assert rows["multi-task fusion (w=0 each)"][t] == (
+        rows["strong zero-shot"][t])
+    assert rows["own expert alone"][t] == rows[f"expert {t} alone"][t]
+  assert 0.0 <= rows["single-task fusion (solver)"]["own_w"] <= 2.0
+  with open(tmp_path / "run" / "results.json") as f:
+    assert json.load(f)["rows"] == out["rows"]
+  assert os.path.exists(tmp_path / "run" / "table.txt")
+
+
+def test_job_refuses_experts_with_other_classes(tmp_path, monkeypatch):
+  from configs import logits_fusion as lf_config  # pylint: disable=g-import-not-at-top
+  from mtmerge import heads as heads_lib  # pylint: disable=g-import-not-at-top
+  from mtmerge.fusion import logits_bench  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("MTMERGE_CACHE", str(tmp_path / "cache"))
+  real, seen = heads_lib.build, []
+
+  def build(encoder, task, config, workdir):
+    head = real(encoder, task, config, workdir)
+    seen.append(id(encoder)) if id(encoder) not in seen else None
+    if id(encoder) != seen[0]:  # the small model's heads: one extra class
+      head = {"kernel": np.pad(head["kernel"], ((0, 0), (0, 1))),
+              "bias": np.pad(head["bias"], (0, 1))}
+    return head
+  monkeypatch.setattr(heads_lib, "build", build)
+  config = lf_config.get_config("runlocal")
+  with pytest.raises(logits_bench.ConfigError,
+                     match=r"task 'sentiment': expert 'sentiment expert' has "
+                           r"classes \(.*'<unnamed 2>'\) but the strong model"):
+    logits_bench.run(config, str(tmp_path / "run"))

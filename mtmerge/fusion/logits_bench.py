@@ -47,15 +47,29 @@ class ConfigError(ValueError):
 def _solve(zl, ze, zs, opts, chunk):
   """Solver weights `[N, T]` in fixed-size chunks (one compile, bounded
   memory: the product grid is evaluated per example)."""
-  n = zl.shape[0]
-  pad = -n % chunk
-  padded = lambda x, ax: np.pad(x, [(0, pad) if a == ax else (0, 0)
-                                    for a in range(x.ndim)])
+  n, c = zl.shape
+  pad, extra = -n % chunk, -c % 8
+
+  def padded(x, ax):
+    # Rows to whole chunks; classes to a multiple of 8 at logit -1e4
+    # (probability exactly 0 in every model, so every KL is unchanged):
+    # tasks with different class counts share one compiled solver.
+    x = np.pad(x, [(0, pad) if a == ax else (0, 0) for a in range(x.ndim)])
+    return np.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, extra)],
+                  constant_values=-1e4)
   zl, ze, zs = padded(zl, 0), padded(ze, 1), padded(zs, 0)
   out = [np.asarray(logits_fusion.solve_weights(
       zl[i:i + chunk], ze[:, i:i + chunk], zs[i:i + chunk], **opts))
          for i in range(0, n + pad, chunk)]
   return np.concatenate(out)[:n]
+
+
+def _head_classes(head: dict, names: tuple[str, ...]) -> tuple[str, ...]:
+  """The classes a head scores: the task's class phrases, one per output
+  column (columns beyond the phrases are unnamed)."""
+  width = int(np.shape(head["kernel"])[1])
+  return tuple(names[:width]) + tuple(f"<unnamed {i}>" for i in range(
+      len(names), width))
 
 
 def _task_logits(strong, small, expert_params, task, s_head, w_head, config):
@@ -109,6 +123,16 @@ def run(config: Any, workdir: str) -> dict:
              for t in tasks}
   w_heads = {t.name: heads_lib.build(small, t, config.heads, workdir)
              for t in tasks}
+  for t in tasks:  # before any fine-tuning
+    # Every expert scores a task through the small head, the strong model
+    # through its own: the class sets must agree, index by index.
+    try:
+      logits_fusion.check_class_sets(
+          _head_classes(s_heads[t.name], names[t.name]),
+          {f"{u.name} expert": _head_classes(w_heads[t.name], names[t.name])
+           for u in tasks})
+    except logits_fusion.FusionError as e:
+      raise ConfigError(f"task {t.name!r}: {e}") from None
   t0 = time.time()
   _, rest = encoders.split(small.params, config.finetune.trainable)
   tuned = []
@@ -129,11 +153,6 @@ def run(config: Any, workdir: str) -> dict:
   t0 = time.time()
   acc = lambda z, y: float(np.mean(np.argmax(z, -1) == y))
   for ti, t in enumerate(tasks):
-    # Every expert scores this task through the classes of its own head:
-    # the class sets must equal the strong head's (one error otherwise).
-    logits_fusion.check_class_sets(
-        names[t.name], {f"{u.name} expert": names[t.name][:w_heads[
-            t.name]["kernel"].shape[1]] for u in tasks})
     zl, zs, ze, y = _task_logits(strong, small, stacked, t, s_heads[t.name],
                                  w_heads[t.name], config)
     n = t.name
