@@ -111,10 +111,11 @@ def check(adapter: Params, num_layers: int, hidden: int, *,
     ValueError: naming the adapter and the first leaf that does not fit.
   """
   layers = adapter.get("layers") if isinstance(adapter, dict) else None
-  if not isinstance(layers, dict) or sorted(layers, key=int) != [
-      str(i) for i in range(num_layers)]:
+  if not isinstance(layers, dict) or set(layers) != {
+      str(i) for i in range(num_layers)}:
+    got = sorted(layers) if isinstance(layers, dict) else type(adapter)
     raise ValueError(f"{name}: needs blocks for layers 0..{num_layers - 1}, "
-                     f"got {sorted(layers) if isinstance(layers, dict) else type(adapter).__name__}")
+                     f"got {got}")
   r = np.shape(layers["0"]["down"]["kernel"])[-1]
   want = {"down/kernel": (hidden, r), "down/bias": (r,),
           "up/kernel": (r, hidden), "up/bias": (hidden,)}

@@ -168,7 +168,9 @@ def run(config: Any, workdir: str) -> dict:
             obj, batches, _train_cfg(scfg, axes), mesh=mesh,
             workdir=ckpt("scalearn", setting, variant, t.name),
             fingerprint={"target": t.name, "sources": sorted(sources),
-                         "variant": variant, "scalearn": scfg.to_dict(),
+                         "variant": variant, "scalearn": {
+                             k: v for k, v in scfg.to_dict().items()
+                             if k not in ("variants", "settings")},
                          "adapter": acfg.to_dict(), "model": encoder.name,
                          "layers": num_layers},
             desc=f"{variant} {setting} {t.name}")
@@ -176,9 +178,11 @@ def run(config: Any, workdir: str) -> dict:
         src = adapters_lib.stack(list(sources.values()))
         accs[t.name] = pool.accuracy_of(
             lambda b: scaled(backbone, src, omega, b), t)
+        # Mean learned scale per source: which tasks the target draws on.
         log[f"{setting}/{variant}/{t.name}"] = dict(
-            res.log[-1] if res.log else {},
-            omega_mean=float(np.mean(res.params["omega"])))
+            res.log[-1] if res.log else {}, omega_mean_by_source={
+                s: round(float(np.mean(res.params["omega"][:, j])), 4)
+                for j, s in enumerate(sources)})
       n = len(names) - (setting == "loto")
       rows.append(_row(f"{variant} ({setting})", accs, {
           "transfer_params": scalearn.num_transfer_params(
