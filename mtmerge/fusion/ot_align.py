@@ -92,8 +92,8 @@ def sinkhorn(cost: jax.Array, reg: float, tol: float = 1e-6,
   return jnp.exp(logp(f, g))
 
 
-def exact(cost: jax.Array) -> jax.Array:
-  """An optimal (unregularized) plan between uniform marginals.
+def exact_host(cost: np.ndarray) -> np.ndarray:
+  """Optimal (unregularized) plans between uniform marginals, on the host.
 
   Equal sizes give a permutation / n. Unequal sizes are solved exactly as
   an assignment between `lcm / n` copies of each source neuron and
@@ -101,25 +101,46 @@ def exact(cost: jax.Array) -> jax.Array:
   an integral optimum in units of `1 / lcm`).
 
   Args:
-    cost: `[n, m]` costs (pulled to the host; scipy's Hungarian solver).
+    cost: `[..., n, m]` costs; leading axes are independent problems.
 
   Returns:
-    `[n, m]` plan summing to 1, as a float32 array.
+    `[..., n, m]` float32 plans, each summing to 1.
   """
   c = np.asarray(cost, np.float64)
-  n, m = c.shape
+  n, m = c.shape[-2:]
   k = math.lcm(n, m)
-  rows, cols = optimize.linear_sum_assignment(
-      np.repeat(np.repeat(c, k // n, axis=0), k // m, axis=1))
-  plan = np.zeros((n, m))
-  np.add.at(plan, (rows // (k // n), cols // (k // m)), 1.0 / k)
-  return jnp.asarray(plan, jnp.float32)
+  out = np.zeros(c.shape, np.float32)
+  for idx in np.ndindex(c.shape[:-2]):
+    rows, cols = optimize.linear_sum_assignment(
+        np.repeat(np.repeat(c[idx], k // n, axis=0), k // m, axis=1))
+    plan = np.zeros((n, m))
+    np.add.at(plan, (rows // (k // n), cols // (k // m)), 1.0 / k)
+    out[idx] = plan
+  return out
+
+
+def exact(cost: jax.Array) -> jax.Array:
+  """`exact_host` as a JAX op: on the host when eager (any sharding), a
+  host callback under `jax.jit` (single-device inputs)."""
+  if isinstance(cost, jax.core.Tracer):
+    return jax.pure_callback(
+        exact_host, jax.ShapeDtypeStruct(cost.shape, jnp.float32), cost)
+  return jnp.asarray(exact_host(np.asarray(cost)))
 
 
 def transport(cost: jax.Array, reg: float) -> jax.Array:
-  """Hard (`reg == 0`) or soft (`reg > 0`) plan for max-normalized `cost`."""
-  cost = cost / jnp.maximum(jnp.max(cost), 1e-12)
-  return exact(cost) if reg == 0 else sinkhorn(cost, reg)
+  """Hard (`reg == 0`) or soft (`reg > 0`) plans for `[..., n, m]` costs.
+
+  Each problem's cost is divided by its maximum first (`reg` is relative).
+  """
+  cost = cost / jnp.maximum(jnp.max(cost, axis=(-2, -1), keepdims=True),
+                            1e-12)
+  return exact(cost) if _hard(reg) else sinkhorn(cost, reg)
+
+
+def _hard(reg) -> bool:
+  # A Python 0 selects exact OT; a traced regularization is always soft.
+  return isinstance(reg, (int, float)) and reg == 0
 
 
 def barycentric(plan: jax.Array) -> jax.Array:
@@ -175,10 +196,7 @@ def head_plans(desc_src: list[jax.Array], desc_tgt: list[jax.Array],
     xs = xs.reshape(num_heads, -1, xs.shape[-1])
     ys = ys.reshape(num_heads, -1, ys.shape[-1])
     cost = _pair_costs(xs, ys)  # [h_s, h_t, d_s, d_t], max-normalized
-    if reg == 0:
-      plans = jnp.stack([jnp.stack([exact(c) for c in row]) for row in cost])
-    else:
-      plans = sinkhorn(cost, reg)
+    plans = exact(cost) if _hard(reg) else sinkhorn(cost, reg)
     per_group.append(plans)
     head_cost = head_cost + jnp.sum(plans * cost, axis=(2, 3))
   heads = transport(head_cost, reg)

@@ -46,6 +46,7 @@ Where the paper and the official code disagree, and what this follows:
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Sequence
 
@@ -164,73 +165,120 @@ def align(src: Params, tgt: Params, num_heads: int, *, reg: float = 0.0,
     `(aligned flat params in tgt's shapes, {site: transport map})`.
   """
   s, t = tree_lib.to_flat_dict(src), tree_lib.to_flat_dict(tgt)
+  acts = [{}, {}] if acts is None else [tree_lib.to_flat_dict(a) for a in acts]
+  sub = lambda d, p: {k[len(p) + 1:]: v for k, v in d.items()
+                      if k.startswith(p + "/")}
+  hard = float(reg) == 0
+  reg = jnp.float32(reg)
+  static = dict(num_heads=int(num_heads), hard=hard, residual=residual)
+  out, maps = {}, {}
+  tables = [f"embeddings/{e}/embedding" for e in _EMB]
+  # Word, position and token-type vectors are summed: one map for all.
+  res = _plan(jnp.concatenate([jnp.asarray(s[k]) for k in tables]).T,
+              jnp.concatenate([jnp.asarray(t[k]) for k in tables]).T,
+              acts[0].get("embeddings"), acts[1].get("embeddings"), reg,
+              hard=hard)
+  maps["embeddings"] = res
+  out.update(_apply_out(sub(s, "embeddings"), res))
+  out = {"embeddings/" + k: v for k, v in out.items()}
+  depth = len({k.split("/")[1] for k in s if k.startswith("layers/")})
+  for i in range(depth):
+    p = f"layers/{i}"
+    # One compiled program serves every layer of the same shapes.
+    layer, lmaps, res = _layer(sub(s, p), sub(t, p), sub(acts[0], p),
+                               sub(acts[1], p), res, reg, **static)
+    out.update({f"{p}/{k}": v for k, v in layer.items()})
+    maps.update({f"{p}/{k}": v for k, v in lmaps.items()})
+  maps["output"] = res
+  if "head/kernel" in s:
+    out["head/kernel"] = ot_align.lift(res).T @ jnp.asarray(
+        s["head/kernel"], jnp.float32)
+    out["head/bias"] = jnp.asarray(s["head/bias"], jnp.float32)
+  return out, maps
+
+
+def _plan(ws, wt, as_, at, reg, *, hard):
+  """Transport map from weight descriptors, or activations when given."""
+  xs, xt = (ws, wt) if as_ is None else (as_.T, at.T)
+  cost = ot_align.cost_matrix(xs, xt)
+  return ot_align.transport(cost, 0.0) if hard else _soft(cost, reg)
+
+
+@jax.jit
+def _soft(cost, reg):
+  return ot_align.transport(cost, reg)
+
+
+@jax.jit
+def _apply_out(leaves, tm):
+  """Moves the output axis (last) of every leaf by `barycentric(tm)`."""
+  bary = ot_align.barycentric(tm)
+  return {k: jnp.asarray(v, jnp.float32) @ bary for k, v in leaves.items()}
+
+
+def _layer(s, t, as_, at, res, reg, *, num_heads, hard, residual):
+  """Aligns one post-LN BERT layer; returns `(params, maps, stream map)`.
+
+  Soft alignment runs as one compiled program per layer shape (shared by
+  all layers); hard alignment runs eagerly, solving each assignment on the
+  host, so it works on inputs sharded over any devices.
+  """
+  if hard:
+    return _layer_impl(s, t, as_, at, res, 0.0, num_heads=num_heads,
+                       residual=residual)
+  return _layer_jit(s, t, as_, at, res, reg, num_heads=num_heads,
+                    residual=residual)
+
+
+def _layer_impl(s, t, as_, at, res, reg, *, num_heads, residual):
   s = {k: jnp.asarray(v, jnp.float32) for k, v in s.items()}
   t = {k: jnp.asarray(v, jnp.float32) for k, v in t.items()}
   out, maps = {}, {}
 
   def desc(site, ws, wt):
-    if acts is not None and site in acts[0]:
-      return jnp.asarray(acts[0][site]).T, jnp.asarray(acts[1][site]).T
-    return ws, wt
-
-  def plan(site, ws, wt):
-    maps[site] = ot_align.transport(ot_align.cost_matrix(*desc(site, ws, wt)),
-                                    reg)
-    return maps[site]
+    return (as_[site].T, at[site].T) if site in as_ else (ws, wt)
 
   def dense(prefix, lift_in, site):  # input from `lift_in`, own output map
     k = lift_in.T @ s[prefix + "/kernel"]
-    tm = plan(site, _descriptor(k, s[prefix + "/bias"]),
-              _descriptor(t[prefix + "/kernel"], t[prefix + "/bias"]))
+    maps[site] = tm = ot_align.transport(ot_align.cost_matrix(*desc(
+        site, _descriptor(k, s[prefix + "/bias"]),
+        _descriptor(t[prefix + "/kernel"], t[prefix + "/bias"]))), reg)
     bary = ot_align.barycentric(tm)
     out[prefix + "/kernel"], out[prefix + "/bias"] = (
         k @ bary, s[prefix + "/bias"] @ bary)
     return tm
 
   def norm(prefix, tm):
-    for p in ("scale", "bias"):
-      out[f"{prefix}/{p}"] = s[f"{prefix}/{p}"] @ ot_align.barycentric(tm)
+    for q in ("scale", "bias"):
+      out[f"{prefix}/{q}"] = s[f"{prefix}/{q}"] @ ot_align.barycentric(tm)
 
-  tables = [f"embeddings/{e}/embedding" for e in _EMB]
-  res = plan("embeddings", jnp.concatenate([s[k] for k in tables]).T,
-             jnp.concatenate([t[k] for k in tables]).T)
-  for k in tables:
-    out[k] = s[k] @ ot_align.barycentric(res)
-  norm("embeddings/norm", res)
-  depth = len({k.split("/")[1] for k in s if k.startswith("layers/")})
-  for i in range(depth):
-    p = f"layers/{i}"
-    lift = ot_align.lift(res)
-    ks = {n: lift.T @ s[f"{p}/attention/{n}/kernel"]
-          for n in ("query", "key", "value")}
-    dsc = {n: _descriptor(ks[n], s[f"{p}/attention/{n}/bias"])
-           for n in ks}
-    dtg = {n: _descriptor(t[f"{p}/attention/{n}/kernel"],
-                          t[f"{p}/attention/{n}/bias"]) for n in ks}
-    qk_s, qk_t = desc(f"{p}/qk", jnp.concatenate([dsc["query"], dsc["key"]],
-                                                 1),
-                      jnp.concatenate([dtg["query"], dtg["key"]], 1))
-    v_s, v_t = desc(f"{p}/value", dsc["value"], dtg["value"])
-    (t_qk, t_v), maps[f"{p}/heads"] = ot_align.head_plans(
-        [qk_s, v_s], [qk_t, v_t], num_heads, reg)
-    maps[f"{p}/qk"], maps[f"{p}/value"] = t_qk, t_v
-    for n, tm in (("query", t_qk), ("key", t_qk), ("value", t_v)):
-      bary = ot_align.barycentric(tm)
-      out[f"{p}/attention/{n}/kernel"] = ks[n] @ bary
-      out[f"{p}/attention/{n}/bias"] = s[f"{p}/attention/{n}/bias"] @ bary
-    t_o = dense(f"{p}/attention/out", ot_align.lift(t_v),
-                f"{p}/attention_out")
-    res = ot_align.combine_residual(res, t_o, residual)
-    norm(f"{p}/attention_norm", res)
-    t_f = dense(f"{p}/mlp/intermediate", ot_align.lift(res), f"{p}/mlp")
-    t_o = dense(f"{p}/mlp/output", ot_align.lift(t_f), f"{p}/mlp_out")
-    res = ot_align.combine_residual(res, t_o, residual)
-    norm(f"{p}/mlp_norm", res)
-  maps["output"] = res
-  if "head/kernel" in s:
-    out["head/kernel"] = ot_align.lift(res).T @ s["head/kernel"]
-    out["head/bias"] = s["head/bias"]
-  return out, maps
+  lift = ot_align.lift(res)
+  names = ("query", "key", "value")
+  ks = {n: lift.T @ s[f"attention/{n}/kernel"] for n in names}
+  dsc = {n: _descriptor(ks[n], s[f"attention/{n}/bias"]) for n in names}
+  dtg = {n: _descriptor(t[f"attention/{n}/kernel"], t[f"attention/{n}/bias"])
+         for n in names}
+  qk_s, qk_t = desc("qk", jnp.concatenate([dsc["query"], dsc["key"]], 1),
+                    jnp.concatenate([dtg["query"], dtg["key"]], 1))
+  v_s, v_t = desc("value", dsc["value"], dtg["value"])
+  (t_qk, t_v), maps["heads"] = ot_align.head_plans(
+      [qk_s, v_s], [qk_t, v_t], num_heads, reg)
+  maps["qk"], maps["value"] = t_qk, t_v
+  for n, tm in (("query", t_qk), ("key", t_qk), ("value", t_v)):
+    bary = ot_align.barycentric(tm)
+    out[f"attention/{n}/kernel"] = ks[n] @ bary
+    out[f"attention/{n}/bias"] = s[f"attention/{n}/bias"] @ bary
+  t_o = dense("attention/out", ot_align.lift(t_v), "attention_out")
+  res = ot_align.combine_residual(res, t_o, residual)
+  norm("attention_norm", res)
+  t_f = dense("mlp/intermediate", ot_align.lift(res), "mlp")
+  t_o = dense("mlp/output", ot_align.lift(t_f), "mlp_out")
+  res = ot_align.combine_residual(res, t_o, residual)
+  norm("mlp_norm", res)
+  return out, maps, res
+
+
+_layer_jit = jax.jit(_layer_impl, static_argnames=("num_heads", "residual"))
 
 
 def fuse(models: Sequence[Params], num_heads: int | Sequence[int], *,
@@ -262,14 +310,20 @@ def fuse(models: Sequence[Params], num_heads: int | Sequence[int], *,
   w = np.ones(len(models)) if weights is None else np.asarray(weights, float)
   w = w / w.sum()
   tgt = tree_lib.to_flat_dict(models[anchor])
-  total = {k: w[anchor] * jnp.asarray(v, jnp.float32) for k, v in tgt.items()}
+  total = _axpy({k: jnp.zeros(np.shape(v)) for k, v in tgt.items()}, tgt,
+                w[anchor])
   for i, m in enumerate(models):
     if i == anchor:
       continue
     pair = None if acts is None else (acts[i], acts[anchor])
     aligned, _ = align(m, tgt, heads, reg=reg, residual=residual, acts=pair)
-    total = {k: total[k] + w[i] * aligned[k] for k in total}
+    total = _axpy(total, aligned, w[i])
   return tree_lib.from_flat_dict(total)
+
+
+@jax.jit
+def _axpy(total, x, w):
+  return {k: total[k] + w * jnp.asarray(x[k], jnp.float32) for k in total}
 
 
 def vanilla_average(models: Sequence[Params],
@@ -281,11 +335,15 @@ def vanilla_average(models: Sequence[Params],
   """
   flats = [tree_lib.to_flat_dict(m) for m in models]
   w = np.ones(len(models)) if weights is None else np.asarray(weights, float)
-  w = w / w.sum()
+  return tree_lib.from_flat_dict(_vanilla(flats, jnp.asarray(w / w.sum())))
+
+
+@jax.jit
+def _vanilla(flats, w):
   out = {}
   for k in flats[0]:
     shape = np.min([np.shape(f[k]) for f in flats], axis=0)
     cut = tuple(slice(0, int(n)) for n in shape)
-    out[k] = sum(wi * jnp.asarray(f[k], jnp.float32)[cut]
-                 for wi, f in zip(w, flats))
-  return tree_lib.from_flat_dict(out)
+    out[k] = sum(w[i] * jnp.asarray(f[k], jnp.float32)[cut]
+                 for i, f in enumerate(flats))
+  return out
