@@ -25,6 +25,7 @@ setup(
         "tokenizers>=0.15",
         "pillow>=10",
         "scikit-learn>=1.3",  # only its bundled digits data file is read
+        "scipy>=1.10",  # exact assignment for hard OT fusion (fusion/ot_align)
         "matplotlib>=3.7",
         "treescope>=0.1",  # pytree rendering in the notebook (flax needs it too)
     ],

@@ -18,6 +18,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 JOBS = {"benchmark": "mtmerge.benchmark", "demo": "mtmerge.demo"}
 JOBS["logits_fusion"] = "mtmerge.fusion.logits_bench"  # Dynamic Logits Fusion
 JOBS["scalearn"] = "mtmerge.transfer.bench"  # ScaLearn transfer
+JOBS["ot_fusion"] = "mtmerge.fusion.ot_bench"  # Transformer OT fusion
 
 
 def main(argv):

@@ -2,6 +2,7 @@
 
 import functools
 import itertools
+import json
 
 from flax import nnx
 import jax
@@ -12,7 +13,9 @@ from scipy import optimize
 
 from mtmerge import tree as tree_lib
 from mtmerge.fusion import ot_align
+from mtmerge.fusion import ot_bench
 from mtmerge.fusion import ot_fusion
+from mtmerge.fusion import ot_model
 from mtmerge.models import bert
 
 H, NH, F, V = 16, 4, 32, 64
@@ -317,3 +320,38 @@ def test_bad_input_one_clear_error(models, other, heads, match):
   del broken["layers/1/mlp_norm/bias"]
   with pytest.raises(ot_fusion.FusionError, match="missing or unexpected"):
     ot_fusion.fuse([a, broken], NH)
+
+
+def test_pure_forward_matches_bert_and_activation_alignment(models):
+  """ot_model.forward == the NNX BERT; activation descriptors recover a
+  permuted copy exactly too (its activations are the permuted ones)."""
+  a, _ = models
+  np.testing.assert_allclose(_logits(a), np.asarray(_pure_logits(a)),
+                             atol=1e-5)
+  b = _permute(a, 9)
+  data = dict(ids=np.random.default_rng(1).integers(0, V, (4, 6)),
+              mask=np.ones((4, 6), np.int32))
+  acts = [ot_model.activations(p, data, NH, 4) for p in (a, b)]
+  for k, v in _flat(ot_fusion.fuse([a, b], NH, acts=acts)).items():
+    np.testing.assert_array_equal(v, a[k], err_msg=k)
+
+
+@jax.jit
+def _pure_logits(p):
+  ids = np.random.default_rng(0).integers(0, V, (3, 7))
+  return ot_model.forward(p, ids, jnp.ones((3, 7)), NH)
+
+
+def test_runlocal_config_runs(tmp_path):
+  from configs import ot_fusion as config_lib
+  config = config_lib.get_config("runlocal")
+  rows = ot_bench.run(config, str(tmp_path))
+  assert [(r["setting"], r["model"]) for r in rows][:3] == [
+      ("homogeneous", "parent 0"), ("homogeneous", "parent 1"),
+      ("homogeneous", "vanilla average")]
+  assert {r["width"] for r in rows} == {16, 8}
+  assert all(0 <= r["one_shot"] <= 1 for r in rows)
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["rows"] == rows
+  with pytest.raises(ValueError, match="unknown config argument"):
+    config_lib.get_config("runlocal,bogus=1")
