@@ -129,9 +129,12 @@ def test_transfer_parameter_counts():
           "scalearn-shared": n * h, "scalearn_uniform-shared": n}
   for v, count in want.items():
     assert scalearn.num_transfer_params(v, n, layers, h) == count
-    omega = scalearn.init(jax.random.key(0), v, n, layers, h)
-    assert omega.size == count
-    np.testing.assert_allclose(float(jnp.mean(omega)), 2.0 / n, atol=1e-3)
+    shape = jax.eval_shape(lambda v=v: scalearn.init(
+        jax.random.key(0), v, n, layers, h)).shape
+    assert int(np.prod(shape)) == count
+  omega = scalearn.init(jax.random.key(0), "scalearn++", n, layers, h)
+  np.testing.assert_allclose(float(jnp.mean(omega)), 2.0 / n, atol=1e-4)
+  assert 5e-4 < float(jnp.std(omega)) < 2e-3  # N(2/n, 1e-3), the code's init
   # The abstract: ScaLearn's transfer parameters are ~0.35% of
   # AdapterFusion's (3 H x H projections + biases per layer), n = 8 GLUE
   # adapters on RoBERTa-base; ScaLearnUniform++ has just n = 8.
@@ -199,3 +202,19 @@ def test_config_runlocal(tmp_path):
       1, 384, 24)
   assert "full fine-tuning" not in rows  # finetune.steps = 0 in runlocal
   assert rows["frozen encoder (zero-shot heads)"]["transfer_params"] == 0
+
+
+def test_job_refuses_bad_config_before_work(tmp_path):
+  from configs import scalearn as config_lib  # pylint: disable=g-import-not-at-top
+  from mtmerge import main  # pylint: disable=g-import-not-at-top
+  from mtmerge.transfer import bench  # pylint: disable=g-import-not-at-top
+  assert main.JOBS["scalearn"] == "mtmerge.transfer.bench"
+  config = config_lib.get_config("runlocal")
+  config.tasks = ["sentiment"]
+  with pytest.raises(bench.ConfigError, match="at least 2 tasks"):
+    bench.run(config, str(tmp_path))
+  config = config_lib.get_config("runlocal")
+  config.scalearn.variants = ["scalearn", "scalearn+++"]
+  with pytest.raises(bench.ConfigError, match="unknown ScaLearn variant "
+                     r"'scalearn\+\+\+'"):
+    bench.run(config, str(tmp_path))
