@@ -64,12 +64,17 @@ def test_scaled_combination_matches_numpy(variant):
                                    init_std=0.5))
   x = np.random.default_rng(0).standard_normal((2, 5, H)).astype(np.float32)
   fn = scalearn.hook(adapters.stack(srcs), jnp.asarray(omega))
+  # The evaluation form: omega broadcast to [L, n, H] is the same model.
+  full = scalearn.hook(adapters.stack(srcs),
+                       scalearn.expand(jnp.asarray(omega), L, H))
   for i in range(L):
     # u_l = sum_i omega_l^i (.) u_l^i; shared variants use one omega.
     w = omega[i if omega.shape[0] == L else 0]
     want = sum(w[j] * _np_adapter(srcs[j]["layers"][str(i)], x)
                for j in range(n))
     np.testing.assert_allclose(np.asarray(fn(i, jnp.asarray(x))), want,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(full(i, jnp.asarray(x))), want,
                                rtol=1e-5, atol=1e-5)
 
 
