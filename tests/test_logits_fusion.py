@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import logits_fusion as lf_config
+from mtmerge.fusion import logits_bench
 from mtmerge.fusion import logits_fusion as lf
 from mtmerge.fusion import logits_generate as lg
 
@@ -339,8 +341,6 @@ def cached_models(monkeypatch):
 
 
 def test_config_runlocal_end_to_end(tmp_path, monkeypatch, cached_models):
-  from configs import logits_fusion as lf_config  # pylint: disable=g-import-not-at-top
-  from mtmerge.fusion import logits_bench  # pylint: disable=g-import-not-at-top
   del cached_models
   config = lf_config.get_config("runlocal")
   config.fixed_weight = 0.0  # w = 0 must give back the strong model
@@ -368,8 +368,6 @@ def test_config_runlocal_end_to_end(tmp_path, monkeypatch, cached_models):
 
 def test_job_refuses_experts_with_other_classes(tmp_path, monkeypatch,
                                                 cached_models):
-  from configs import logits_fusion as lf_config  # pylint: disable=g-import-not-at-top
-  from mtmerge.fusion import logits_bench  # pylint: disable=g-import-not-at-top
   heads_lib = cached_models
   real, seen = heads_lib.build, []
 

@@ -20,25 +20,21 @@ the two scales unchanged,
     KL(p_fused || p_L) ~ KL(p_t || p_S),   KL(p_fused || p_t) ~ KL(p_L || p_S),
 
 enforced as squared residuals summed over the experts (`objective`); a
-single expert is the single-task case. The weights live in a box
-`[lo, hi]^T` (default [0, 2], the paper's range of the transfer ratio) and
-are found by `solve_weights`: an exhaustive grid (step 0.1) over the box
-when it has at most `max_grid` points (always for one or two experts),
-otherwise the coarsest product grid that fits followed by coordinate-wise
-sweeps over the 0.1 grid, then golden-section refinement of
-each coordinate within one grid step and, for several experts, projected
-gradient steps with a line search, from the best few grid points (a
-continuous optimum, not the grid's).
+single expert is the single-task case. `solve_weights` searches a box
+`[lo, hi]^T` (default [0, 2], around the fixed ratios 0.5-1.5 the paper
+compares against): the exhaustive 0.1 grid when it has at most `max_grid`
+points (one or two experts), else the coarsest product grid that fits plus
+coordinate sweeps over the 0.1 grid; then, from the best few grid points,
+golden-section refinement per coordinate and, for several experts,
+projected gradient steps with a line search (a continuous optimum).
 
 Paper vs. code, and what we follow: the stored snapshot of the official
-repository holds only a README ("Coming Soon"), so there is no released
-solver to compare with; we follow the paper. The paper's method section
-could not be read in full from the stored copy here either (abstract and
-summaries only), so the exact residual form (squared residuals, summed
-over experts in the multi-task case) and the search box are our reading of
-"KL-divergence constrained optimization" with per-step weights in the
-paper's [0, 2] range, not a verified transcription; `objective` is a
-public argument of the solver so another reading is one function away.
+repository holds only a README ("Coming Soon"): no released solver to
+compare with, so we follow the paper. Its method section could not be
+read in full from the stored copies either (abstract and summaries), so
+the residual form (squared, summed over experts when multi-task) and the
+box are our reading of its "KL-divergence constrained optimization", not
+a verified transcription; `objective_fn` swaps in another reading.
 
 Arrays: `strong` `[..., V]`, `experts` `[T, ..., V]` (the task axis first,
 like `TaskVectors`), `base` `[..., V]` (or `[T, ..., V]` when each expert
@@ -260,12 +256,9 @@ def check_inputs(strong: Any, experts: Any, base: Any, *,
     names: expert names for the message (default `expert 0`, ...).
     vocab: what the last axis holds, for the message.
   """
-  if experts is None or (isinstance(experts, (list, tuple)) and
-                         not experts) or (hasattr(experts, "shape") and
-                                          experts.shape[0] == 0):
+  if experts is None or len(experts) == 0:
     raise FusionError("no experts to fuse: the expert list is empty")
   strong = jnp.asarray(strong)
-  names = list(names) if names is not None else None
   label = lambda i: repr(names[i]) if names and i < len(names) else str(i)
   if isinstance(experts, (list, tuple)):
     for i, e in enumerate(experts):
@@ -289,7 +282,8 @@ def check_inputs(strong: Any, experts: Any, base: Any, *,
   return strong, experts, base
 
 
-def check_class_sets(strong: Sequence[str], experts: Mapping[str, Sequence[str]],
+def check_class_sets(strong: Sequence[str],
+                     experts: Mapping[str, Sequence[str]],
                      what: str = "classes") -> None:
   """Refuses experts whose class set (or vocabulary) is not the strong one's.
 
