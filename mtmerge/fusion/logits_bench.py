@@ -150,6 +150,7 @@ def run(config: Any, workdir: str) -> dict:
   fixed = float(config.fixed_weight)
   accs: dict[str, dict[str, float]] = {}
   wmean: dict[str, list[float]] = {}
+  diag: dict[str, dict[str, Any]] = {}
   t0 = time.time()
   acc = lambda z, y: float(np.mean(np.argmax(z, -1) == y))
   for ti, t in enumerate(tasks):
@@ -177,10 +178,20 @@ def run(config: Any, workdir: str) -> dict:
         float(w1.mean()))
     wmean.setdefault("multi-task fusion (solver)", []).append(
         float(wt[:, ti].mean()))
+    # Where do the solved weights go: examples on which the own expert and
+    # the strong model disagree (where the expert can change the answer).
+    dis = np.argmax(own[0], -1) != np.argmax(zl, -1)
+    diag[n] = {"disagree": round(float(dis.mean()), 3),
+               "w_disagree": round(float(w1[dis, 0].mean()), 3),
+               "w_agree": round(float(w1[~dis, 0].mean()), 3),
+               "corr_w_disagree": round(float(np.corrcoef(
+                   w1[:, 0], dis)[0, 1]), 3) if 0 < dis.mean() < 1 else None}
     print(f"  {n}: {len(y)} test examples; solver weights: own expert "
-          f"{w1.mean():.2f} alone, {wt[:, ti].mean():.2f} among "
-          f"{len(tasks)} (others {np.delete(wt, ti, 1).mean():.2f})",
-          flush=True)
+          f"{w1.mean():.2f} alone ({diag[n]['w_disagree']:.2f} where it "
+          f"disagrees with the strong model, {diag[n]['disagree']:.0%} of "
+          f"examples; {diag[n]['w_agree']:.2f} elsewhere), "
+          f"{wt[:, ti].mean():.2f} among {len(tasks)} (others "
+          f"{np.delete(wt, ti, 1).mean():.2f})", flush=True)
   eval_s = time.time() - t0
 
   rows = []
@@ -202,7 +213,8 @@ def run(config: Any, workdir: str) -> dict:
           f"{timing['finetune_s']:.0f} s, evaluation {timing['eval_s']:.0f} s)")
   print("\n" + text, flush=True)
   out = {"model": strong.name, "num_layers": config.num_layers,
-         "tasks": [t.name for t in tasks], "rows": rows, "timing": timing,
+         "tasks": [t.name for t in tasks], "rows": rows,
+         "single_task_weights": diag, "timing": timing,
          "config": config.to_dict()}
   results.write_json(os.path.join(workdir, "results.json"), out)
   results.write_csv(os.path.join(workdir, "results.csv"), rows)
