@@ -8,7 +8,8 @@ truncated model is the small base. Rows: strong and small zero-shot, each
 expert alone, single-task and multi-task fusion with the per-example
 solver, and fixed-weight fusion (weight 1, proxy-tuning style).
 
-Local (2 shared CPU cores, 4 of the 8 tasks, a few minutes):
+Local (4 of the 8 tasks; 463 s on 2 shared CPU cores at load average
+7-11, 229 s of it fine-tuning the experts; 80-95 s rerun with them cached):
   nice -n 10 python -m mtmerge.main --config configs/logits_fusion.py \
       --workdir runs/logits_fusion
 All 8 tasks:
