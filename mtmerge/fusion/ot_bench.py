@@ -6,7 +6,9 @@ trained from different random initializations (and data orders) on the
 same task of the offline text suite, then
 
 * homogeneous fusion: vanilla averaging of the two parents against OT
-  fusion with hard and soft alignment (anchor: the first parent);
+  fusion (anchor: the first parent) with hard alignment and with soft
+  alignment from weights and from activations, the Sinkhorn entropy of
+  each picked from a grid by one-shot validation accuracy;
 * heterogeneous fusion: the same parents fused into a narrower, separately
   trained anchor (OT fusion compresses), against the naive baseline of
   averaging the parents' leading neurons with the anchor;
@@ -36,10 +38,6 @@ from mtmerge.fusion import ot_model
 from mtmerge.models import bert
 
 
-class ConfigError(ValueError):
-  """A config that cannot run (printed as one line by mtmerge.main)."""
-
-
 def load_data(task: str, max_len: int, limits: dict) -> tuple[dict, int, int]:
   """Tokenized splits with a compact vocabulary (the train split's tokens).
 
@@ -54,7 +52,7 @@ def load_data(task: str, max_len: int, limits: dict) -> tuple[dict, int, int]:
                                              "tokenizer.json"))
   spec = suites.get_task(task)
   raw = {}
-  for split in ("train", "test"):
+  for split in ("train", "validation", "test"):
     src = suites.load_split(spec, split)
     n = min(len(src), limits.get(split) or len(src))
     rows = [src[i] for i in range(n)]
@@ -122,59 +120,64 @@ def run(config, workdir: str) -> list[dict[str, Any]]:
     One row per (setting, model): one-shot and fine-tuned test accuracy.
   """
   t0 = time.time()
-  if config.fusion.descriptors not in ("acts", "weights"):
-    raise ConfigError(f"fusion.descriptors must be acts or weights, got "
-                      f"{config.fusion.descriptors!r}")
   data, vocab, classes = load_data(config.task, config.max_len,
                                    dict(config.limits))
   m = config.model
   mk = lambda hidden, ffn: bert.BertConfig(
       vocab_size=vocab, hidden_size=hidden, num_hidden_layers=m.layers,
       num_attention_heads=m.heads, intermediate_size=ffn,
-      max_position_embeddings=config.max_len)
+      max_position_embeddings=config.max_len,
+      initializer_range=m.init_scale)
   wide, narrow = mk(m.hidden, m.ffn), mk(m.narrow_hidden, m.narrow_ffn)
   heads = m.heads
   print(f"task {config.task}: {len(data['train']['label'])} train / "
+        f"{len(data['validation']['label'])} validation / "
         f"{len(data['test']['label'])} test, vocab {vocab}; parents "
-        f"{m.layers} layers x {m.hidden} wide, narrow anchor {m.narrow_hidden}")
-  acc = lambda p: ot_model.accuracy(p, data["test"], heads)
+        f"{m.layers} layers x {m.hidden} wide, narrow anchor "
+        f"{m.narrow_hidden}", flush=True)
+  acc = lambda p, split="test": ot_model.accuracy(p, data[split], heads)
   parents = [fit(ot_model.init(wide, classes, s), data["train"], heads,
                  config.train, s) for s in config.seeds]
   anchor = fit(ot_model.init(narrow, classes, config.narrow_seed),
                data["train"], heads, config.train, config.narrow_seed)
   fz = config.fusion
-  acts = None
-  if fz.descriptors == "acts":
-    acts = [ot_model.activations(p, data["train"], heads, fz.samples)
-            for p in [*parents, anchor]]
-  het_acts = acts and [acts[2], *acts[:2]]  # the anchor's first
+  acts = [ot_model.activations(p, data["train"], heads, fz.samples)
+          for p in [anchor, *parents]]  # the anchor's first
   flat = lambda t: {k: np.asarray(v) for k, v in
                     tree_lib.to_flat_dict(t).items()}
 
-  def fused(models, model_acts, reg):
-    return flat(ot_fusion.fuse(models, heads, reg=reg, residual=fz.residual,
-                               acts=model_acts))
+  def ot_rows(models, model_acts):
+    """Hard (weights) and soft (weights, acts) fusion; soft's entropy is
+    picked from `fz.regs` by one-shot validation accuracy."""
+    out = [("OT hard (weights)", 0.0, flat(ot_fusion.fuse(
+        models, heads, residual=fz.residual)))]
+    for name, a in (("weights", None), ("acts", model_acts)):
+      cands = [(r, flat(ot_fusion.fuse(models, heads, reg=r, acts=a,
+                                       residual=fz.residual)))
+               for r in fz.regs]
+      reg, p = max(cands, key=lambda c: acc(c[1], "validation"))
+      out.append((f"OT soft ({name})", reg, p))
+    return out
   settings = {
       "homogeneous": [
-          ("parent 0", parents[0]), ("parent 1", parents[1]),
-          ("vanilla average", flat(ot_fusion.vanilla_average(parents))),
-          ("OT hard", fused(parents, acts and acts[:2], 0.0)),
-          ("OT soft", fused(parents, acts and acts[:2], fz.reg))],
+          ("parent 0", None, parents[0]), ("parent 1", None, parents[1]),
+          ("vanilla average", None, flat(ot_fusion.vanilla_average(parents))),
+          *ot_rows(parents, acts[1:])],
       "heterogeneous": [
-          ("narrow anchor", anchor),
-          ("vanilla (leading neurons)", flat(ot_fusion.vanilla_average(
+          ("narrow anchor", None, anchor),
+          ("vanilla (leading neurons)", None, flat(ot_fusion.vanilla_average(
               [anchor, *parents]))),
-          ("OT hard", fused([anchor, *parents], het_acts, 0.0)),
-          ("OT soft", fused([anchor, *parents], het_acts, fz.reg))]}
+          *ot_rows([anchor, *parents], acts)]}
   rows = []
   for setting, models in settings.items():
-    for name, p in models:
+    for name, reg, p in models:
       tuned = fit(p, data["train"], heads, config.finetune, 100)
       rows.append(dict(setting=setting, model=name,
                        width=int(p["embeddings/word/embedding"].shape[1]),
+                       reg="" if reg is None else reg,
                        one_shot=acc(p), finetuned=acc(tuned)))
       print(f"{setting:13s} {name:26s} one-shot {rows[-1]['one_shot']:.3f} "
-            f"fine-tuned {rows[-1]['finetuned']:.3f}")
+            f"fine-tuned {rows[-1]['finetuned']:.3f}", flush=True)
   table = results.format_table(rows, "{:.3f}")
   meta = dict(task=config.task, seconds=round(time.time() - t0, 1),
               config=config.to_dict(), devices=str(jax.devices()[0]))

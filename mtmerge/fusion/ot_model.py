@@ -68,7 +68,7 @@ def forward(p: Params, ids: jax.Array, mask: jax.Array, num_heads: int, *,
     num_heads: attention heads.
     eps: LayerNorm epsilon.
     capture: also return activations per alignment site, each
-      `[real tokens, width]` (`embeddings`, `layers/<i>/qk` (queries then
+      `[tokens, width]`, padding included (`embeddings`, `layers/<i>/qk` (queries then
       keys stacked as samples), `layers/<i>/value`,
       `layers/<i>/attention_out`, `layers/<i>/mlp` (pre-GELU, as the
       official code's `pre_relu`), `layers/<i>/mlp_out`).
@@ -78,7 +78,6 @@ def forward(p: Params, ids: jax.Array, mask: jax.Array, num_heads: int, *,
   """
   b, l = ids.shape
   acts = {}
-  keep = mask.reshape(-1) > 0
   rec = lambda k, x: acts.__setitem__(k, x.reshape(-1, x.shape[-1]))
   x = (p["embeddings/word/embedding"][ids]
        + p["embeddings/position/embedding"][jnp.arange(l)][None]
@@ -112,12 +111,7 @@ def forward(p: Params, ids: jax.Array, mask: jax.Array, num_heads: int, *,
     x = _norm(p, f"layers/{i}/mlp_norm", x + o, eps)
   pooled = bert.mean_pool(x, mask)
   out = pooled @ p["head/kernel"] + p["head/bias"]
-  if not capture:
-    return out
-  # Only real tokens are samples (queries and keys: both halves).
-  keep2 = jnp.concatenate([keep, keep])
-  return out, {k: v[keep2 if v.shape[0] == 2 * keep.size else keep]
-               for k, v in acts.items()}
+  return (out, acts) if capture else out
 
 
 def accuracy(p: Params, data: dict, num_heads: int,
@@ -151,6 +145,22 @@ def activations(p: Params, data: dict, num_heads: int,
   them (its `norm`), so costs compare activation patterns.
   """
   ids, mask = data["ids"][:samples], data["mask"][:samples]
-  _, acts = forward(p, jnp.asarray(ids), jnp.asarray(mask), num_heads,
-                    capture=True)
-  return {k: np.asarray(v - v.mean(0)) for k, v in acts.items()}
+  _, acts = _capture(num_heads)(p, ids, mask)
+  keep = np.asarray(mask).reshape(-1) > 0
+  out = {}
+  for k, v in acts.items():
+    v = np.asarray(v)
+    # Only real tokens are samples (queries and keys: both halves).
+    v = v[np.concatenate([keep, keep]) if k.endswith("/qk") else keep]
+    out[k] = v - v.mean(0)
+  return out
+
+
+_CAPTURE = {}
+
+
+def _capture(num_heads):
+  if num_heads not in _CAPTURE:
+    _CAPTURE[num_heads] = jax.jit(lambda p, i, m: forward(
+        p, i, m, num_heads, capture=True))
+  return _CAPTURE[num_heads]
