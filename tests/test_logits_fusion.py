@@ -308,7 +308,7 @@ def test_generation_bad_inputs():
                            r"the strong model has 8"):
     lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base,
                 [experts[0], experts9[0]], prompt, 2, names=["math", "code"])
-  with pytest.raises(lf.FusionError, match="untuned small model have a "
+  with pytest.raises(lf.FusionError, match="untuned small model has a "
                      "vocabulary of 9"):
     lg.generate(lg.tiny_lm, strong, lg.tiny_lm, base9, experts, prompt, 2)
 

@@ -128,14 +128,18 @@ def generate(strong_apply: Callable, strong_params: Any,
       differs from the strong model's (named).
   """
   prompt = jnp.asarray(prompt, jnp.int32)
+  # Shapes are checked on the whole decoding buffer [B, P + N]: a model
+  # that cannot take P + N positions fails here, before any compile.
+  buf = jax.ShapeDtypeStruct((prompt.shape[0], prompt.shape[1] +
+                              int(max_new_tokens)), jnp.int32)
   label = lambda i: repr(names[i]) if names and i < len(names) else str(i)
   if isinstance(expert_params, (list, tuple)):
     if not expert_params:
       raise logits_fusion.FusionError("no experts to fuse: the expert list "
                                       "is empty")
-    v_strong = _vocab(strong_apply, strong_params, prompt)
+    v_strong = _vocab(strong_apply, strong_params, buf)
     for i, p in enumerate(expert_params):
-      v = _vocab(small_apply, p, prompt)
+      v = _vocab(small_apply, p, buf)
       if v != v_strong:
         raise logits_fusion.FusionError(
             f"expert {label(i)} has a vocabulary of {v} tokens but the strong "
@@ -145,21 +149,21 @@ def generate(strong_apply: Callable, strong_params: Any,
   if not leaves or leaves[0].shape[0] == 0:
     raise logits_fusion.FusionError("no experts to fuse: the expert list is "
                                     "empty")
-  v_strong = _vocab(strong_apply, strong_params, prompt)
-  v_small = _vocab(small_apply, base_params, prompt)
+  v_strong = _vocab(strong_apply, strong_params, buf)
+  v_small = _vocab(small_apply, base_params, buf)
   v_exp = int(jax.eval_shape(jax.vmap(small_apply, in_axes=(0, None)),
-                             expert_params, prompt).shape[-1])
-  for who, v in (("the untuned small model", v_small), ("the experts", v_exp)):
+                             expert_params, buf).shape[-1])
+  for who, v in (("the untuned small model has", v_small),
+                 ("the experts have", v_exp)):
     if v != v_strong:
-      raise logits_fusion.FusionError(f"{who} have a vocabulary of {v} tokens "
-                                      f"but the strong model has {v_strong}")
+      raise logits_fusion.FusionError(f"{who} a vocabulary of {v} tokens but "
+                                      f"the strong model has {v_strong}")
   t_count = leaves[0].shape[0]
   fixed = None
   if weights is not None:
     fixed = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (t_count,))
   opts = dict(lo=0.0, hi=2.0, num=21, max_grid=4096, sweeps=2, iters=24,
-              starts=4,
-              objective_fn=logits_fusion.objective)
+              starts=4, objective_fn=logits_fusion.objective)
   opts.update(solver or {})
   tokens, ws = _generate(strong_params, base_params, expert_params, prompt,
                          fixed, strong_apply=strong_apply,
