@@ -27,6 +27,36 @@ needs 7.9 GiB per device (1.8 GiB arguments: task vectors and theta_0
 sharded over fsdp); a batch the data axes do not divide stops with one
 line naming both sizes.
 
+Merges of a 7B-parameter model x 8 tasks in bf16 on 64 devices (mesh
+fsdp:64, `--num_params 7B --num_tasks 8 --dtype bfloat16`; 1.84 GiB of
+arguments per device for each, 2x = 3.68 GiB), peak per device
+(arguments + outputs + temporaries), XLA:CPU analysis:
+
+  method                     before (gathers)        after
+  task_arithmetic            2.05 GiB                2.05 GiB
+  ties_merging per_tensor    125.2 GiB               5.14 GiB
+  ties_merging global        refused (>2**32/task)   5.13 GiB
+  dare(drop_rate=0.9)        8.77 GiB                2.05 GiB
+  tall_mask                  36.7 GiB                not fixed (see below)
+
+Why they gathered: the top-k search's strided sample flattened each
+(sharded) leaf, which XLA does with an all-gather of the whole stacked
+float32 task vectors; the searches stacked float32 copies of every leaf
+and the global one concatenated them; XLA hoisted `abs(convert(leaf))`
+out of the search loop as a float32 copy. `mtmerge.selection` now samples
+by a gather of the sampled entries, counts each leaf in place under a mesh
+(`jax.set_mesh`), keeps the leaves loop-variant, takes the max magnitude
+as an integer max, and counts the global top-k in (hi, lo) 32-bit pairs,
+exact to 2**48 entries per task. The kept entries are unchanged
+(tests/test_methods.py, test_ties_compile.py, test_sharding.py). DARE never
+gathered: XLA:CPU's rolled threefry loop materialized the random counters
+(see `_tpu_threefry_lowering`). TIES' remaining temporaries (2.8x its
+arguments, the goal is 2x) are XLA:CPU fusion choices not yet chased;
+TALL masks still gather the bool masks to bit-pack them along each
+flattened leaf (`task_vectors.pack_mask`): packing along the last axis
+gives the same bytes but the flat `[T, size / 8]` storage would have to
+become per-row to stay sharded.
+
 Caveat: the numbers are XLA:CPU's buffer assignment for the same sharded
 program. They track per-device argument/output sizes exactly and temporaries
 roughly; for exact TPU numbers compile against a TPU topology
@@ -296,6 +326,24 @@ def load_config(spec: str | None):
   return module.get_config(arg or None)
 
 
+def _tpu_threefry_lowering() -> None:
+  """Compiles threefry2x32 for CPU as TPU does: unrolled, not a rolled loop.
+
+  XLA:CPU's default lowering of `jax.random`'s threefry is a while loop
+  over the rounds whose state holds two uint32 arrays of the draw's full
+  shape, so every DARE mask costs 8-16 bytes per entry there (the 8.8 GiB
+  per device DARE measured before); TPU and GPU use the unrolled form,
+  which fuses into its consumer. Same bits either way; this only makes the
+  CPU estimate describe the accelerator program. Registered by `main`
+  (a process that only compiles), not by `check`, which tests import.
+  """
+  from jax._src.interpreters import mlir
+  from jax._src.random import threefry2x32
+  mlir.register_lowering(threefry2x32.threefry2x32_p,
+                         threefry2x32._threefry2x32_lowering_rule,
+                         platform="cpu")
+
+
 def check(config, mesh, step: str = "merge") -> dict[str, Any]:
   """Lowers and compiles `step` on `mesh`; returns per-device byte counts."""
   import jax
@@ -354,6 +402,7 @@ def main(argv=None) -> int:
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
       __file__))))
   from mtmerge import sharding
+  _tpu_threefry_lowering()  # this process only compiles: no side effects
   config = load_config(args.config)
   with config.unlocked():
     config.aot = ml_collections.ConfigDict(dict(

@@ -101,7 +101,55 @@ class _Groups(NamedTuple):
   members: list
 
 
+def _sharded() -> bool:
+  """True while tracing under `jax.set_mesh` (a sharded program).
+
+  There the searches count each leaf where it lies, in its own dtype: a
+  stacked float32 copy of the task vectors (1-2x their size per device)
+  and a concatenation of sharded leaves (a gather) are what one device's
+  XLA:CPU program wants, not a mesh's.
+  """
+  return not jax.sharding.get_abstract_mesh().empty
+
+
+_UINT = {2: (jnp.uint16, 0x7fff), 4: (jnp.uint32, 0x7fffffff)}
+
+
+def _absmax(a: jax.Array, axis) -> jax.Array:
+  """float32 `max(|a|)` over `axis`, as an integer max of the magnitude bits.
+
+  Equal to `jnp.max(jnp.abs(a))` for finite `a` (non-negative floats order
+  like their bits); XLA:CPU lowers a bf16 float max through a float32 copy
+  of the whole leaf, the integer max reads the leaf in place.
+  """
+  if not _sharded() or a.dtype.itemsize not in _UINT:
+    return jnp.max(jnp.abs(a), axis=axis).astype(jnp.float32)
+  ut, mask = _UINT[a.dtype.itemsize]
+  m = jnp.max(jax.lax.bitcast_convert_type(a, ut) & ut(mask), axis=axis)
+  return jax.lax.bitcast_convert_type(m, a.dtype).astype(jnp.float32)
+
+
+def _in_loop(arrays: list, bits: jax.Array) -> list:
+  """`arrays`, made to look loop-variant inside the search's while loop.
+
+  Under a mesh only: otherwise XLA hoists `abs(convert(leaf))` out of the
+  loop as an invariant and carries a float32 copy of every task vector
+  through it (measured: 2x the bf16 task vectors per device).
+  """
+  if not _sharded():
+    return arrays
+  return list(jax.lax.optimization_barrier((arrays, bits))[0])
+
+
+def _unstacked(leaves) -> _Groups:
+  """One group per leaf, `[1, T, rows, cols]` views, no copies."""
+  return _Groups([_view3(x)[None] for x in leaves],
+                 [[i] for i in range(len(leaves))])
+
+
 def _group(leaves) -> _Groups:
+  if _sharded():
+    return _unstacked(leaves)
   arrays, members = [], []
   for idx in _members([x.shape for x in leaves]):
     arrays.append(jnp.stack([_view3(leaves[i]).astype(jnp.float32)
@@ -138,13 +186,20 @@ def _flat_group(leaves) -> _Groups:
 
 
 def _sample_sorted(a: jax.Array, m: int) -> jax.Array:
-  """Sorted strided sample `[G, T, <=m]` of each (member, task) of `|a|`."""
+  """Sorted strided sample `[G, T, <=m]` of each (member, task) of `|a|`.
+
+  Entry i of the sample is flat entry `i * stride` of `[R * C]`, taken as
+  row `i * stride // C`, column `i * stride % C` of `a` (a gather of m
+  entries): flattening `[R, C]` first would all-gather a sharded leaf.
+  """
   G, T, R, C = a.shape
-  flat = a.reshape(G, T, R * C)
   stride = max(1, (R * C) // max(m, 1))
   while stride > 1 and math.gcd(stride, C) != 1:  # avoid sampling one column
     stride += 1
-  return jnp.sort(jnp.abs(flat[:, :, ::stride]), axis=-1)
+  flat = np.arange(0, R * C, stride, dtype=np.int64)
+  rows, cols = jnp.asarray(flat // C, jnp.int32), jnp.asarray(flat % C,
+                                                               jnp.int32)
+  return jnp.sort(jnp.abs(a[:, :, rows, cols].astype(jnp.float32)), axis=-1)
 
 
 def _bracket(sample: jax.Array, k: jax.Array, n: int):
@@ -158,7 +213,7 @@ def _bracket(sample: jax.Array, k: jax.Array, n: int):
     (lo, hi) candidate thresholds `[S]` (floats; hi may be +inf).
   """
   m = sample.shape[-1]
-  p = k.astype(jnp.float32) / n
+  p = k.astype(jnp.float32) / np.float32(n)  # n may exceed int32
   pos = (1.0 - p) * m
   margin = 4.0 * jnp.sqrt(m * p * (1.0 - p)) + 2.0
   lo_i = jnp.floor(pos - margin).astype(jnp.int32)
@@ -170,7 +225,43 @@ def _bracket(sample: jax.Array, k: jax.Array, n: int):
   return lo, hi
 
 
-def _search(count_fn, k, maxval, lo_cand, hi_cand):
+def _pair_ops(wide: bool):
+  """`(ge, eq, where, diff)` on counts: plain ints, or wide `(hi, lo)` pairs.
+
+  A wide count is uint32 `[..., 2]` worth `hi * 2**16 + lo` with
+  `lo < 2**16`: exact up to 2**48 entries, where one uint32 stops at
+  2**32. `diff(a, b)` is float32 `a - b` (it only steers the search).
+  """
+  f32 = jnp.float32
+  if not wide:
+    def diff(a, b):
+      return jnp.where(a >= b, (a - b).astype(f32), -(b - a).astype(f32))
+    return (lambda a, b: a >= b), (lambda a, b: a == b), jnp.where, diff
+
+  def ge(a, b):
+    return (a[..., 0] > b[..., 0]) | ((a[..., 0] == b[..., 0]) &
+                                      (a[..., 1] >= b[..., 1]))
+
+  def diff(a, b):
+    up = ge(a, b)
+    d = jnp.where(up[..., None], a - b, b - a)  # uint32, no wrap-around
+    # hi's difference times 2**16 outweighs any lo difference: sign exact.
+    d = jnp.where(a[..., 0] >= b[..., 0], 1.0, -1.0) * d[..., 0].astype(
+        f32) * 65536.0 + (a[..., 1].astype(f32) - b[..., 1].astype(f32))
+    return d
+  return (ge, lambda a, b: jnp.all(a == b, axis=-1),
+          lambda c, a, b: jnp.where(c[..., None], a, b), diff)
+
+
+def wide_count(c: jax.Array) -> jax.Array:
+  """uint32 counts `[..., G]` summed over G as wide `(hi, lo)` pairs."""
+  c = c.astype(jnp.uint32)
+  hi = jnp.sum(c >> 16, axis=-1, dtype=jnp.uint32)
+  lo = jnp.sum(c & 0xffff, axis=-1, dtype=jnp.uint32)
+  return jnp.stack([hi + (lo >> 16), lo & 0xffff], axis=-1)
+
+
+def _search(count_fn, k, maxval, lo_cand, hi_cand, wide: bool = False):
   """Largest threshold with count(thr) >= k, starting from a sampled bracket.
 
   One `lax.while_loop` whose body calls `count_fn` exactly once: the first
@@ -188,39 +279,46 @@ def _search(count_fn, k, maxval, lo_cand, hi_cand):
     lo_cand, hi_cand: `[S]` candidate bracket from a sample (verified here;
       groups whose bracket misses fall back to [2**-100, max]).
 
+    wide: counts and k are `wide_count` pairs `[S, 2]` (more than 2**32
+      entries per search group).
+
   Returns:
     float32 thresholds `[S]`; 0 where fewer than k entries are nonzero.
   """
-  tiny = jnp.full(k.shape, _TINY_BITS, jnp.int32)
+  ge, eq, where, diff = _pair_ops(wide)
+  shape = k.shape[:-1] if wide else k.shape
+  tiny = jnp.full(shape, _TINY_BITS, jnp.int32)
   top = jnp.maximum(_bits(maxval) + 1, tiny + 1)
   lo = jnp.clip(_bits(lo_cand), tiny, top)
   hi = jnp.where(jnp.isinf(hi_cand), top,
                  jnp.clip(_bits(hi_cand) + 1, tiny, top))
-  big = jnp.full(k.shape, 2 ** 31 - 1, jnp.int32)
-  no = jnp.zeros(k.shape, bool)
-  zf = jnp.zeros(k.shape, jnp.float32)
+  big = jnp.full(shape, 2 ** 31 - 1, jnp.int32)
+  no = jnp.zeros(shape, bool)
+  zf = jnp.zeros(shape, jnp.float32)
   # phase 0: count lo; 1: count hi; 2: count the floor; 3: Illinois steps.
   init = dict(phase=jnp.zeros((), jnp.int32), lo=lo, hi=hi, f_lo=zf, f_hi=zf,
               c_lo=jnp.zeros_like(k), c_hi=jnp.zeros_like(k), done=no,
-              keep_all=no, side=jnp.zeros(k.shape, jnp.int32), w1=big,
+              keep_all=no, side=jnp.zeros(shape, jnp.int32), w1=big,
               w2=big, it=jnp.zeros((), jnp.int32))
 
   def start(s, c_hi, c_tiny):
     """The verified bracket, once both ends (and the floor) are counted."""
     lo, hi, c_lo = s["lo"], s["hi"], s["c_lo"]
-    lo_ok, hi_ok = c_lo >= k, (c_hi < k) & (hi > lo)
+    lo_ok, hi_ok = ge(c_lo, k), ~ge(c_hi, k) & (hi > lo)
     lo = jnp.where(lo_ok, lo, tiny)
-    c_lo = jnp.where(lo_ok, c_lo, c_tiny)
+    c_lo = where(lo_ok, c_lo, c_tiny)
     hi = jnp.where(hi_ok, hi, top)
-    c_hi = jnp.where(hi_ok, c_hi, jnp.zeros_like(c_hi))
+    c_hi = where(hi_ok, c_hi, jnp.zeros_like(c_hi))
     # Fewer than k nonzero entries (only possible after the fallback): keep
     # all.
-    keep_all = ~lo_ok & (c_lo <= k)
+    keep_all = ~lo_ok & ge(k, c_lo)
     return dict(s, phase=jnp.full((), 3, jnp.int32), lo=lo, hi=hi,
-                f_lo=(c_lo - k).astype(jnp.float32),
-                f_hi=-(k - c_hi).astype(jnp.float32), c_lo=c_lo, c_hi=c_hi,
+                f_lo=(c_lo - k).astype(jnp.float32) if not wide else diff(
+                    c_lo, k),
+                f_hi=-(k - c_hi).astype(jnp.float32) if not wide else diff(
+                    c_hi, k), c_lo=c_lo, c_hi=c_hi,
                 keep_all=keep_all,
-                done=keep_all | (c_lo == k) | (hi - lo <= 1))
+                done=keep_all | eq(c_lo, k) | (hi - lo <= 1))
 
   def after_lo(s, c, mid):
     del mid
@@ -228,7 +326,7 @@ def _search(count_fn, k, maxval, lo_cand, hi_cand):
 
   def after_hi(s, c, mid):
     del mid
-    need_floor = jnp.any(s["c_lo"] < k)
+    need_floor = jnp.any(~ge(s["c_lo"], k))
     return jax.lax.cond(
         need_floor,
         lambda: dict(s, phase=jnp.full((), 2, jnp.int32), c_hi=c),
@@ -242,9 +340,8 @@ def _search(count_fn, k, maxval, lo_cand, hi_cand):
     # Illinois false position on count(bits) - k: f_lo > 0 > f_hi.
     lo, hi = s["lo"], s["hi"]
     width = hi - lo
-    f_mid = jnp.where(c_mid >= k, (c_mid - k).astype(jnp.float32),
-                      -(k - c_mid).astype(jnp.float32))
-    go_up = c_mid >= k  # mid is a valid threshold: move lo up
+    f_mid = diff(c_mid, k)
+    go_up = ge(c_mid, k)  # mid is a valid threshold: move lo up
     active = ~s["done"]
     up, down = active & go_up, active & ~go_up
     # Illinois: the end kept twice in a row gets its value halved.
@@ -254,8 +351,8 @@ def _search(count_fn, k, maxval, lo_cand, hi_cand):
                                             s["f_hi"] / 2, s["f_hi"]))
     new_lo = jnp.where(up, mid, lo)
     new_hi = jnp.where(down, mid, hi)
-    c_lo = jnp.where(up, c_mid, s["c_lo"])
-    done = s["done"] | (c_lo == k) | (new_hi - new_lo <= 1)
+    c_lo = where(up, c_mid, s["c_lo"])
+    done = s["done"] | eq(c_lo, k) | (new_hi - new_lo <= 1)
     return dict(s, lo=new_lo, hi=new_hi, f_lo=f_lo, f_hi=f_hi, c_lo=c_lo,
                 done=done,
                 side=jnp.where(up, 1, jnp.where(down, -1, s["side"])),
@@ -314,6 +411,44 @@ def _global_thresholds(groups: _Groups, k: jax.Array, n: int) -> jax.Array:
   sample = jnp.sort(jnp.concatenate(samples, axis=1), axis=1)
   lo, hi = _bracket(sample, k, n)
   return _search(count_fn, k, maxval, lo, hi)
+
+
+def _wide_global_thresholds(leaves, kn: int, n: int) -> jax.Array:
+  """`[T]` global thresholds counted leaf by leaf in wide pairs.
+
+  For a model of 2**32 or more entries per task, or a sharded program:
+  every leaf is counted where it lies (no concatenated copy, no gather),
+  each leaf's uint32 count split into a `wide_count` pair, so the model
+  may hold up to 2**48 entries per task (one leaf: under 2**32).
+  """
+  T = leaves[0].shape[0]
+  for x in leaves:
+    if int(np.prod(x.shape[1:], dtype=np.int64)) >= 2 ** 32:
+      raise ValueError(f"a leaf of shape {x.shape[1:]} has 2**32 or more "
+                       "entries per task; split it")
+  if n >= 2 ** 48:
+    raise ValueError(f"global top-k over {n} entries per task: at most "
+                     "2**48 are counted exactly")
+  groups = _unstacked(leaves)
+
+  def count_fn(bits):
+    thr = _float(bits)[None, :, None, None]
+    per_leaf = [jnp.sum(_row_counts(jnp.abs(a), thr), axis=(0, 2),
+                        dtype=jnp.uint32)
+                for a in _in_loop(groups.arrays, bits)]
+    return wide_count(jnp.stack(per_leaf, axis=-1))       # [T, 2]
+  maxval = jnp.max(jnp.stack([_absmax(a, (0, 2, 3))
+                              for a in groups.arrays]), axis=0)
+  samples = []
+  for a in groups.arrays:
+    _, _, R, C = a.shape
+    m = max(1, int(_GLOBAL_SAMPLE * R * C / n))
+    samples.append(_sample_sorted(a, m)[0])                # [T, m_leaf]
+  sample = jnp.sort(jnp.concatenate(samples, axis=1), axis=1)
+  k = jnp.broadcast_to(jnp.asarray([kn >> 16, kn & 0xffff], jnp.uint32),
+                       (T, 2))
+  lo, hi = _bracket(sample, jnp.full((T,), float(kn), jnp.float32), n)
+  return _search(count_fn, k, maxval, lo, hi, wide=True)
 
 
 def _members(shapes) -> list[list[int]]:
@@ -376,14 +511,13 @@ def flat_thresholds(tvs: Tree, fraction: float | Tree,
 
   if scope == "global":
     n = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
-    if n >= 2 ** 32:
-      raise ValueError(f"global top-k over {n} entries per task exceeds the "
-                       "uint32 counter; use scope='per_tensor'")
     kn = int(kf[0](n))
     if kn <= 0:
       return jnp.full((T,), jnp.inf, jnp.float32)
-    return _global_thresholds(_flat_group(leaves),
-                              jnp.full((T,), kn, jnp.uint32), n)
+    if n < 2 ** 32 and not _sharded():
+      return _global_thresholds(_flat_group(leaves),
+                                jnp.full((T,), kn, jnp.uint32), n)
+    return _wide_global_thresholds(leaves, kn, n)
 
   # Per-tensor and per-row searches run jointly over one flat vector of
   # search groups, so one pass counts every group of every leaf.
@@ -396,12 +530,12 @@ def flat_thresholds(tvs: Tree, fraction: float | Tree,
     k = jnp.asarray(np.array([kf[i](n) for i in idx], np.int32))
     if per_tensor:
       k = jnp.broadcast_to(k[:, None], (G, T))
-      mx = jnp.max(jnp.abs(a), axis=(2, 3))
+      mx = _absmax(a, (2, 3))
       lo, hi = _bracket(_sample_sorted(a, _TENSOR_SAMPLE).reshape(G * T, -1),
                         jnp.maximum(k, 1).reshape(-1), n)
     else:  # rows are short: search the full range
       k = jnp.broadcast_to(k[:, None, None], (G, T, R))
-      mx = jnp.max(jnp.abs(a), axis=3)
+      mx = _absmax(a, 3)
       lo = jnp.zeros((G * T * R,), jnp.float32)
       hi = jnp.full((G * T * R,), jnp.inf, jnp.float32)
     ks.append(k.reshape(-1)); maxes.append(mx.reshape(-1))
@@ -410,7 +544,8 @@ def flat_thresholds(tvs: Tree, fraction: float | Tree,
 
   def count_fn(bits):
     out = []
-    for a, b, shp in zip(groups.arrays, jnp.split(bits, splits), shapes):
+    for a, b, shp in zip(_in_loop(groups.arrays, bits),
+                         jnp.split(bits, splits), shapes):
       thr = _float(b).reshape(shp)
       if per_tensor:
         out.append(jnp.sum(_row_counts(jnp.abs(a), thr[..., None, None]),
