@@ -165,8 +165,21 @@ def pad_classes(head: dict, multiple: int = 8) -> dict:
 _LOSSES: dict[tuple, tuple] = {}
 
 
+def _sam_rho(config) -> float | None:
+  """`config.sam.rho` (SAM fine-tuning, `mtmerge.flat`), or None if unset."""
+  sam_cfg = config.get("sam")
+  if not sam_cfg:
+    return None
+  from mtmerge.flat import sam  # pylint: disable=g-import-not-at-top
+  sam_cfg = dict(sam_cfg)
+  if set(sam_cfg) != {"rho"}:
+    raise sam.FlatError(f"finetune.sam must be dict(rho=...), got {sam_cfg}")
+  return sam.check_rho(sam_cfg["rho"])
+
+
 def _objective(encoder, config, head) -> train.Objective:
-  key = (id(encoder.static), config.mode, config.trainable)
+  rho = _sam_rho(config)
+  key = (id(encoder.static), config.mode, config.trainable, rho)
   if key not in _LOSSES or _LOSSES[key][0] is not encoder:
     loss_fn, init = _loss_fn(encoder, config.mode, config.trainable)
 
@@ -174,6 +187,9 @@ def _objective(encoder, config, head) -> train.Objective:
       del rng  # deterministic: no dropout while fine-tuning
       ce, acc = loss_fn(params, consts["head"], batch, consts.get("frozen"))
       return ce, {"acc": acc}
+    if rho is not None:  # single-task SAM: task vectors from flat regions
+      from mtmerge.flat import objective as flat_obj  # pylint: disable=g-import-not-at-top
+      loss = flat_obj.sam_loss(loss, rho)
     _LOSSES[key] = (encoder, loss, init)
   _, loss, init = _LOSSES[key]
   consts = {"head": pad_classes(head)}
@@ -230,8 +246,10 @@ def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
     config: `mode` (standard | tangent), `trainable` (regex), `steps`,
       `batch_size` (global), `lr`, `warmup`, `weight_decay`, `save_every`,
       `average_last` (0 = off), `seed`, `limit`, `max_len`, optional
-      `log_every`.
-    workdir: runs go to `workdir/finetune/<task>-<mode>`.
+      `log_every`, optional `sam=dict(rho=...)` (sharpness-aware
+      fine-tuning, `mtmerge.flat.objective.sam_loss`).
+    workdir: runs go to `workdir/finetune/<task>-<mode>` (`-sam` appended
+      with `sam`).
     progress: show a progress bar.
     mesh: the device mesh (default `default_mesh()`); the batch is split
       over its `data` and `fsdp` axes.
@@ -259,8 +277,9 @@ def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
   p_sh = None
   if rules is not None:
     p_sh = sharding.shardings_from_rules(objective.init, rules, mesh)
+  suffix = "" if _sam_rho(config) is None else "-sam"
   run = checkpoint.Run(
-      os.path.join(workdir, "finetune", f"{task.name}-{config.mode}"),
+      os.path.join(workdir, "finetune", f"{task.name}-{config.mode}{suffix}"),
       fingerprint(encoder, task, config, head),
       max_to_keep=max(2, int(config.average_last)))
   b = None

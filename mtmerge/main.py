@@ -19,6 +19,7 @@ JOBS = {"benchmark": "mtmerge.benchmark", "demo": "mtmerge.demo"}
 JOBS["logits_fusion"] = "mtmerge.fusion.logits_bench"  # Dynamic Logits Fusion
 JOBS["scalearn"] = "mtmerge.transfer.bench"  # ScaLearn transfer
 JOBS["ot_fusion"] = "mtmerge.fusion.ot_bench"  # Transformer OT fusion
+JOBS["flat_sam"] = "mtmerge.flat.bench"  # task-based flat regions (SAM)
 
 
 def main(argv):
