@@ -615,6 +615,17 @@ def save(flat: Mapping[str, Any], path: str, layout: Layout | None = None,
 _CJSON, _TAU, _MASKS = "compressed.json", "tau.safetensors", "masks.safetensors"
 
 
+def compressed_meta(method: str, hparams: Mapping[str, Any], rescalers: Any,
+                    base_layout: Layout) -> dict[str, Any]:
+  """The `compressed.json` of a compressed merge (also the streamed one's)."""
+  from mtmerge import __version__
+  r = np.asarray(rescalers, np.float32).reshape(-1)
+  return {"format": "mtmerge.compressed", "mtmerge_version": __version__,
+          "method": method, "hparams": dict(hparams),
+          "num_tasks": int(r.shape[0]), "rescalers": [float(x) for x in r],
+          "base_dtypes": base_layout.dtypes}
+
+
 def save_compressed(compressed: Any, base_layout: Layout, path: str,
                     method: str, hparams: Mapping[str, Any]) -> dict[str, Any]:
   """Writes a `Compressed` as a directory: tau, packed masks, json.
@@ -629,16 +640,11 @@ def save_compressed(compressed: Any, base_layout: Layout, path: str,
     `{"bytes": size on disk, "full_bytes": T times the base's weight files,
     "ratio": bytes / full_bytes}`.
   """
-  from mtmerge import __version__
   tau, masks = dict(compressed.tau), dict(compressed.masks)
   _check_names(tau, base_layout, "the compressed vector", floats_only=True)
   _check_names(masks, base_layout, "the compressed masks", floats_only=True)
-  rescalers = np.asarray(compressed.rescalers, np.float32).reshape(-1)
-  T = int(rescalers.shape[0])
-  meta = {"format": "mtmerge.compressed", "mtmerge_version": __version__,
-          "method": method, "hparams": dict(hparams), "num_tasks": T,
-          "rescalers": [float(r) for r in rescalers],
-          "base_dtypes": base_layout.dtypes}
+  meta = compressed_meta(method, hparams, compressed.rescalers, base_layout)
+  T = meta["num_tasks"]
   tau = {k: _cast(x, np_dtype(base_layout.dtypes[k])) for k, x in tau.items()}
   masks = {k: _cast(x, np.dtype(np.uint8)) for k, x in masks.items()}
 

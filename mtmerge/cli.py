@@ -231,13 +231,16 @@ def _merge(args) -> None:
   cli_output.check_space(args.out, cli_output.compressed_bytes(
       layout, len(args.models)) if spec.compressed else layout.nbytes)
   from mtmerge import streaming
-  if not (spec.compressed or args.in_memory) and streaming.streams(name, full):
+  if not args.in_memory and streaming.streams(name, full):
     info = streaming.merge_files(
         name, args.base, args.models, args.out, progress=not args.no_progress,
         max_memory=streaming.parse_size(args.max_memory), mesh=args.mesh,
-        layout=cli_output.output_layout(layout, args.out, form), **hparams)
-    _report(args, name, full, t0, f"{form}, {_size(info['bytes'])}, streamed "
-            f"in {len(info['passes'])} passes of {info['blocks']} blocks")
+        layout=None if spec.compressed else cli_output.output_layout(
+            layout, args.out, form), **hparams)
+    what = f"{form}, {_size(info['bytes'])}" if not spec.compressed else (
+        f"compressed, {_size(info['bytes'])} = {100 * info['ratio']:.1f}%")
+    _report(args, name, full, t0, f"{what}, streamed in "
+            f"{len(info['passes'])} passes of {info['blocks']} blocks")
     return
   if not (spec.compressed or args.in_memory):
     # stdout, like the report: stderr keeps the one-line error contract.

@@ -190,10 +190,9 @@ def test_output_is_atomic(ckpts, tmp_path, monkeypatch):
 def test_refusals_and_bad_input(ckpts, tmp_path):
   bp, mps = ckpts["f32"]
   out = str(tmp_path / "o.safetensors")
-  with pytest.raises(ValueError, match="'tsv_merging' cannot run streamed"):
-    streaming.merge_files("tsv_merging", bp, mps, out, progress=False)
-  with pytest.raises(ValueError, match="'emr_merging' writes a compressed"):
-    streaming.merge_files("emr_merging", bp, mps, out, progress=False)
+  with pytest.raises(ValueError, match="variant='official' cannot run"):
+    streaming.merge_files("pcb_merging", bp, mps, out, variant="official",
+                          progress=False)
   with pytest.raises(ValueError, match="threshold must be in"):
     streaming.merge_files("ties_merging", bp, mps, out, threshold=1.5,
                           progress=False)

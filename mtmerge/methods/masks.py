@@ -96,32 +96,51 @@ def consensus(base: Tree, tvs: Tree, k: int = 2, tall_mask_lambda: Any = 0.6,
   return task_vectors.apply(base, merged, scaling_factor)
 
 
+def emr_unified(x: jax.Array) -> jax.Array:
+  """One leaf's tau_uni: the elected sign times the largest agreeing |tau_t|."""
+  x = x.astype(jnp.float32)
+  sign = jnp.where(jnp.sum(x, axis=0) > 0, 1.0, -1.0)
+  mag = jnp.max(jnp.where(x * sign > 0, jnp.abs(x), 0.0), axis=0)
+  return sign * mag
+
+
+def emr_masks(x: jax.Array, u: jax.Array) -> jax.Array:
+  """One leaf's task masks `M_t = (tau_t * tau_uni > 0)`, bool `[T, ...]`."""
+  return x.astype(jnp.float32) * u[None] > 0
+
+
+def emr_mean_abs(x: jax.Array, u: jax.Array, m: jax.Array):
+  """One leaf's `(mean|tau_t|, mean|M_t * tau_uni|)`, each `[T]`."""
+  def per_task_mean(y):  # [T, ...] -> [T]
+    return jnp.mean(jnp.abs(y.astype(jnp.float32)).reshape(y.shape[0], -1),
+                    axis=1)
+  return per_task_mean(x), per_task_mean(jnp.where(m, u[None], 0.0))
+
+
+def emr_rescalers(num: jax.Array, den: jax.Array) -> jax.Array:
+  """`num / den` per task from the model-wide sums of the leaves' means.
+
+  A task whose mask is empty is served by the base model: rescaler 0.
+  """
+  return jnp.where(den == 0, 0.0, num / jnp.where(den == 0, 1.0, den))
+
+
 def emr_compress(tvs: Tree) -> compressed.Compressed:
   """EMR's unified vector, per-task masks and rescalers.
 
   * sign: `sign(sum_t tau_t)`, a zero sum counting as -1 (official code);
   * tau_uni: that sign times the largest |tau_t| among tasks agreeing with
-    it;
-  * masks: `M_t = (tau_t * tau_uni > 0)`;
-  * rescalers: `sum_leaves mean|tau_t| / sum_leaves mean|M_t * tau_uni|`.
+    it (`emr_unified`);
+  * masks: `M_t = (tau_t * tau_uni > 0)` (`emr_masks`);
+  * rescalers: `sum_leaves mean|tau_t| / sum_leaves mean|M_t * tau_uni|`
+    (per-leaf partials `emr_mean_abs`, combined by `emr_rescalers`).
   """
-  def uni(x):
-    x = x.astype(jnp.float32)
-    sign = jnp.where(jnp.sum(x, axis=0) > 0, 1.0, -1.0)
-    mag = jnp.max(jnp.where(x * sign > 0, jnp.abs(x), 0.0), axis=0)
-    return sign * mag
-  tau_uni = jax.tree.map(uni, tvs)
-  masks = jax.tree.map(lambda x, u: x.astype(jnp.float32) * u[None] > 0,
-                       tvs, tau_uni)
-
-  def per_task_mean(x):  # [T, ...] -> [T]
-    return jnp.mean(jnp.abs(x.astype(jnp.float32)).reshape(x.shape[0], -1),
-                    axis=1)
-  num = sum(per_task_mean(x) for x in jax.tree.leaves(tvs))
-  den = sum(per_task_mean(jnp.where(m, u[None], 0.0)) for m, u in zip(
-      jax.tree.leaves(masks), jax.tree.leaves(tau_uni)))
-  # A task whose mask is empty is served by the base model: rescaler 0.
-  rescalers = jnp.where(den == 0, 0.0, num / jnp.where(den == 0, 1.0, den))
+  tau_uni = jax.tree.map(emr_unified, tvs)
+  masks = jax.tree.map(emr_masks, tvs, tau_uni)
+  parts = [emr_mean_abs(x, u, m) for x, u, m in zip(
+      jax.tree.leaves(tvs), jax.tree.leaves(tau_uni), jax.tree.leaves(masks))]
+  rescalers = emr_rescalers(sum(p[0] for p in parts),
+                            sum(p[1] for p in parts))
   tau_uni = tree_lib.cast_like(tau_uni, jax.tree.map(lambda x: x[0], tvs))
   return compressed.compress(tau_uni, masks, rescalers)
 

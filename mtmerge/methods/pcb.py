@@ -25,7 +25,7 @@ Two variants (`variant=`):
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,36 +51,90 @@ def _task_min_max(tree, lead=1):
   return mn, mx
 
 
+def _b(s, x, lead):
+  """Per-(leading index) statistic `s` broadcast against leaf `x`."""
+  return s.reshape(s.shape + (1,) * (x.ndim - lead))
+
+
+def norm_leaf(x, mn, mx, lead=1):
+  """Min-max normalization of one leaf given the model-wide min and max."""
+  rng = jnp.where(mx > mn, mx - mn, 1.0)
+  return (x - _b(mn, x, lead)) / _b(rng, x, lead)
+
+
+def exp_leaf(x, mx, lead=1):
+  """`exp(x - max)`: a softmax's numerator given the model-wide max."""
+  return jnp.exp(x - _b(mx, x, lead))
+
+
+def exp_sum(x, mx, lead=1):
+  """One leaf's part of a softmax's denominator."""
+  return jnp.sum(exp_leaf(x, mx, lead).reshape(x.shape[:lead] + (-1,)),
+                 axis=-1)
+
+
 def _minmax(tree, lead=1):
   mn, mx = _task_min_max(tree, lead)
-  rng = jnp.where(mx > mn, mx - mn, 1.0)
-  def one(x):
-    s = mn.shape + (1,) * (x.ndim - lead)
-    return (x - mn.reshape(s)) / rng.reshape(s)
-  return jax.tree.map(one, tree)
+  return jax.tree.map(lambda x: norm_leaf(x, mn, mx, lead), tree)
 
 
-def _softmax(logits, lead=1):
-  """Softmax over all entries of all leaves, per leading index."""
-  _, mx = _task_min_max(logits, lead)
-  def ex(x):
-    return jnp.exp(x - mx.reshape(mx.shape + (1,) * (x.ndim - lead)))
-  e = jax.tree.map(ex, logits)
-  z = sum(jnp.sum(x.reshape(x.shape[:lead] + (-1,)), axis=-1)
-          for x in jax.tree.leaves(e))
-  return jax.tree.map(lambda x: x / z.reshape(z.shape + (1,) * (x.ndim - lead)),
-                      e)
+def intra_logits(x, sq_min, sq_max, T):
+  """`T * norm(tau * tau)` of one float32 leaf (the paper's intra logits)."""
+  return T * norm_leaf(x * x, sq_min, sq_max)
+
+
+def inter_logits(x, pair_min, pair_max):
+  """`norm(tau_i * tau_j)` `[T, T, ...]` of one float32 leaf."""
+  return norm_leaf(x[:, None] * x[None, :], pair_min, pair_max, lead=2)
+
+
+class PaperStats(NamedTuple):
+  """The paper variant's model-wide statistics, per task (or task pair).
+
+  `sq_*`: min/max of tau^2 `[T]`; `pair_*`: of tau_i tau_j `[T, T]`;
+  `intra_*`/`inter_*`: max and exp-sum of the logits (the softmaxes).
+  """
+  sq_min: Any
+  sq_max: Any
+  pair_min: Any
+  pair_max: Any
+  intra_max: Any
+  intra_sum: Any
+  inter_max: Any
+  inter_sum: Any
+
+
+def paper_beta(x, st: PaperStats, T):
+  """`beta = intra * inter` of one float32 leaf `[T, ...]` given `st`."""
+  il = intra_logits(x, st.sq_min, st.sq_max, T)
+  intra = exp_leaf(il, st.intra_max) / _b(st.intra_sum, il, 1)
+  pl = inter_logits(x, st.pair_min, st.pair_max)
+  inter = jnp.sum(exp_leaf(pl, st.inter_max, 2) / _b(st.inter_sum, pl, 2),
+                  axis=1)
+  return intra * inter
+
+
+def paper_merge(b, x):
+  """`sum_i beta_i tau_i / sum_i beta_i` of one leaf (kept `beta`)."""
+  den = jnp.maximum(jnp.sum(b, axis=0), 1e-12)
+  return jnp.sum(b * x, axis=0) / den
 
 
 def _paper_scores(tvs, T):
   tv32 = jax.tree.map(lambda x: x.astype(jnp.float32), tvs)
-  intra = _softmax(jax.tree.map(lambda x: T * x, _minmax(
-      jax.tree.map(lambda x: x * x, tv32))))
+  sq_min, sq_max = _task_min_max(jax.tree.map(lambda x: x * x, tv32))
   # Pairwise products [T, T, ...]: normalized and softmaxed per pair (i, j).
-  pair = jax.tree.map(lambda x: x[:, None] * x[None, :], tv32)
-  inter = jax.tree.map(lambda s: jnp.sum(s, axis=1),
-                       _softmax(_minmax(pair, lead=2), lead=2))
-  return jax.tree.map(jnp.multiply, intra, inter), tv32
+  pair_min, pair_max = _task_min_max(
+      jax.tree.map(lambda x: x[:, None] * x[None, :], tv32), lead=2)
+  il = jax.tree.map(lambda x: intra_logits(x, sq_min, sq_max, T), tv32)
+  pl = jax.tree.map(lambda x: inter_logits(x, pair_min, pair_max), tv32)
+  _, intra_max = _task_min_max(il)
+  _, inter_max = _task_min_max(pl, lead=2)
+  st = PaperStats(sq_min, sq_max, pair_min, pair_max, intra_max,
+                  sum(exp_sum(x, intra_max) for x in jax.tree.leaves(il)),
+                  inter_max,
+                  sum(exp_sum(x, inter_max, 2) for x in jax.tree.leaves(pl)))
+  return jax.tree.map(lambda x: paper_beta(x, st, T), tv32), tv32
 
 
 def _official_scores(tvs, T, ratio):
@@ -127,8 +181,5 @@ def pcb_merging(base: Tree, tvs: Tree, ratio: float = 0.1,
     beta = jax.tree.map(lambda b, t: jnp.where(b >= t, b, 0.0), beta, thr)
   else:
     beta, vecs = _official_scores(tvs, T, ratio)
-  def merge(b, x):
-    den = jnp.maximum(jnp.sum(b, axis=0), 1e-12)
-    return jnp.sum(b * x, axis=0) / den
-  return task_vectors.apply(base, jax.tree.map(merge, beta, vecs),
+  return task_vectors.apply(base, jax.tree.map(paper_merge, beta, vecs),
                             scaling_factor)

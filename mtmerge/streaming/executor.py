@@ -165,9 +165,10 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
   from mtmerge import methods
   t0 = time.time()
   spec = methods.get(method)
-  if spec.compressed:
-    raise ValueError(f"method {method!r} writes a compressed form, which "
-                     "has no streamed writer yet; use the in-memory path")
+  if spec.compressed:  # TALL masks, EMR: a compressed directory, one device
+    from mtmerge.streaming import recipes_masks
+    return recipes_masks.compress_files(method, base, models, out,
+                                        max_memory, progress, **hparams)
   full = spec.check(hparams, len(models))
   place = placement.make(mesh)
   recipe = recipes.for_method(method, full, len(models), place)
@@ -179,6 +180,7 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
     raise ValueError("the output layout must hold the base's tensors")
   blocks = reader.plan(inputs, bytes_per_entry(inputs), int(max_memory),
                        olayout, place.size if place else 1)
+  blocks = recipe.blocks(blocks)
   ex = Executor(inputs, progress, place)
   for p in recipe.passes(blocks):
     ex.run(p)

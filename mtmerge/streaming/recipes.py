@@ -59,6 +59,10 @@ class Recipe:
   def passes(self, blocks: list) -> Iterator[Pass]:
     return iter(())
 
+  def blocks(self, blocks: list) -> list:
+    """The blocks this method needs (TSV: whole matrices); default as planned."""
+    return blocks
+
   def apply(self, blk: reader.Block, b, ms, out_sharding=None):
     """The block's merged rows (constrained to `out_sharding` on a mesh)."""
     raise NotImplementedError
@@ -231,6 +235,10 @@ def for_method(name: str, full: dict[str, Any], T: int,
   Raises:
     ValueError: naming the method when it cannot be streamed (yet).
   """
+  from mtmerge.streaming import recipes_lowrank, recipes_masks
+  for mod in (recipes_masks, recipes_lowrank):  # modules subclassing Recipe
+    if name in mod.METHODS:
+      return mod.for_method(name, full, T, place)
   if name == "consensus" and full["base_method"] == "ties":
     return TopK(name, full, T, place)
   if name in _LOCAL or name in _WHOLE_ONLY or (
@@ -246,7 +254,9 @@ def for_method(name: str, full: dict[str, Any], T: int,
 
 def supported() -> list[str]:
   """Methods with a streamed form (some only for some hparams)."""
-  return sorted(set(_LOCAL + _TOPK + _WHOLE_ONLY + ("consensus",)))
+  from mtmerge.streaming import recipes_lowrank, recipes_masks
+  return sorted(set(_LOCAL + _TOPK + _WHOLE_ONLY + ("consensus",)
+                    + recipes_masks.METHODS + recipes_lowrank.METHODS))
 
 
 def streams(name: str, full: dict[str, Any]) -> bool:

@@ -54,8 +54,14 @@ def _check_merge_func(merge_func: str) -> None:
                      f"{merge_func!r}")
 
 
+def vote_signs(x: jax.Array, method: str = "sum") -> jax.Array:
+  """One leaf's votes (+1, -1 or 0, float32) before zero votes are filled."""
+  x = x.astype(jnp.float32)
+  return jnp.sign(task_sum(x if method == "sum" else jnp.sign(x)))
+
+
 def elected_signs(tvs: Tree, method: str = "sum",
-                  zero_sign: str = "majority") -> Tree:
+                  zero_sign: str = "majority", total: Any = None) -> Tree:
   """The elected sign (+1/-1) of every entry, a tree without the task axis.
 
   Args:
@@ -65,27 +71,28 @@ def elected_signs(tvs: Tree, method: str = "sum",
     zero_sign: where the vote is 0: `majority` = the sign of the sum of all
       elected signs over the whole tree (official TIES code's
       `resolve_zero_signs`), `positive` = +1 (mergekit).
+    total: the sum of all votes of the whole model when `tvs` is only part
+      of it (a streamed block); None sums the votes of `tvs`.
   """
   _check_sign_args(method, zero_sign)
-
-  def vote(x):
-    x = x.astype(jnp.float32)
-    return jnp.sign(task_sum(x if method == "sum" else jnp.sign(x)))
-
-  votes = jax.tree.map(vote, tvs)
+  votes = jax.tree.map(lambda x: vote_signs(x, method), tvs)
   if zero_sign == "positive":
     fill = jnp.ones((), jnp.float32)
   else:
-    fill = jnp.sign(tree_lib.tree_sum(votes))
+    fill = jnp.sign(tree_lib.tree_sum(votes) if total is None else total)
     fill = jnp.where(fill == 0, 1.0, fill)
   return jax.tree.map(lambda s: jnp.where(s == 0, fill, s), votes)
 
 
-def elect_sign(method: str = "sum", zero_sign: str = "majority"
-               ) -> base.MergeTransform:
-  """Zeroes each task's entries whose sign disagrees with the elected sign."""
+def elect_sign(method: str = "sum", zero_sign: str = "majority",
+               total: Any = None) -> base.MergeTransform:
+  """Zeroes each task's entries whose sign disagrees with the elected sign.
+
+  `total`: the model-wide vote sum when the tree is one block of a model
+  (`elected_signs`).
+  """
   def fn(tvs):
-    signs = elected_signs(tvs, method, zero_sign)
+    signs = elected_signs(tvs, method, zero_sign, total)
     return jax.tree.map(
         lambda x, s: jnp.where(jnp.sign(x) == s.astype(x.dtype), x, 0),
         tvs, signs)

@@ -196,18 +196,34 @@ def magnitude_rank_drop(drop_rate: float, epsilon: float, key: jax.Array,
 
   def fn(tvs):
     def one(x, k):
-      x2 = x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim > 2 else (
-          x.reshape(x.shape[0], 1, -1))
-      r = _ascending_rank_fraction(jnp.abs(x2).astype(jnp.float32))
-      p_keep = jnp.clip((1.0 - drop_rate - epsilon) + 2.0 * epsilon * r, 0, 1)
-      u = jax.random.uniform(k, x2.shape)
-      kept = u < p_keep
-      y = x2.astype(jnp.float32)
-      if rescale:
-        y = y / jnp.where(p_keep > 0, p_keep, 1.0)
-      return jnp.where(kept, y, 0).astype(x.dtype).reshape(x.shape)
+      u = jax.random.uniform(k, della_rows(x).shape)
+      return magprune(x, u, drop_rate, epsilon, rescale)
     return jax.tree.map(one, tvs, _leaf_keys(key, tvs))
   return base.stateless(fn)
+
+
+def della_rows(x: jax.Array) -> jax.Array:
+  """A leaf `[T, ...]` as DELLA's rows `[T, rows, last axis]` (a view)."""
+  return x.reshape(x.shape[0], -1, x.shape[-1]) if x.ndim > 2 else (
+      x.reshape(x.shape[0], 1, -1))
+
+
+def magprune(x: jax.Array, u: jax.Array, drop_rate: float, epsilon: float,
+             rescale: bool = True) -> jax.Array:
+  """DELLA's MagPrune of one leaf `[T, ...]` given its uniform draws `u`.
+
+  `u` has the shape of `della_rows(x)`; the in-memory transform draws it
+  for the whole leaf, the streamed executor the same floats block by block
+  (rows are never split, so a block's ranks are the leaf's).
+  """
+  x2 = della_rows(x)
+  r = _ascending_rank_fraction(jnp.abs(x2).astype(jnp.float32))
+  p_keep = jnp.clip((1.0 - drop_rate - epsilon) + 2.0 * epsilon * r, 0, 1)
+  kept = u < p_keep
+  y = x2.astype(jnp.float32)
+  if rescale:
+    y = y / jnp.where(p_keep > 0, p_keep, 1.0)
+  return jnp.where(kept, y, 0).astype(x.dtype).reshape(x.shape)
 
 
 def apply_mask(mask: Tree) -> base.MergeTransform:
