@@ -33,7 +33,7 @@ def get_config(arg=None):
   # makes each parent's random basis matter, as for the paper's parents.
   c.model = dict(layers=2, heads=4, hidden=64, ffn=128, narrow_hidden=32,
                  narrow_ffn=64, init_scale=float(args.get("init_scale", 0.2)))
-  c.seeds = [0, 1]
+  c.seeds = (0, 1)  # a tuple: `--config.seeds="(2, 3)"` overrides it
   c.narrow_seed = 2
   c.train = dict(steps=600, lr=1e-3, batch=32)
   c.finetune = dict(steps=100, lr=3e-4, batch=32)
@@ -48,8 +48,8 @@ def get_config(arg=None):
     c.limits = dict(train=128, validation=32, test=64)
     c.model = dict(layers=1, heads=2, hidden=16, ffn=32, narrow_hidden=8,
                    narrow_ffn=16, init_scale=0.2)
-    # Equal settings: one compiled train step per width serves both.
-    c.train = c.finetune = dict(steps=2, lr=1e-3, batch=16)
+    c.train = dict(steps=1, lr=1e-3, batch=16)
+    c.finetune = dict(steps=0, lr=3e-4, batch=16)  # the same trainer path
     c.fusion.samples = 8
     c.fusion.regs = [0.05]
   return c

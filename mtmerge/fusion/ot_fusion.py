@@ -169,7 +169,7 @@ def align(src: Params, tgt: Params, num_heads: int, *, reg: float = 0.0,
   sub = lambda d, p: {k[len(p) + 1:]: v for k, v in d.items()
                       if k.startswith(p + "/")}
   hard = float(reg) == 0
-  reg = jnp.float32(reg)
+  reg = jnp.float32(reg)  # traced by the solver: no recompile per value
   static = dict(num_heads=int(num_heads), hard=hard, residual=residual)
   out, maps = {}, {}
   tables = [f"embeddings/{e}/embedding" for e in _EMB]
@@ -200,13 +200,8 @@ def align(src: Params, tgt: Params, num_heads: int, *, reg: float = 0.0,
 def _plan(ws, wt, as_, at, reg, *, hard):
   """Transport map from weight descriptors, or activations when given."""
   xs, xt = (ws, wt) if as_ is None else (as_.T, at.T)
-  cost = ot_align.cost_matrix(xs, xt)
-  return ot_align.transport(cost, 0.0) if hard else _soft(cost, reg)
-
-
-@jax.jit
-def _soft(cost, reg):
-  return ot_align.transport(cost, reg)
+  return ot_align.transport(ot_align.cost_matrix(xs, xt),
+                            0.0 if hard else reg)
 
 
 @jax.jit
@@ -219,15 +214,14 @@ def _apply_out(leaves, tm):
 def _layer(s, t, as_, at, res, reg, *, num_heads, hard, residual):
   """Aligns one post-LN BERT layer; returns `(params, maps, stream map)`.
 
-  Soft alignment runs as one compiled program per layer shape (shared by
-  all layers); hard alignment runs eagerly, solving each assignment on the
-  host, so it works on inputs sharded over any devices.
+  Runs eagerly: the solvers and cost kernels are compiled once per shape
+  and shared by every layer, by hard and soft alignment and by weight and
+  activation descriptors (one compiled program per combination compiled
+  several times slower on CPU); exact assignments are solved on the host,
+  so inputs may be sharded over any devices.
   """
-  if hard:
-    return _layer_impl(s, t, as_, at, res, 0.0, num_heads=num_heads,
-                       residual=residual)
-  return _layer_jit(s, t, as_, at, res, reg, num_heads=num_heads,
-                    residual=residual)
+  return _layer_impl(s, t, as_, at, res, 0.0 if hard else reg,
+                     num_heads=num_heads, residual=residual)
 
 
 def _layer_impl(s, t, as_, at, res, reg, *, num_heads, residual):
@@ -277,8 +271,6 @@ def _layer_impl(s, t, as_, at, res, reg, *, num_heads, residual):
   norm("mlp_norm", res)
   return out, maps, res
 
-
-_layer_jit = jax.jit(_layer_impl, static_argnames=("num_heads", "residual"))
 
 
 def fuse(models: Sequence[Params], num_heads: int | Sequence[int], *,
