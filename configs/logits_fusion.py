@@ -17,7 +17,7 @@ All 8 tasks:
       --workdir DIR
 Seconds-long variant (what the tests run):
   python -m mtmerge.main --config configs/logits_fusion.py:runlocal \
-      --workdir /tmp/x
+      --workdir runs/lf_runlocal
 TPU / GPU host (same code, full test splits and longer fine-tuning):
   python -m mtmerge.main --config configs/logits_fusion.py:tasks=all \
       --workdir gs://BUCKET/lf --config.finetune.steps=500
