@@ -56,9 +56,10 @@ def get_config(arg=None):
            label="ties_merging", grid=dict(scaling_factor=[0.5, 0.8, 1.2])),
   ]
   # One model on all tasks (mtmerge.flat.objective.multitask_objective),
-  # rho = 0 and every rho of sam_rhos; steps=0 skips it.
+  # rho = 0 against rho; steps=0 skips it. Each step is one batch of every
+  # task (4 x 16 examples), two gradient passes per task.
   c.multitask = ml_collections.ConfigDict(dict(
-      steps=STEPS, batch_size=16, combiner="mean", scope="joint"))
+      steps=30, batch_size=16, rho=0.05, combiner="mean", scope="joint"))
   c.eval = ml_collections.ConfigDict(dict(
       batch_size=128, max_len=32, multiple=8,
       limits=ml_collections.ConfigDict(dict(validation=64, test=384))))

@@ -101,6 +101,19 @@ def test_update_matches_numpy_paper_equations(combiner, scope):
   assert np.abs(other - want_w).max() > 1e-3
 
 
+def test_jit_equals_eager_and_no_recompile():
+  params, batch = _problem(5)
+  fn = lambda s, h, b, t: _task_loss(s, h, None, b, t)
+  f = lambda p, b: sam.flat_gradients(fn, p, b, TASKS, 0.1, "pcgrad")[0]
+  jf = jax.jit(f)
+  eager = f(params, batch)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                       atol=1e-7),
+               jf(params, batch), eager)
+  jf(params, _problem(6)[1])
+  assert jf._cache_size() == 1
+
+
 def test_perturbation_has_radius_rho_and_gradient_direction():
   params, batch = _problem(1)
   gw, gv = _np_grads(params["shared"]["w"], params["heads"]["a"]["v"],
@@ -203,8 +216,7 @@ def test_bad_input_one_clear_error():
     bench.run(c, "unused-dir-never-created")
 
 
-def test_runlocal_job_end_to_end(tmp_path, monkeypatch):
-  monkeypatch.setenv("MTMERGE_CACHE", str(tmp_path / "cache"))
+def test_runlocal_job_end_to_end(tmp_path):
   c = flat_sam_config.get_config("runlocal")
   out = bench.run(c, str(tmp_path / "w"))
   labels = [r["method"] for r in out["rows"]]

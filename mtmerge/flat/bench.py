@@ -16,8 +16,8 @@ offline text suite with frozen zero-shot heads (`mtmerge.heads`):
    pairwise cosine;
 4. the multi-task method itself: one model trained on all tasks with
    `train.fit` and `mtmerge.flat.objective.multitask_objective`, rho = 0
-   (plain equal-weight MTL) against rho > 0 (task-based flat regions), if
-   `config.multitask.steps > 0`.
+   (plain equal-weight MTL) against `config.multitask.rho` (task-based
+   flat regions), if `config.multitask.steps > 0`.
 
 `run(config, workdir)` prints the table and writes `results.json` and
 `table.txt` into the workdir.
@@ -141,6 +141,7 @@ def run(config: Any, workdir: str) -> dict:
   try:
     rhos = [sam.check_rho(r) for r in config.sam_rhos]
     sam.check_rho(config.sharpness_rho)
+    sam.check_rho(config.multitask.rho)
     sam.get_combiner(config.multitask.combiner)
   except sam.FlatError as e:
     raise ConfigError(str(e)) from None
@@ -191,7 +192,7 @@ def run(config: Any, workdir: str) -> dict:
           f"individual avg {rows[-3]['avg']}, task arithmetic "
           f"{rows[-2]['avg']}, ties {rows[-1]['avg']}", flush=True)
   if int(config.multitask.steps) > 0:
-    for rho in [0.0] + rhos:
+    for rho in (0.0, float(config.multitask.rho)):
       t0 = time.time()
       shared, log = _multitask(encoder, tasks, heads, config, rho, trainable)
       timing[f"multitask rho={rho:g} s"] = round(time.time() - t0, 1)
