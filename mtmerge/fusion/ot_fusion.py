@@ -42,6 +42,14 @@ Where the paper and the official code disagree, and what this follows:
 * Descriptors: the paper's best results use activations; this module
   defaults to weights (the code's `type: wts`, no data needed) and takes
   activations per site through `acts`.
+* Embeddings: the public code fuses only ViT (`hf_vit_fusion.py`), with
+  one map per embedding (class token, positions, patches) combined by the
+  residual policy; BERT's three tables here get one joint map, exact for
+  permuted copies. BERT's post-LN order follows the code's `hf_bert_*`
+  branches of `encoder_fusion`.
+* Anchor: the code aligns model 0 to model 1; here `anchor` is an
+  argument (default the first model), and more than two models are
+  aligned to it one by one, as the paper describes for N models.
 """
 
 from __future__ import annotations
@@ -111,7 +119,7 @@ def align(src: Params, tgt: Params, num_heads: int, *, reg: float = 0.0,
   depth = len({k.split("/")[1] for k in s if k.startswith("layers/")})
   for i in range(depth):
     p = f"layers/{i}"
-    # One compiled program serves every layer of the same shapes.
+    # Layers of equal shapes reuse the same compiled kernels.
     layer, lmaps, res = _layer(sub(s, p), sub(t, p), sub(acts[0], p),
                                sub(acts[1], p), res, reg, **static)
     out.update({f"{p}/{k}": v for k, v in layer.items()})
