@@ -238,7 +238,8 @@ def _merge(args) -> None:
         layout=None if spec.compressed else cli_output.output_layout(
             layout, args.out, form), **hparams)
     what = f"{form}, {_size(info['bytes'])}" if not spec.compressed else (
-        f"compressed, {_size(info['bytes'])} = {100 * info['ratio']:.1f}%")
+        f"compressed, {_size(info['bytes'])} = {100 * info['ratio']:.1f}% of "
+        f"{len(args.models)} full checkpoints ({_size(info['full_bytes'])})")
     _report(args, name, full, t0, f"{what}, streamed in "
             f"{len(info['passes'])} passes of {info['blocks']} blocks")
     return

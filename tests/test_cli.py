@@ -164,7 +164,8 @@ def test_bad_inputs_exit_2_with_one_line(tmp_path, capsys):
                           "NaN or Inf", np_, "'encoder.w'")
     # A method without a streamed form fails the same way (its "merging in
     # memory" note goes to stdout, not into the one error line).
-    _assert_clean_failure(tmp_path, *merge(models=[mps[0], np_],
+    _assert_clean_failure(tmp_path, *merge("--param", "variant='official'",
+                                           models=[mps[0], np_],
                                            method="pcb_merging")[::2],
                           "NaN or Inf", np_, "'encoder.w'")
   _assert_clean_failure(tmp_path, *merge(models=mps[:1])[::2],

@@ -9,9 +9,11 @@
   need the model-wide vote total: one pass of exact per-leaf sums first.
 * TSV-Merge (Gargiulo et al. 2025, "Task Singular Vectors: Reducing Task
   Interference in Model Merging"): SVDs of whole matrices, so each 2-D
-  tensor is one block (memory: T + 1 copies of the largest matrix plus its
-  factorizations, whatever `max_memory` says); other tensors stream in row
-  blocks (their update is the task mean).
+  tensor is one block, whatever `max_memory` says: memory is bounded by the
+  largest matrix (its T + 1 inputs, the prefetched next block's, the
+  float32 task vectors and the factorizations); other tensors stream in
+  row blocks (their update is the task mean). Each matrix is factorized on
+  one device, with one BLAS thread (see `methods.tsv`).
 * PCB-Merging (Du et al. 2024, "Parameter Competition Balancing for Model
   Merging"), the paper variant: min-max normalizations and softmaxes over
   each task's whole vector and a global top-k of the balancing scores are
