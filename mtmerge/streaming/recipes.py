@@ -15,6 +15,8 @@ Methods without a recipe are refused by name (`for_method`).
   `stats.kth_largest` (a tensor in one block), the TIES
   vote total from `stats.VoteTotal` when `zero_sign='majority'`, DARE's
   mask redrawn identically in every pass.
+* `recipes_masks`: TALL masks and EMR (the compressed directory);
+  `recipes_lowrank`: DELLA, TSV (whole matrices: `Recipe.blocks`) and PCB.
 """
 
 from __future__ import annotations
