@@ -84,6 +84,9 @@ def test_bit_identical(ckpts, tmp_path, method, hp):
                         BUDGET["f32"])
   if method == "della":
     assert info["blocks"] >= len(SHAPES) + 4  # emb: several blocks
+    assert info["peak_block_bytes"] <= BUDGET["f32"]
+  else:  # TSV: the whole of emb [40, 16] in one block, past the budget
+    assert info["peak_block_bytes"] >= 2 * 4 * 4 * 40 * 16 > BUDGET["f32"]
   for k in ref:
     np.testing.assert_array_equal(got[k], np.asarray(ref[k]), err_msg=k)
   np.testing.assert_array_equal(got["ids"], np.arange(5))
@@ -104,6 +107,7 @@ def test_pcb(ckpts, tmp_path):
                           BUDGET["f32"])
   assert info["passes"][:3] == ["PCB min/max", "PCB softmax maxima",
                                 "PCB softmax sums"]
+  assert info["peak_block_bytes"] <= BUDGET["f32"]  # inputs and outputs
   for k in ref:
     np.testing.assert_allclose(split[k], ref[k], rtol=1e-6, atol=1e-6,
                                err_msg=k)
@@ -167,6 +171,7 @@ def test_compressed(ckpts, tmp_path, method, hp, tag, budgets):
     np.testing.assert_allclose(got.rescalers, ref.rescalers, rtol=1e-6)
     if budget != BIG:
       assert info["blocks"] >= len(SHAPES) + 4
+      assert info["peak_block_bytes"] <= budget
 
 
 def test_cli_streams_compressed_and_bad_input(ckpts, tmp_path, capsys):
