@@ -124,6 +124,9 @@ def test_perturbation_has_radius_rho_and_gradient_direction():
   np.testing.assert_allclose(total, 0.05, rtol=1e-5)
   np.testing.assert_allclose(es["w"] / 0.05 * np.sqrt(
       np.sum(gw ** 2) + np.sum(gv ** 2)), gw, rtol=1e-4, atol=1e-6)
+  z = sam.task_perturbation({"w": jnp.asarray(gw, jnp.float32)},
+                            {"v": jnp.asarray(gv, jnp.float32)}, 0.0)
+  assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(z))
   es2, eh2 = sam.task_perturbation({"w": gw.astype(np.float32)},
                                    {"v": gv.astype(np.float32)}, 0.05,
                                    "separate")

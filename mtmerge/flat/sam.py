@@ -233,9 +233,12 @@ def flat_gradients(task_loss: Callable[..., tuple[jax.Array, Any]],
   for t in order:
     head = params["heads"][t]
     (loss, aux), (gs, gh) = vg(shared, head, batch[t], t)
-    es, eh = task_perturbation(gs, gh, rho, scope)
-    add = lambda p, e: jax.tree.map(lambda a, b: a + b, p, e)
-    (sloss, _), (gs2, gh2) = vg(add(shared, es), add(head, eh), batch[t], t)
+    if rho == 0:  # eps_t = 0 exactly: the second pass would repeat the first
+      sloss, gs2, gh2 = loss, gs, gh
+    else:
+      es, eh = task_perturbation(gs, gh, rho, scope)
+      add = lambda p, e: jax.tree.map(lambda a, b: a + b, p, e)
+      (sloss, _), (gs2, gh2) = vg(add(shared, es), add(head, eh), batch[t], t)
     g_low.append(gs)
     g_flat.append(jax.tree.map(lambda a, b: a - b, gs2, gs))
     heads[t] = gh2
