@@ -18,7 +18,9 @@
   Merging"), the paper variant: min-max normalizations and softmaxes over
   each task's whole vector and a global top-k of the balancing scores are
   model-wide: passes for the min/max, the softmax maxima, the softmax
-  sums, the two radix-select passes, then the writing pass.
+  sums, the two radix-select passes, then the writing pass. The pairwise
+  products hold `[T, T]` float32 per entry, so its row blocks are cut
+  T-fold (`Pcb.blocks`).
 
 Every per-block kernel calls the in-memory method's per-leaf functions
 (`transforms.sparsify.magprune`, `combine.elect_sign`, `methods.tsv`,
@@ -181,6 +183,26 @@ class Pcb(recipes.Recipe):
                        "variant='paper' or the in-memory path")
     self.scale = jnp.asarray(full["scaling_factor"], jnp.float32)
     self.count = sparsify.RankCount("keep", float(full["ratio"]))
+
+  def blocks(self, blocks):
+    """Row blocks cut T-fold: the pairwise scores take `[T, T]` per entry.
+
+    The budget's accounting (`executor.bytes_per_entry`) is linear in T;
+    a T-fold cut keeps the pairwise temporaries' share of it bounded.
+    Pieces keep a multiple of the mesh's device count rows when they can.
+    """
+    m = self.place.size if self.place is not None else 1
+    out = []
+    for blk in blocks:
+      rows = blk.r1 - blk.r0
+      per = -(-rows // self.T)
+      per = max(m, -(-per // m) * m) if rows >= m else rows
+      if len(blk.shape) < 2 or per >= rows:
+        out.append(blk)
+        continue
+      out += [dataclasses.replace(blk, r0=r, r1=min(blk.r1, r + per))
+              for r in range(blk.r0, blk.r1, per)]
+    return out
 
   def passes(self, blocks):
     T = self.T
