@@ -47,8 +47,8 @@ def get_config(arg=None):
       seed=0, limit=None, max_len=32))
   # SAM radii of the flat fine-tuning runs (one family of task vectors
   # each; 0.05 is SAM's and the FS-MTL code's default). One radius fits
-  # the 2-core budget; add more with --config.sam_rhos.
-  c.sam_rhos = [0.05]
+  # the 2-core budget; more with e.g. --config.sam_rhos='(0.05, 0.5)'.
+  c.sam_rhos = (0.05,)
   c.sharpness_rho = 0.05    # radius of the measured sharpness column
   c.methods = [
       dict(method="task_arithmetic", label="task_arithmetic",
@@ -68,7 +68,7 @@ def get_config(arg=None):
   if "runlocal" in args:
     c.num_layers = 1
     c.tasks = ["word_domain", "concreteness"]
-    c.sam_rhos = [0.05]
+    c.sam_rhos = (0.05,)
     c.finetune.update(steps=2, batch_size=8, warmup=1, save_every=2,
                       limit=32)
     c.multitask.update(steps=2, batch_size=8)

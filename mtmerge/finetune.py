@@ -248,8 +248,8 @@ def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
       `average_last` (0 = off), `seed`, `limit`, `max_len`, optional
       `log_every`, optional `sam=dict(rho=...)` (sharpness-aware
       fine-tuning, `mtmerge.flat.objective.sam_loss`).
-    workdir: runs go to `workdir/finetune/<task>-<mode>` (`-sam` appended
-      with `sam`).
+    workdir: runs go to `workdir/finetune/<task>-<mode>` (`-sam<rho>`
+      appended with `sam`).
     progress: show a progress bar.
     mesh: the device mesh (default `default_mesh()`); the batch is split
       over its `data` and `fsdp` axes.
@@ -277,7 +277,8 @@ def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
   p_sh = None
   if rules is not None:
     p_sh = sharding.shardings_from_rules(objective.init, rules, mesh)
-  suffix = "" if _sam_rho(config) is None else "-sam"
+  rho = _sam_rho(config)
+  suffix = "" if rho is None else f"-sam{rho:g}"
   run = checkpoint.Run(
       os.path.join(workdir, "finetune", f"{task.name}-{config.mode}{suffix}"),
       fingerprint(encoder, task, config, head),

@@ -234,8 +234,8 @@ def test_runlocal_job_end_to_end(tmp_path):
   # SAM fine-tuning ran separately (its own run directory) and moved the
   # weights differently from the plain run.
   runs = sorted(os.listdir(tmp_path / "w" / "finetune"))
-  assert runs == ["concreteness-standard", "concreteness-standard-sam",
-                  "word_domain-standard", "word_domain-standard-sam"]
+  assert runs == ["concreteness-standard", "concreteness-standard-sam0.05",
+                  "word_domain-standard", "word_domain-standard-sam0.05"]
   fl = out["flatness"]
   assert fl["plain"]["tv_norm"] != fl["sam rho=0.05"]["tv_norm"]
   assert fl["plain"]["tv_norm"] > 0
