@@ -34,8 +34,8 @@ arguments per device for each, 2x = 3.68 GiB), peak per device
 
   method                     before (gathers)        after
   task_arithmetic            2.05 GiB                2.05 GiB
-  ties_merging per_tensor    125.2 GiB               5.14 GiB
-  ties_merging global        refused (>2**32/task)   5.13 GiB
+  ties_merging per_tensor    125.2 GiB               4.30 GiB
+  ties_merging global        refused (>2**32/task)   4.56 GiB
   dare(drop_rate=0.9)        8.77 GiB                2.05 GiB
   tall_mask                  36.7 GiB                not fixed (see below)
 
@@ -43,15 +43,17 @@ Why they gathered: the top-k search's strided sample flattened each
 (sharded) leaf, which XLA does with an all-gather of the whole stacked
 float32 task vectors; the searches stacked float32 copies of every leaf
 and the global one concatenated them; XLA hoisted `abs(convert(leaf))`
-out of the search loop as a float32 copy. `mtmerge.selection` now samples
-by a gather of the sampled entries, counts each leaf in place under a mesh
-(`jax.set_mesh`), keeps the leaves loop-variant, takes the max magnitude
-as an integer max, and counts the global top-k in (hi, lo) 32-bit pairs,
+out of the search loop as a float32 copy; the bracket's max |x| pass
+copied every leaf. `mtmerge.selection` now samples by a gather of the
+sampled entries and, under a mesh (`jax.set_mesh`), counts each leaf in
+place, keeps the leaves loop-variant, bounds the bracket by the largest
+float instead of a max pass, and counts the global top-k in (hi, lo) pairs,
 exact to 2**48 entries per task. The kept entries are unchanged
 (tests/test_methods.py, test_ties_compile.py, test_sharding.py). DARE never
 gathered: XLA:CPU's rolled threefry loop materialized the random counters
-(see `_tpu_threefry_lowering`). TIES' remaining temporaries (2.8x its
-arguments, the goal is 2x) are XLA:CPU fusion choices not yet chased;
+(see `_tpu_threefry_lowering`). TIES still needs 2.3x (per-tensor) and
+2.5x (global) its arguments, over the 2x goal: temporaries of the vote
+and apply kernels not yet chased;
 TALL masks still gather the bool masks to bit-pack them along each
 flattened leaf (`task_vectors.pack_mask`): packing along the last axis
 gives the same bytes but the flat `[T, size / 8]` storage would have to

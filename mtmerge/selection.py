@@ -129,6 +129,22 @@ def _absmax(a: jax.Array, axis) -> jax.Array:
   return jax.lax.bitcast_convert_type(m, a.dtype).astype(jnp.float32)
 
 
+def _upper(arrays: list, axis) -> jax.Array:
+  """An upper bound of `|a|` for the search's bracket (`[T]` or `[G, T]`).
+
+  One device: the exact max (a tight bracket when the sample's misses).
+  Under a mesh: the largest finite float32, since a full-size max pass is
+  a per-device copy of every leaf on XLA:CPU and the sampled bracket
+  almost always holds; the search then bisects the float range. The kept
+  entries are the same either way (`count(|x| >= thr) >= k`, maximal).
+  """
+  if _sharded():
+    shape = tuple(d for i, d in enumerate(arrays[0].shape)
+                  if i not in axis)
+    return jnp.full(shape, np.finfo(np.float32).max, jnp.float32)
+  return jnp.max(jnp.stack([_absmax(a, axis) for a in arrays]), axis=0)
+
+
 def _in_loop(arrays: list, bits: jax.Array) -> list:
   """`arrays`, made to look loop-variant inside the search's while loop.
 
@@ -437,8 +453,7 @@ def _wide_global_thresholds(leaves, kn: int, n: int) -> jax.Array:
                         dtype=jnp.uint32)
                 for a in _in_loop(groups.arrays, bits)]
     return wide_count(jnp.stack(per_leaf, axis=-1))       # [T, 2]
-  maxval = jnp.max(jnp.stack([_absmax(a, (0, 2, 3))
-                              for a in groups.arrays]), axis=0)
+  maxval = _upper(groups.arrays, (0, 2, 3))
   samples = []
   for a in groups.arrays:
     _, _, R, C = a.shape
@@ -530,7 +545,7 @@ def flat_thresholds(tvs: Tree, fraction: float | Tree,
     k = jnp.asarray(np.array([kf[i](n) for i in idx], np.int32))
     if per_tensor:
       k = jnp.broadcast_to(k[:, None], (G, T))
-      mx = _absmax(a, (2, 3))
+      mx = _upper([a], (2, 3))
       lo, hi = _bracket(_sample_sorted(a, _TENSOR_SAMPLE).reshape(G * T, -1),
                         jnp.maximum(k, 1).reshape(-1), n)
     else:  # rows are short: search the full range
