@@ -112,23 +112,6 @@ def _sharded() -> bool:
   return not jax.sharding.get_abstract_mesh().empty
 
 
-_UINT = {2: (jnp.uint16, 0x7fff), 4: (jnp.uint32, 0x7fffffff)}
-
-
-def _absmax(a: jax.Array, axis) -> jax.Array:
-  """float32 `max(|a|)` over `axis`, as an integer max of the magnitude bits.
-
-  Equal to `jnp.max(jnp.abs(a))` for finite `a` (non-negative floats order
-  like their bits); XLA:CPU lowers a bf16 float max through a float32 copy
-  of the whole leaf, the integer max reads the leaf in place.
-  """
-  if not _sharded() or a.dtype.itemsize not in _UINT:
-    return jnp.max(jnp.abs(a), axis=axis).astype(jnp.float32)
-  ut, mask = _UINT[a.dtype.itemsize]
-  m = jnp.max(jax.lax.bitcast_convert_type(a, ut) & ut(mask), axis=axis)
-  return jax.lax.bitcast_convert_type(m, a.dtype).astype(jnp.float32)
-
-
 def _upper(arrays: list, axis) -> jax.Array:
   """An upper bound of `|a|` for the search's bracket (`[T]` or `[G, T]`).
 
@@ -142,7 +125,8 @@ def _upper(arrays: list, axis) -> jax.Array:
     shape = tuple(d for i, d in enumerate(arrays[0].shape)
                   if i not in axis)
     return jnp.full(shape, np.finfo(np.float32).max, jnp.float32)
-  return jnp.max(jnp.stack([_absmax(a, axis) for a in arrays]), axis=0)
+  return jnp.max(jnp.stack([jnp.max(jnp.abs(a), axis=axis).astype(
+      jnp.float32) for a in arrays]), axis=0)
 
 
 def _in_loop(arrays: list, bits: jax.Array) -> list:
@@ -550,7 +534,7 @@ def flat_thresholds(tvs: Tree, fraction: float | Tree,
                         jnp.maximum(k, 1).reshape(-1), n)
     else:  # rows are short: search the full range
       k = jnp.broadcast_to(k[:, None, None], (G, T, R))
-      mx = _absmax(a, 3)
+      mx = jnp.max(jnp.abs(a), axis=3).astype(jnp.float32)
       lo = jnp.zeros((G * T * R,), jnp.float32)
       hi = jnp.full((G * T * R,), jnp.inf, jnp.float32)
     ks.append(k.reshape(-1)); maxes.append(mx.reshape(-1))
