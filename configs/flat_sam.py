@@ -12,7 +12,7 @@ Local (2 shared CPU cores; wall time in benchmarks/results/flat_sam/):
       --workdir runs/flat_sam
 Seconds-long variant (what the tests run):
   python -m mtmerge.main --config configs/flat_sam.py:runlocal \
-      --workdir /tmp/x
+      --workdir DIR
 TPU / GPU host (all tasks, full model, longer fine-tuning):
   python -m mtmerge.main --config configs/flat_sam.py:tasks=all \
       --workdir gs://BUCKET/flat --config.num_layers=6 \
