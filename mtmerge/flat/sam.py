@@ -34,8 +34,9 @@ Where the sources differ, and what we follow:
   reading is unverified.
 * Equal weighting. The code's `ew` method averages the per-task flat
   gradients (= `mean` here); its PCGrad sums the projected gradients
-  (reduction "sum") and visits the other tasks in a random order; ours is
-  the same projection in the fixed task order (deterministic, testable).
+  (reduction "sum") and visits every task's gradient (its own included)
+  in a random order; ours projects off the other tasks' gradients in the
+  fixed task order (deterministic, testable).
   MGDA, CAGrad and IMTL (also in the code) are not implemented.
 * Adaptive SAM (`|w|`-scaled, ASAM) is an option in the code, off by
   default there; not implemented here.
