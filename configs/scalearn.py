@@ -69,8 +69,8 @@ def get_config(arg=None):
     c.tasks = ["sentiment", "word_domain"]
     # One padded length everywhere: one compiled program per stage.
     short = dict(steps=2, batch_size=8, limit=64, max_len=16, multiple=16)
-    c.scalearn.update(variants=["scalearn", "scalearn_uniform++"],
-                      settings=["loto"], **short)
+    # One variant (one stage-2 program); the variants' math is unit-tested.
+    c.scalearn.update(variants=["scalearn"], settings=["loto"], **short)
     c.adapter.update(**short)
     c.finetune.steps = 0  # the default benchmark's runlocal tests it
     c.checkpoints = False  # train.fit's checkpoints are tested elsewhere

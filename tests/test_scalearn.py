@@ -106,7 +106,7 @@ def test_gradient_analytic_and_finite_differences(enc):
   c = rng.standard_normal((2, 4, H)).astype(np.float32)
   for m in (H, 1):
     w = rng.standard_normal((3, m)).astype(np.float32)
-    g = jax.grad(lambda w: jnp.sum(c * scalearn.combine(w, u)))(w)
+    g = jax.jit(jax.grad(lambda w: jnp.sum(c * scalearn.combine(w, u))))(w)
     want = np.einsum("bsh,jbsh->jh", c, u)
     want = want if m == H else want.sum(-1, keepdims=True)
     np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4)
