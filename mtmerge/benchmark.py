@@ -230,12 +230,14 @@ def run(config: Any, workdir: str) -> dict:
       store = methods.storage_bytes(best_t[0][2]) / full_bytes
     else:
       best, best_val, best_out, val_scores = {}, -1.0, None, []
-      for hp in benchmark_learned.grid_points(grid):
-        out = methods.merge(name, base_sel, tvs, **fixed, **hp)
+      candidates = _grid_models(name, base_sel, tvs, fixed, grid)
+      for hp, out in candidates:
         val = float(np.mean(list(pool.evaluate(out, "validation").values())))
         val_scores.append({**hp, "val": round(100 * val, 2)})
         if val > best_val:
           best, best_val, best_out = hp, val, out
+      if _linear_grid(name, grid):  # the test model by the method itself
+        best_out = methods.merge(name, base_sel, tvs, **fixed, **best)
       accs = pool.evaluate(best_out)
       store = 1.0
     rows.append(_row(label, accs, indiv, {
@@ -279,6 +281,42 @@ def run(config: Any, workdir: str) -> dict:
                   f"heads ({mode})",
                   learned=[e[0] for e in learned_entries])
   return out
+
+
+# Methods whose merge is `theta_0 + lambda * D` with D independent of a
+# scalar `scaling_factor` (tests/test_benchmark_grid.py checks each).
+LINEAR_IN_SCALE = frozenset({
+    "task_arithmetic", "ties_merging", "dare", "dare_ties", "breadcrumbs",
+    "della", "magnitude_prune", "consensus", "pcb_merging"})
+
+
+def _linear_grid(name: str, grid: dict) -> bool:
+  """True when the grid is several `scaling_factor`s of a linear method."""
+  return (name in LINEAR_IN_SCALE and set(grid) == {"scaling_factor"} and
+          len(list(grid["scaling_factor"])) > 1)
+
+
+def _grid_models(name, base_sel, tvs, fixed, grid):
+  """Yields `(hparams, merged)` for every grid point.
+
+  For a `LINEAR_IN_SCALE` method whose grid is only `scaling_factor`, D is
+  merged once (on a zero base, so `0 + 1 * D` is D exactly) and each point
+  is `theta_0 + lambda * D`: one merge instead of one per lambda (DELLA's
+  per-row ranks and PCB's statistics are the slow part). The picked
+  lambda's test model is merged by the method itself, so a row equals
+  `methods.merge` with its printed hyperparameters.
+  """
+  from mtmerge import methods
+  from mtmerge import task_vectors
+  points = benchmark_learned.grid_points(grid)
+  if _linear_grid(name, grid):
+    zeros = jax.tree.map(jnp.zeros_like, base_sel)
+    d = methods.merge(name, zeros, tvs, **fixed, scaling_factor=1.0)
+    for hp in points:
+      yield hp, task_vectors.apply(base_sel, d, hp["scaling_factor"])
+    return
+  for hp in points:
+    yield hp, methods.merge(name, base_sel, tvs, **fixed, **hp)
 
 
 def _recon(compressed, base_sel, i):
