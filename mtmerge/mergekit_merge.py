@@ -157,12 +157,15 @@ def _per_tensor(cfg, base: str, models: list[str], out: str,
   got: dict[str, int] = {}
 
   def write(tmp):
-    w = writer.Output(olayout, tmp, lambda k: np.asarray(inputs.whole(k)))
+    w = writer.Output(olayout, tmp, lambda k: np.asarray(inputs.whole(k)),
+                      streamed={blk.name for blk in blocks})
     try:
       for blk in tqdm(blocks, unit="tensor", file=sys.stderr, leave=False,
                       disable=not (progress and sys.stderr.isatty())):
         b, ms = inputs.read(blk, check=True)
-        w.write(blk.name, merge_tensor(cfg, blk.name, b, ms))
+        inner = int(np.prod(blk.shape[1:], dtype=np.int64)) if len(
+            blk.shape) >= 2 else 1
+        w.write(blk.name, blk.r0 * inner, merge_tensor(cfg, blk.name, b, ms))
       got["bytes"] = w.close()
     except BaseException:
       w.abort()
