@@ -163,9 +163,7 @@ def _per_tensor(cfg, base: str, models: list[str], out: str,
       for blk in tqdm(blocks, unit="tensor", file=sys.stderr, leave=False,
                       disable=not (progress and sys.stderr.isatty())):
         b, ms = inputs.read(blk, check=True)
-        inner = int(np.prod(blk.shape[1:], dtype=np.int64)) if len(
-            blk.shape) >= 2 else 1
-        w.write(blk.name, blk.r0 * inner, merge_tensor(cfg, blk.name, b, ms))
+        w.write(blk.name, blk.first, merge_tensor(cfg, blk.name, b, ms))
       got["bytes"] = w.close()
     except BaseException:
       w.abort()

@@ -31,6 +31,24 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+def wait_all(procs) -> None:
+  """Waits for every process until one shared deadline of DEADLINE_S."""
+  deadline = time.monotonic() + DEADLINE_S
+  for p in procs:
+    try:
+      p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      break
+
+
+def stop_all(procs, logs) -> None:
+  """Kills whatever still runs (a hung worker) and closes the logs."""
+  for p in procs:
+    _kill(p)
+  for log in logs:
+    log.close()
+
+
 def _kill(proc):
   if proc.poll() is None:
     try:
@@ -63,17 +81,9 @@ def _run_workers(tmp_path, num_processes=2, local_devices=4):
           + (["--via_env"] if i else []),
           env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
           start_new_session=True))
-    deadline = time.monotonic() + DEADLINE_S
-    for p in procs:
-      try:
-        p.wait(timeout=max(0.1, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        break
+    wait_all(procs)
   finally:
-    for p in procs:
-      _kill(p)
-    for log in logs:
-      log.close()
+    stop_all(procs, logs)
   outputs = [(tmp_path / f"worker{i}.log").read_text()[-3000:]
              for i in range(num_processes)]
   for i, p in enumerate(procs):

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -176,17 +175,9 @@ def _run_procs(tmp_path, jobs, n=2, local=2):
            "--out", str(tmp_path / "done.json")],
           env=env, cwd=td.ROOT, stdout=logs[-1], stderr=subprocess.STDOUT,
           start_new_session=True))
-    deadline = time.monotonic() + td.DEADLINE_S
-    for p in procs:
-      try:
-        p.wait(timeout=max(0.1, deadline - time.monotonic()))
-      except subprocess.TimeoutExpired:
-        break
+    td.wait_all(procs)
   finally:
-    for p in procs:
-      td._kill(p)
-    for log in logs:
-      log.close()
+    td.stop_all(procs, logs)
   for i, p in enumerate(procs):
     if p.returncode != 0:
       tail = (tmp_path / f"w{i}.log").read_text()[-3000:]

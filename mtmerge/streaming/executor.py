@@ -203,7 +203,7 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
 
       def one(blk, b, ms):
         if place is None:
-          w.write(blk.name, blk.r0 * _inner(blk), np.asarray(
+          w.write(blk.name, blk.first, np.asarray(
               recipe.apply(blk, b, ms)))
           return
         y = recipe.apply(blk, b, ms, out_sharding=place.shardings(blk)[0])
@@ -231,8 +231,3 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
   return info
 
 
-def _inner(blk) -> int:
-  """Entries per row of a block's tensor (1 for 0-D/1-D: one 'row')."""
-  if len(blk.shape) >= 2:
-    return int(np.prod(blk.shape[1:], dtype=np.int64))
-  return 1

@@ -40,6 +40,13 @@ class Block:
   shape: tuple[int, ...]
 
   @property
+  def first(self) -> int:
+    """Flat index of the block's first entry within its tensor."""
+    if len(self.shape) < 2:
+      return 0
+    return self.r0 * int(np.prod(self.shape[1:], dtype=np.int64))
+
+  @property
   def whole(self) -> bool:
     """True if the block is the whole tensor."""
     return len(self.shape) < 2 or (self.r0 == 0 and self.r1 == self.shape[0])

@@ -182,7 +182,7 @@ def compress_files(method: str, base: str, models, out: str,
 
       def one(blk, b, ms):
         tau, m = recipe.apply(blk, b, ms)
-        first = blk.r0 * _inner(blk)
+        first = blk.first
         tau_w.write_at(blk.name, first, checkpoint_io._cast(
             tau, dts[blk.name]))
         packed = np.packbits(np.asarray(m).reshape(T, -1), axis=-1)
@@ -213,8 +213,3 @@ def compress_files(method: str, base: str, models, out: str,
   return info
 
 
-def _inner(blk) -> int:
-  """Entries per row of a block's tensor (1 for 0-D/1-D)."""
-  if len(blk.shape) >= 2:
-    return int(np.prod(blk.shape[1:], dtype=np.int64))
-  return 1
