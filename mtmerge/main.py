@@ -20,6 +20,7 @@ JOBS["logits_fusion"] = "mtmerge.fusion.logits_bench"  # Dynamic Logits Fusion
 JOBS["scalearn"] = "mtmerge.transfer.bench"  # ScaLearn transfer
 JOBS["ot_fusion"] = "mtmerge.fusion.ot_bench"  # Transformer OT fusion
 JOBS["flat_sam"] = "mtmerge.flat.bench"  # task-based flat regions (SAM)
+JOBS["exssnet"] = "mtmerge.continual.bench"  # ExSSNeT continual learning
 JOBS["controllable"] = "mtmerge.controllable.bench"  # controllable MTL
 
 

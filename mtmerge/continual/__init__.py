@@ -1,0 +1,1 @@
+"""Continual learning over a task sequence (ExSSNeT, SupSup, sequential FT)."""
