@@ -97,6 +97,27 @@ def test_per_tensor_cosines_within_float32_rounding(files, tmp_path, method,
     np.testing.assert_allclose(b[k], a[k], rtol=2e-6, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize("method,hp", [
+    ("tall_mask", dict(tall_mask_lambda=[0.4, 0.6, 0.5])),
+    ("tall_mask", dict(base_method="ties", threshold=0.3)),
+    ("emr_merging", {})])
+def test_compressed_eight_devices_equal_one(files, tmp_path, method, hp):
+  """TALL masks and EMR: tau and packed masks byte for byte on a mesh.
+
+  EMR's rescalers are model-wide means, whose sums the mesh splits: to
+  float32 rounding.
+  """
+  one = _merge(files, str(tmp_path / "1"), method, hp, False)
+  eight = _merge(files, str(tmp_path / "8"), method, hp, None)
+  assert (one["devices"], eight["devices"]) == (1, 8)
+  for name in ("tau.safetensors", "masks.safetensors"):
+    assert _bytes(os.path.join(one["out"], name)) == _bytes(
+        os.path.join(eight["out"], name)), name
+  a, meta_a = checkpoint_io.load_compressed(one["out"])
+  b, meta_b = checkpoint_io.load_compressed(eight["out"])
+  np.testing.assert_allclose(b.rescalers, a.rescalers, rtol=1e-6)
+  assert {**meta_a, "rescalers": 0} == {**meta_b, "rescalers": 0}
+
 def test_blocks_are_sharded_not_gathered(files):
   """Inputs and outputs of a block kernel hold 1/8 of the rows per device."""
   bp, mps = files

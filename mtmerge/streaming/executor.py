@@ -165,10 +165,11 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
   from mtmerge import methods
   t0 = time.time()
   spec = methods.get(method)
-  if spec.compressed:  # TALL masks, EMR: a compressed directory, one device
+  if spec.compressed:  # TALL masks, EMR: a compressed directory
     from mtmerge.streaming import recipes_masks
     return recipes_masks.compress_files(method, base, models, out,
-                                        max_memory, progress, **hparams)
+                                        max_memory, progress, mesh=mesh,
+                                        **hparams)
   full = spec.check(hparams, len(models))
   place = placement.make(mesh)
   recipe = recipes.for_method(method, full, len(models), place)

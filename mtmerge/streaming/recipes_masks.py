@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 
 import jax
@@ -36,6 +37,7 @@ from mtmerge import checkpoint_io
 from mtmerge import transforms as tx
 from mtmerge.methods import masks
 from mtmerge.streaming import kernels
+from mtmerge.streaming import placement
 from mtmerge.streaming import reader
 from mtmerge.streaming import recipes
 from mtmerge.streaming import writer
@@ -92,7 +94,7 @@ class Compressed(recipes.Recipe):
         self.ties = recipes.TopK("ties_merging", dict(
             threshold=full["threshold"], scope="global", sign_method="sum",
             zero_sign="majority", merge_func=full["merge_func"],
-            count="round", weights=None, scaling_factor=1.0), T)
+            count="round", weights=None, scaling_factor=1.0), T, place)
 
   def passes(self, blocks):
     if self.ties is not None:
@@ -104,7 +106,7 @@ class Compressed(recipes.Recipe):
     whole, sums = {}, {}
 
     def add(blk, b, ms):
-      means = [np.asarray(a) for a in _emr_means(b, ms)]
+      means = [placement.host(a) for a in _emr_means(b, ms)]
       if blk.whole:
         whole[blk.leaf] = means
         return
@@ -137,13 +139,21 @@ def for_method(name, full, T, place=None) -> recipes.Recipe:
 
 
 def compress_files(method: str, base: str, models, out: str,
-                   max_memory: int, progress: bool = True, **hparams):
+                   max_memory: int, progress: bool = True, mesh=None,
+                   **hparams):
   """Streams a compressed method (TALL masks, EMR) into `out` (a directory).
 
-  Runs on one device. Memory: the executor's per-block buffers
-  (`executor.bytes_per_entry` per entry, blocks of at least 8 rows) plus
-  the bool masks of one block; what survives between passes is per-tensor
-  thresholds (TALL on TIES) or `[T]` sums (EMR).
+  Memory: the executor's per-block buffers (`executor.bytes_per_entry` per
+  entry, blocks of at least 8 rows) plus the bool masks of one block; what
+  survives between passes is per-tensor thresholds (TALL on TIES) or `[T]`
+  sums (EMR).
+
+  `mesh` as `merge_files` (`placement.make`): each block's rows are split
+  over the devices (blocks of a multiple of lcm(8, devices) rows, so
+  every block packs into whole bytes), the kernels run sharded, and the
+  shards come to the host one by one; the host packs a block's bool masks
+  from them. One process only (the masks' bytes of a block are packed on
+  one host).
 
   Returns:
     `{"out", "bytes", "full_bytes", "ratio", "passes", "blocks",
@@ -154,15 +164,22 @@ def compress_files(method: str, base: str, models, out: str,
   spec = methods.get(method)
   full = spec.check(hparams, len(models))
   T = len(models)
-  recipe = Compressed(method, full, T)
+  place = placement.make(mesh)
+  if place is not None and place.multi:
+    raise ValueError(f"{method} streams on one process's devices; run it "
+                     f"without jax.distributed (got {jax.process_count()} "
+                     f"processes)")
+  recipe = Compressed(method, full, T, place)
   if max_memory <= 0:
     raise ValueError(f"max_memory must be positive, got {max_memory}")
+  rows = 8 if place is None else math.lcm(8, place.size)
   inputs = reader.Inputs(base, models)
   try:
     lay = inputs.layout
     per = executor.bytes_per_entry(inputs) + T  # + one block's bool masks
-    blocks = reader.plan(inputs, per, int(max_memory), None, row_multiple=8)
-    ex = executor.Executor(inputs, progress, None)
+    blocks = reader.plan(inputs, per, int(max_memory), None,
+                         row_multiple=rows)
+    ex = executor.Executor(inputs, progress, place)
     for p in recipe.passes(blocks):
       ex.run(p)
     info = {}
@@ -183,8 +200,15 @@ def compress_files(method: str, base: str, models, out: str,
       def one(blk, b, ms):
         tau, m = recipe.apply(blk, b, ms)
         first = blk.first
-        tau_w.write_at(blk.name, first, checkpoint_io._cast(
-            tau, dts[blk.name]))
+        if place is None:
+          tau_w.write_at(blk.name, first, checkpoint_io._cast(
+              tau, dts[blk.name]))
+        else:  # shard by shard: no device holds the whole block
+          for at, data in place.pieces(blk, tau):
+            tau_w.write_at(blk.name, at, checkpoint_io._cast(
+                data, dts[blk.name]))
+        # One process: the host assembles the block's bool masks from the
+        # shards (`np.asarray` of a sharded array copies shard by shard).
         packed = np.packbits(np.asarray(m).reshape(T, -1), axis=-1)
         for t in range(T):
           mask_w.write_at(blk.name, t * nb[blk.name] + first // 8, packed[t])
@@ -209,7 +233,8 @@ def compress_files(method: str, base: str, models, out: str,
   full_bytes = T * sum(os.path.getsize(lay.path_of(f)) for f in lay.files)
   info.update(out=dest, bytes=nbytes, full_bytes=full_bytes,
               ratio=nbytes / max(full_bytes, 1), passes=ex.passes,
-              blocks=len(blocks), peak_block_bytes=ex.peak_bytes)
+              blocks=len(blocks), peak_block_bytes=ex.peak_bytes,
+              devices=place.size if place else 1)
   return info
 
 
