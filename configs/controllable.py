@@ -6,12 +6,17 @@ trained once with the sandwich rule and configuration-invariant knowledge
 distillation; the search then maps each task preference vector and compute
 budget (a fraction of the full model's FLOPs) to widths, picked on the
 validation split and reported on test (`mtmerge.controllable.bench`). The
-four text tasks of configs/flat_sam.py, frozen zero-shot heads, a few
-hundred steps: a CPU-sized check, not the paper's setting.
+four text tasks of configs/flat_sam.py, frozen zero-shot heads, 100 steps
+of 8 examples per task: a CPU-sized check, not the paper's setting.
 
 Local (2 shared CPU cores; wall time in benchmarks/results/controllable/):
   nice -n 10 python -m mtmerge.main --config configs/controllable.py \
       --workdir runs/controllable
+CI-KD weight 10 instead of 1, without the lambda = 0 SuperNet (committed
+under benchmarks/results/controllable/kd_weight10/):
+  nice -n 10 python -m mtmerge.main --config configs/controllable.py \
+      --workdir runs/controllable_kd10 --config.distill.kd_weight=10 \
+      --config.ablation_no_kd=False
 Seconds-long variant (what the tests run):
   python -m mtmerge.main --config configs/controllable.py:runlocal \
       --workdir DIR
@@ -61,8 +66,11 @@ def get_config(arg=None):
   c.distill = ml_collections.ConfigDict(dict(
       steps=100, batch_size=8, lr=1e-4, warmup=10, weight_decay=0.01,
       kd_weight=1.0, num_random=1, seed=0, limit=None, max_len=32,
-      save_every=50))
-  c.ablation_no_kd = True  # also train lambda = 0 (same steps) to compare
+      save_every=50, devices=None))  # devices: None = all (a data mesh)
+  # Also train lambda = 0 (same steps, same seed) and search it the same
+  # way, to see what CI-KD changes; --config.ablation_no_kd=False halves
+  # the run.
+  c.ablation_no_kd = True
   c.preferences = _preferences(c.tasks)
   c.budgets = (0.3, 0.4, 0.5, 0.6, 0.8, 1.0)  # fractions of full FLOPs
   c.eval = ml_collections.ConfigDict(dict(
@@ -73,8 +81,10 @@ def get_config(arg=None):
     c.tasks = ["word_domain", "concreteness"]
     c.preferences = _preferences(c.tasks, top=0.8)[:2]
     c.space.update(enc_ratios=(0.5, 1.0), dec_ratios=(0.5, 1.0))
-    c.distill.update(steps=2, batch_size=8, warmup=1, limit=32,
-                     save_every=0)
+    # One device: the step compiles in about 2/3 of the time of 8 fake
+    # CPU devices; tests/test_controllable.py checks the sharded loss.
+    c.distill.update(steps=1, batch_size=8, warmup=1, limit=32,
+                     save_every=0, devices=1)
     c.ablation_no_kd = False
     c.budgets = (0.7, 1.0)
     c.eval.update(batch_size=16)

@@ -268,53 +268,39 @@ def test_sandwich_ci_kd_loss_matches_numpy_and_8_devices_equal_1():
   np.testing.assert_allclose(loss1, np_loss(_pretrained()), rtol=2e-5)
   assert float(metrics["ci_kd"]) > 0 and float(metrics["ce_min"]) > 0
   # 8 devices (batch split over a data axis, params replicated): the same
-  # loss, and gradients equal to NumPy central differences (a teacher
-  # entry, which also carries the students' CI-KD pull, a student-only
-  # FFN unit, a decoder of each task).
+  # loss, and its derivative along random directions of every trainable
+  # leaf (forward mode: one small program) equal to NumPy central
+  # differences with the CI-KD target held fixed (the stop-gradient).
   mesh = sharding.make_mesh([("data", -1)])
   assert mesh.size == 8
   put = lambda tree, spec: jax.tree.map(
       lambda x: jax.device_put(x, NamedSharding(mesh, spec)), tree)
-  (loss8, _), grads8 = jax.jit(jax.value_and_grad(obj.loss, has_aux=True))(
-      put(obj.init, P()), put(obj.consts, P()), put(batch, P("data")), key)
-  np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
-  probes = [("encoder", ("0", "attention", "query", "kernel"), (1, 2)),
-            ("encoder", ("0", "mlp", "intermediate", "kernel"), (3, 9)),
-            ("decoders", ("0", "mlp", "output", "kernel"), (0, 2, 5)),
-            ("decoders", ("0", "attention", "value", "bias"), (1, 6))]
-  for part, path, idx in probes:
-    g = grads8[part]
-    for k in path:
-      g = g[k]
-    fd = []
-    for sign in (1, -1):
-      pre = jax.tree.map(lambda a: np.array(a, np.float64), _pretrained())
-      if part == "encoder":
-        leaf = pre["layers"][path[0]]
-        for k in path[1:]:
-          leaf = leaf[k]
-        leaf[idx] += sign * 1e-6
-        fd.append(_np_sandwich_loss(pre, _heads(), batch, np.asarray(es),
-                                    np.asarray(dss), 0.7,
-                                    teacher=_pretrained()))
-      else:  # a decoder is a copy of layer 1 per task; only task idx[0]'s
-        fd.append(_np_sandwich_loss_dec(pre, batch, es, dss, path, idx,
-                                        sign * 1e-6))
-    np.testing.assert_allclose(np.asarray(g)[idx], (fd[0] - fd[1]) / 2e-6,
-                               rtol=2e-3, atol=2e-5)
+  jvp = jax.jit(lambda p, c, b, v: jax.jvp(
+      lambda q: obj.loss(q, c, b, key)[0], (p,), (v,)))
+  consts8, batch8 = put(obj.consts, P()), put(batch, P("data"))
+  for seed in (0, 1):
+    rv = np.random.default_rng(seed)
+    v = jax.tree.map(lambda x: rv.normal(size=x.shape).astype(np.float32),
+                     obj.init)
+    loss8, dloss = jvp(put(obj.init, P()), consts8, batch8, put(v, P()))
+    np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
+    fd = [_np_loss_at(jax.tree.map(lambda p, d, s=sign: np.asarray(
+        p, np.float64) + s * 1e-6 * d, obj.init, v), batch, es, dss)
+          for sign in (1, -1)]
+    np.testing.assert_allclose(dloss, (fd[0] - fd[1]) / 2e-6, rtol=2e-3)
+  assert jvp._cache_size() == 1
 
 
-def _np_sandwich_loss_dec(pre, batch, es, dss, path, idx, eps):
-  """The NumPy loss with task idx[0]'s decoder entry moved by eps."""
-  task, rest = idx[0], idx[1:]
-  decs = [jax.tree.map(lambda a: np.array(a, np.float64), pre["layers"]["1"])
-          for _ in TASKS]
-  leaf = decs[task]
-  for k in path[1:]:
-    leaf = leaf[k]
-  leaf[rest] += eps
-  return _np_sandwich_loss(pre, _heads(), batch, np.asarray(es),
-                           np.asarray(dss), 0.7, decoders=decs)
+def _np_loss_at(params, batch, es, dss):
+  """The NumPy sandwich loss of SuperNet `params` ({"encoder",
+  "decoders"}), the CI-KD teacher fixed at the pretrained encoder."""
+  pre = _pretrained()
+  mine = {"embeddings": pre["embeddings"],
+          "layers": {"0": params["encoder"]["0"]}}
+  decs = [jax.tree.map(lambda x, i=i: x[i], params["decoders"]["0"])
+          for i in range(len(TASKS))]
+  return _np_sandwich_loss(mine, _heads(), batch, np.asarray(es),
+                           np.asarray(dss), 0.7, decoders=decs, teacher=pre)
 
 
 def test_bad_input_one_line_config_error(monkeypatch, capsys):

@@ -40,6 +40,7 @@ from mtmerge import encoders
 from mtmerge import finetune
 from mtmerge import heads as heads_lib
 from mtmerge import results
+from mtmerge import sharding
 from mtmerge import taskdata
 from mtmerge import train
 from mtmerge.controllable import distill
@@ -121,6 +122,10 @@ def check_config(config: Any) -> tuple[list, slimmable.Space, list, list]:
       raise ConfigError(str(e)) from None
   if not budgets:
     raise ConfigError("config.budgets is empty")
+  n = config.distill.get("devices")
+  if n is not None and not 1 <= int(n) <= jax.device_count():
+    raise ConfigError(f"config.distill.devices={n}: need 1.."
+                      f"{jax.device_count()} (None: all)")
   return tasks, space, prefs, budgets
 
 
@@ -141,9 +146,12 @@ def _train(encoder, space, tasks, heads, config, kd_weight, workdir):
                           save_every=int(dc.save_every))
   fp = {"model": encoder.name, "tasks": [t.name for t in tasks],
         "space": space._asdict(), "kd_weight": float(kd_weight),
-        "distill": dc.to_dict()}
+        "distill": {k: v for k, v in dc.to_dict().items() if k != "devices"}}
+  n = dc.get("devices")
+  mesh = (finetune.default_mesh() if n is None else
+          sharding.make_mesh([("data", -1)], devices=jax.devices()[:int(n)]))
   res = train.fit(obj, lambda s: {k: taskdata.batch_at(b, s) for k, b in
-                                  bs.items()}, cfg, mesh=finetune.default_mesh(),
+                                  bs.items()}, cfg, mesh=mesh,
                   workdir=workdir, fingerprint=fp,
                   desc=f"supernet kd={kd_weight:g}", progress=False)
   return res.params, emb, res.log
@@ -312,7 +320,8 @@ def run(config: Any, workdir: str) -> dict:
 def plot(rows, prefs, names, path: str, title: str = "") -> str:
   """Preference-weighted test accuracy against GFLOPs, one line per
   preference (solid: CI-KD, dashed: without), zero-shot as a reference;
-  right: the most preferred task's accuracy. Written atomically."""
+  right: each preferred task's accuracy under its preference and under the
+  uniform one (CI-KD). Written atomically."""
   import tempfile  # pylint: disable=g-import-not-at-top
   from matplotlib import figure as figure_lib
   fig = figure_lib.Figure(figsize=(11.0, 4.2))
@@ -320,6 +329,7 @@ def plot(rows, prefs, names, path: str, title: str = "") -> str:
   colors = ["#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860",
             "#da8bc3", "#8c8c8c"]
   zs = rows[0]
+  uniform = {n for n, p in prefs if np.allclose(p, p[0])}
   for i, (pname, pref) in enumerate(prefs):
     top = max(range(len(pref)), key=lambda t: pref[t])
     for tag, ls in (("ci-kd", "-"), ("no-kd", "--")):
@@ -332,16 +342,23 @@ def plot(rows, prefs, names, path: str, title: str = "") -> str:
       ax.plot([r["gflops"] for r in rs], [r["pw_acc"] for r in rs], ls,
               marker="o", ms=3, color=c, label=lab)
       task = names[top]
-      ax2.plot([r["gflops"] for r in rs], [r[task] for r in rs], ls,
-               marker="o", ms=3, color=c, label=f"{lab}: {task}")
+      if np.allclose(pref, pref[0]) or tag != "ci-kd":
+        continue  # no preferred task; the control panel shows CI-KD only
+      ax2.plot([r["gflops"] for r in rs], [r[task] for r in rs], "-",
+               marker="o", ms=3, color=c, label=f"{task}, preferred")
+      uni = sorted((r for r in rows if r.get("preference") in uniform and
+                    tag in r["model"]), key=lambda r: r["gflops"])
+      ax2.plot([r["gflops"] for r in uni], [r[task] for r in uni], ":",
+               marker=".", ms=3, color=c, label=f"{task}, uniform pref.")
   ax.axhline(zs["avg"], color="0.3", ls=":", lw=1,
              label=f"zero-shot avg ({zs['avg']:.1f})")
   ax.set_xlabel("GFLOPs per example (all task decoders)")
   ax.set_ylabel("preference-weighted test accuracy (%)")
   ax2.set_xlabel("GFLOPs per example (all task decoders)")
-  ax2.set_ylabel("test accuracy of the most preferred task (%)")
+  ax2.set_ylabel("test accuracy of the task (%)")
   ax.set_title(title, fontsize=9)
-  ax2.set_title("control: the preferred task's accuracy", fontsize=9)
+  ax2.set_title("control: a task's accuracy when preferred and under "
+                "the uniform preference", fontsize=9)
   ax.legend(fontsize=6)
   ax2.legend(fontsize=6)
   for a in (ax, ax2):
