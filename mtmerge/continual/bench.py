@@ -18,7 +18,9 @@ baselines, on the tasks of `config.tasks` in that order:
    (`learned` minus final, over all tasks but the last), whether every
    earlier task's test logits stayed bit-for-bit identical (`bitexact`),
    and for the weight-training methods the mean fraction of a task's mask
-   it could train (`trainable`).
+   it could train (`trainable`); every number is a mean over
+   `config.seeds` (network init, scores, batch order), `avg_sd` the
+   standard deviation of `avg` over them.
 
 `run(config, workdir)` prints the table and writes `results.json` and
 `table.txt` (atomically) into the workdir.
@@ -47,15 +49,18 @@ class ConfigError(ValueError):
   """A config this job cannot run (raised before any long work)."""
 
 
-def settings(config: Any, method: str, kkt: str) -> exssnet.Settings:
-  """The `exssnet.Settings` of one method entry of `config`."""
+def settings(config: Any, method: str, kkt: str,
+             seed: int | None = None) -> exssnet.Settings:
+  """The `exssnet.Settings` of one method entry of `config` (seed: the
+  first of `config.seeds` unless given)."""
   return exssnet.Settings(
       method=method, density=float(config.density), kkt=kkt,
       knn_k=int(config.knn.k), knn_examples=int(config.knn.examples),
       mask_steps=int(config.mask.steps), mask_lr=float(config.mask.lr),
       weight_steps=int(config.weights.steps),
       weight_lr=float(config.weights.lr), batch_size=int(config.batch_size),
-      hidden=tuple(int(h) for h in config.hidden), seed=int(config.seed))
+      hidden=tuple(int(h) for h in config.hidden),
+      seed=int(config.seeds[0] if seed is None else seed))
 
 
 def check(config: Any) -> list:
@@ -76,6 +81,9 @@ def check(config: Any) -> list:
   tasks = [suites.get_task(t) for t in names]
   if not tasks:
     raise ConfigError("config.tasks: empty task order")
+  seeds = list(config.seeds)
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ConfigError(f"config.seeds: need distinct seeds, got {seeds}")
   labels = [m.get("label", m["method"]) for m in config.methods]
   if len(set(labels)) != len(labels):
     raise ConfigError(f"config.methods: duplicate labels {labels}")
@@ -161,35 +169,49 @@ def run(config: Any, workdir: str) -> dict:
         f"{sum(len(t.x_test) for t in tasks)} test examples)", flush=True)
   rows = [_row("zero-shot (frozen encoder)", zero)]
   detail = {}
+  seeds = [int(x) for x in config.seeds]
   for m in config.methods:
     label = m.get("label", m["method"])
-    s = settings(config, m["method"], m.get("kkt", ""))
-    try:
-      res = exssnet.run_sequence(tasks, s)
-    except exssnet.ContinualError as e:
-      raise ConfigError(f"config.methods[{label!r}]: {e}") from None
-    final = {t.name: float(res.acc[-1, j]) for j, t in enumerate(tasks)}
-    learned = float(np.mean(np.diag(res.acc)))
-    extra = {"learned": round(100 * learned, 2),
-             "forgetting": round(100 * exssnet.forgetting(res.acc), 2),
-             "bitexact": "yes" if all(res.unchanged) else "no"}
-    tr = [r["trainable"] for r in res.info[1:] if "trainable" in r]
+    runs = []
+    for seed in seeds:
+      s = settings(config, m["method"], m.get("kkt", ""), seed)
+      try:
+        runs.append(exssnet.run_sequence(tasks, s))
+      except exssnet.ContinualError as e:
+        raise ConfigError(f"config.methods[{label!r}]: {e}") from None
+    final = {t.name: float(np.mean([r.acc[-1, j] for r in runs]))
+             for j, t in enumerate(tasks)}
+    avgs = [exssnet.average_accuracy(r.acc) for r in runs]
+    extra = {
+        "learned": round(100 * float(np.mean([np.mean(np.diag(r.acc))
+                                              for r in runs])), 2),
+        "forgetting": round(100 * float(np.mean([exssnet.forgetting(r.acc)
+                                                 for r in runs])), 2),
+        "bitexact": "yes" if all(all(r.unchanged) for r in runs) else "no"}
+    if len(runs) > 1:
+      extra["avg_sd"] = round(100 * float(np.std(avgs, ddof=1)), 2)
+    tr = [x["trainable"] for r in runs for x in r.info[1:]
+          if "trainable" in x]
     if tr:
       extra["trainable"] = round(float(np.mean(tr)), 3)
-    extra["s"] = res.seconds
+    seconds = round(sum(r.seconds for r in runs), 1)
+    extra["s"] = seconds
     rows.append(_row(label, final, **extra))
-    detail[label] = {"method": s.method, "kkt": s.kkt,
-                     "acc_matrix": np.round(100 * res.acc, 2).tolist(),
-                     "per_task": res.info}
-    timing[f"{label} s"] = res.seconds
+    detail[label] = {"method": s.method, "kkt": s.kkt, "seeds": seeds,
+                     "avg_per_seed": [round(100 * a, 2) for a in avgs],
+                     "acc_matrix": [np.round(100 * r.acc, 2).tolist()
+                                    for r in runs],
+                     "per_task": [r.info for r in runs]}
+    timing[f"{label} s"] = seconds
     print(f"{label}: avg {rows[-1]['avg']}, forgetting "
           f"{extra['forgetting']}, learned {extra['learned']} "
-          f"({res.seconds} s)", flush=True)
+          f"({seconds} s, {len(seeds)} seed(s))", flush=True)
   timing["total_s"] = round(time.time() - t_start, 1)
   text = results.format_table(rows)
   print(f"\nexssnet: {encoder.name} ({config.num_layers} layers, frozen), "
         f"masked MLP {list(config.hidden)} at density {config.density}, "
-        f"task order {[t.name for t in tasks]}, test accuracy (%)\n{text}\n"
+        f"task order {[t.name for t in tasks]}, seeds {seeds}, test "
+        f"accuracy (%, mean over seeds)\n{text}\n"
         f"timing {timing}", flush=True)
   out = {"model": encoder.name, "tasks": [t.name for t in tasks],
          "rows": rows, "detail": detail, "timing": timing,

@@ -4,7 +4,7 @@ Yadav and Bansal, "Exclusive Supermask Subnetwork Training for Continual
 Learning", Findings of ACL 2023 (arXiv:2210.10209); official code
 github.com/prateeky2806/exessnet (PyTorch: `main_text.py`,
 `trainers/weights.py`, `utils/my_utils.py`, `models/modules.py`). Written
-from the paper and read against the code; no code copied.
+from the paper's description and the code's behaviour; no code copied.
 
 Tasks arrive one after another; each task t (with its own frozen head)
 gets, over ONE shared set of weights W:
@@ -24,25 +24,32 @@ gets, over ONE shared set of weights W:
 `run_sequence(..., method=...)` runs the same loop for the baselines:
 `supsup` (steps 1-2 only: masks over fixed weights, Wortsman et al. 2020;
 no forgetting, no weight learning), `ssnet` (weights trained over all of
-M_t: the paper's non-exclusive ablation, which forgets) and `finetune`
-(sequential fine-tuning of all weights, no masks: forgets).
+M_t: the code's SSNeT, `--weight-mask-type original`, which can forget)
+and `finetune` (sequential fine-tuning of all weights, no masks: forgets).
 
-Where the paper and the code differ, and what we follow:
+Where the paper and the code differ, and what we follow. (Only the
+paper's abstract was readable with this project's tools; the method
+details below come from the code, read in full, and from the edge-popup /
+SupSup formulation the paper builds on.)
 
-* Ranking: the paper writes the mask as the top-k of the scores; the code
-  ranks `|scores|` (as edge-popup's code does). We follow the code, so the
-  straight-through score gradient carries `sign(s)`.
-* Learning rates: the paper gives separate rates for mask and weight
-  training; the code trains the masks with the weight rate whenever weight
-  training is on (`get_optim_and_scheduler`). We keep two rates
-  (`mask_lr`, `weight_lr`), as the paper describes.
-* KKT: the paper initializes from the best earlier mask; the code offers
-  `knn_best` (the best, only if its KNN accuracy beats chance 1/C),
-  `knn_always` and `knn_all` (the mean score of every above-chance task).
-  We default to `best` = the code's `knn_best`, and offer `always`/`all`.
-  The code uses ~20% of the training batches and k = 200 neighbours on
-  datasets of thousands of examples per class; we take a fixed number of
-  examples (one compiled KNN for every task) and a smaller k.
+* Ranking: edge-popup and SupSup describe the mask as the top-k of the
+  scores; the ExSSNeT code ranks `|scores|` (`GetSubnet.apply(
+  scores.abs(), sparsity)`, as edge-popup's code does). We follow the
+  code, so the straight-through score gradient carries `sign(s)`.
+* KKT: the abstract describes a KNN module that initializes a new task's
+  mask from earlier tasks; the code implements it as `--sim-init` with
+  `knn_best` (the best earlier task, only if its KNN accuracy beats chance
+  1/C), `knn_always` and `knn_all` (the mean score of every above-chance
+  task), but its README commands leave `--sim-init` empty, i.e. KKT off.
+  We default to `best` (= `knn_best`), offer `always`/`all`, and report
+  ExSSNeT with and without it. The code scores ~20% of the training
+  batches with k = 200 neighbours (`--num-topk`), on datasets of
+  thousands of examples per class; we take a fixed number of examples
+  (one compiled KNN for every task) and a smaller k.
+* Learning rates: the code's README passes separate `--lr` (masks) and
+  `--train-weight-lr`, but `get_optim_and_scheduler` uses the weight rate
+  for the masks too whenever weight training is on. We keep two rates
+  (`mask_lr`, `weight_lr`), as the flags intend.
 * Checkpoint choice: the code keeps each task's best-validation epoch; we
   train a fixed number of steps per phase.
 * Network: the code's text model masks a CNN (kernels 3/4/5, max-pool)

@@ -8,15 +8,16 @@ entries (1) and drops the rest (0). `h` has zero gradient almost
 everywhere, so edge-popup passes the gradient straight through:
 `dL/ds := dL/dm = dL/d(w*m) * w`.
 
-Which entries count as "top": the papers write `h(s)` over the scores;
-the edge-popup code and the ExSSNeT code (`GetSubnet.apply(scores.abs(),
-sparsity)`) rank `|s|`. We follow the code: rank `|s|`, so the straight-
-through gradient also picks up `d|s|/ds = sign(s)`:
+Which entries count as "top": edge-popup and SupSup describe `h(s)` over
+the scores; the edge-popup code and the ExSSNeT code (`GetSubnet.apply(
+scores.abs(), sparsity)`) rank `|s|`. We follow the code: rank `|s|`, so
+the straight-through gradient also picks up `d|s|/ds = sign(s)`:
 `dL/ds = dL/d(w*m) * w * sign(s)`. Per layer, the code zeroes the
 `int((1 - density) * n)` lowest of the `n` entries and keeps the rest
-(`keep_count`); we keep the same count, found by an exact threshold search
-(`mtmerge.selection`, no sort). Entries tied at the threshold are all kept
-(never happens for continuous scores).
+(`keep_count`); we keep the same count, at the exact k-th largest `|s|`
+(a sort for small layers, `mtmerge.selection`'s search for large ones).
+Entries tied at the threshold are all kept (never happens for continuous
+scores).
 
 ExSSNeT's exclusivity (Yadav and Bansal 2023): when task t trains weights,
 only those in its own mask and in no earlier task's mask may change,
