@@ -68,7 +68,7 @@ def get_config(arg=None):
 
   if "runlocal" in args:
     c.num_layers = 1
-    c.tasks = ["word_domain", "concreteness"]
+    c.tasks = ["word_valence", "concreteness"]  # 2 classes: one prompt shape
     c.features.update(batch_size=16)
     c.features.limits.update(train=32, test=16)
     c.hidden = (32,)

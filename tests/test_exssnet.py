@@ -16,6 +16,7 @@ import pytest
 from configs import exssnet as exssnet_config
 from mtmerge import finetune
 from mtmerge import sharding
+from mtmerge import train
 from mtmerge.continual import bench
 from mtmerge.continual import exssnet as ex
 from mtmerge.continual import supermask as sm
@@ -306,6 +307,11 @@ def test_runlocal_job_end_to_end(tmp_path):
   assert "kkt_acc" in d["per_task"][0][1]
   for f in ("results.json", "table.txt"):
     assert os.path.exists(tmp_path / "w" / f)
+  # Every task of every method (and the toy runs above, same shapes)
+  # reused one mask step, one weight step and one evaluation program.
+  steps = [fn for _, fn in train._STEP_CACHE]  # pylint: disable=protected-access
+  assert len(steps) == 2 and all(fn._cache_size() == 1 for fn in steps)
+  assert ex._eval_logits._cache_size() == 1
 
 
 # ------------------------------------------------------ 8 devices == 1
