@@ -23,21 +23,26 @@ Steps are hooks `aot_step(config, mesh) -> (jitted_fn, abstract_args)`:
 
 Measured here (XLA:CPU analysis): `--step adamerging --num_params 7B
 --num_tasks 8 --dtype bfloat16 --batch 64` on 64 devices (mesh fsdp:64)
-needs 7.9 GiB per device (1.8 GiB arguments: task vectors and theta_0
-sharded over fsdp); a batch the data axes do not divide stops with one
-line naming both sizes.
+needs 7.9 GiB per device (measured with XLA:CPU's default scheduler; 1.8
+GiB arguments: task vectors and theta_0 sharded over fsdp); a batch the
+data axes do not divide stops with one line naming both sizes.
 
 Merges of a 7B-parameter model x 8 tasks in bf16 on 64 devices (mesh
 fsdp:64, `--num_params 7B --num_tasks 8 --dtype bfloat16`; 1.84 GiB of
-arguments per device for each, 2x = 3.68 GiB), peak per device
-(arguments + outputs + temporaries), XLA:CPU analysis:
+arguments per device, 1.64 GiB for TALL masks and EMR, which do not read
+the base), peak per device (arguments + outputs + temporaries), XLA:CPU
+analysis; "default scheduler" is `--concurrency_scheduler`, "now" the
+memory scheduler this script uses (see `_SCHEDULER_FLAG`); the README's
+table has the before/after of every method.
 
-  method                     before (gathers)        after
-  task_arithmetic            2.05 GiB                2.05 GiB
-  ties_merging per_tensor    125.2 GiB               4.30 GiB
-  ties_merging global        refused (>2**32/task)   4.56 GiB
-  dare(drop_rate=0.9)        8.77 GiB                2.05 GiB
-  tall_mask                  36.7 GiB                not fixed (see below)
+  method                     first         default scheduler   now
+  task_arithmetic            2.05 GiB      2.05 GiB            2.05 GiB
+  ties_merging per_tensor    125.2 GiB     4.30 GiB            3.49 GiB
+  ties_merging global        refused       4.56 GiB            3.49 GiB
+  dare(drop_rate=0.9)        8.77 GiB      2.05 GiB            2.05 GiB
+  tall_mask                  36.7 GiB      4.28 GiB            2.16 GiB
+  consensus                  2.15 GiB      2.15 GiB            2.05 GiB
+  emr_merging                173.0 GiB     8.46 GiB            2.45 GiB
 
 Why they gathered: the top-k search's strided sample flattened each
 (sharded) leaf, which XLA does with an all-gather of the whole stacked
@@ -51,13 +56,14 @@ float instead of a max pass, and counts the global top-k in (hi, lo) pairs,
 exact to 2**48 entries per task. The kept entries are unchanged
 (tests/test_methods.py, test_ties_compile.py, test_sharding.py). DARE never
 gathered: XLA:CPU's rolled threefry loop materialized the random counters
-(see `_tpu_threefry_lowering`). TIES still needs 2.3x (per-tensor) and
-2.5x (global) its arguments, over the 2x goal: temporaries of the vote
-and apply kernels not yet chased;
-TALL masks still gather the bool masks to bit-pack them along each
-flattened leaf (`task_vectors.pack_mask`): packing along the last axis
-gives the same bytes but the flat `[T, size / 8]` storage would have to
-become per-row to stay sharded.
+(see `_tpu_threefry_lowering`). TALL masks and EMR bit-packed each
+flattened leaf (a gather of the bool masks): the in-memory masks are now
+packed row by row (`task_vectors.pack_mask(rows=True)`), each device
+packing its own rows (bits of a row split over devices in pieces that are
+not whole bytes move to row shards first), and EMR's per-task means reduce
+in place instead of over a flattened leaf. What remained over 2x was
+XLA:CPU's concurrency-optimized scheduler keeping every leaf's
+temporaries live at once.
 
 Caveat: the numbers are XLA:CPU's buffer assignment for the same sharded
 program. They track per-device argument/output sizes exactly and temporaries
@@ -77,19 +83,39 @@ import sys
 from typing import Any
 
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
+# XLA:CPU's default scheduler orders a program for thread concurrency, not
+# memory: it runs, e.g., every leaf's resharding collective before any of
+# their consumers and keeps all their buffers live (TALL masks: 2.3 GiB of
+# temporaries per device at 7B x 8 on 64 devices, 0.2 GiB with the memory
+# scheduler; TIES 2.3-2.5 GiB -> 1.4 GiB). TPU's and GPU's schedulers
+# bound memory, so `main` compiles with XLA:CPU's memory-minimizing
+# scheduler unless `--concurrency_scheduler` is given.
+_SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+_SCHEDULER_NAME = _SCHEDULER_FLAG.split("=")[0]
 
 
-def _ensure_devices(n: int, argv: list[str]) -> None:
-  """Re-execs this script with N fake CPU devices unless already set up."""
+def _ensure_devices(n: int, argv: list[str], memory_scheduler: bool = True
+                    ) -> None:
+  """Re-execs this script with N fake CPU devices unless already set up.
+
+  With `memory_scheduler`, also with XLA:CPU's memory scheduler (unless
+  `XLA_FLAGS` names that option already, or JAX is already imported: a
+  caller such as a test that set its own devices).
+  """
   flags = os.environ.get("XLA_FLAGS", "")
+  want_sched = (memory_scheduler and _SCHEDULER_NAME not in flags
+                and "jax" not in sys.modules)
   if f"{_COUNT_FLAG}={n}" in flags.split() and os.environ.get(
-      "JAX_PLATFORMS") == "cpu":
+      "JAX_PLATFORMS") == "cpu" and not want_sched:
     return
   if os.environ.get("MTMERGE_AOT_REEXEC"):
     raise RuntimeError(f"re-exec did not give {n} CPU devices (XLA_FLAGS="
                        f"{flags!r})")
   flags = re.sub(rf"{_COUNT_FLAG}=\d+", "", flags).strip()
-  os.environ["XLA_FLAGS"] = f"{flags} {_COUNT_FLAG}={n}".strip()
+  flags = f"{flags} {_COUNT_FLAG}={n}".strip()
+  if want_sched:
+    flags = f"{flags} {_SCHEDULER_FLAG}"
+  os.environ["XLA_FLAGS"] = flags
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["MTMERGE_AOT_REEXEC"] = "1"
   sys.stdout.flush()
@@ -347,7 +373,12 @@ def _tpu_threefry_lowering() -> None:
 
 
 def check(config, mesh, step: str = "merge") -> dict[str, Any]:
-  """Lowers and compiles `step` on `mesh`; returns per-device byte counts."""
+  """Lowers and compiles `step` on `mesh`; returns per-device byte counts.
+
+  XLA:CPU's scheduler is the one the process's `XLA_FLAGS` chose (`main`
+  picks the memory-minimizing one, `_SCHEDULER_FLAG`); `scheduler` in the
+  result says which.
+  """
   import jax
   fn, args = resolve_step(step)(config, mesh)
   with jax.set_mesh(mesh):
@@ -366,6 +397,8 @@ def check(config, mesh, step: str = "merge") -> dict[str, Any]:
   out["global_argument_bytes"] = sum(
       math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(args)
       if hasattr(x, "shape") and hasattr(x, "dtype"))
+  out["scheduler"] = ("memory" if _SCHEDULER_FLAG in os.environ.get(
+      "XLA_FLAGS", "").split() else "concurrency")
   out["num_devices"] = mesh.size
   out["mesh"] = dict(mesh.shape)
   return out
@@ -396,8 +429,11 @@ def main(argv=None) -> int:
                  help="adamerging step: global inputs per task")
   p.add_argument("--seq_len", type=int, default=128)
   p.add_argument("--classes", type=int, default=10)
+  p.add_argument("--concurrency_scheduler", action="store_true",
+                 help="compile with XLA:CPU's default (concurrency-"
+                 "optimized) scheduler instead of its memory scheduler")
   args = p.parse_args(argv)
-  _ensure_devices(args.num_devices, argv)
+  _ensure_devices(args.num_devices, argv, not args.concurrency_scheduler)
 
   import jax  # after XLA_FLAGS are final
   import ml_collections
@@ -423,7 +459,8 @@ def main(argv=None) -> int:
     return 2
   total = _gib(res["global_argument_bytes"]).strip()
   print(f"step {args.step} on {res['num_devices']} devices, mesh "
-        f"{res['mesh']}; arguments {total} in all; per device:")
+        f"{res['mesh']}, XLA:CPU {res['scheduler']} scheduler; arguments "
+        f"{total} in all; per device:")
   for k, v in res.items():
     if k.endswith("bytes") and not k.startswith("global"):
       print(f"  {k:32s} {_gib(v)}")

@@ -646,7 +646,11 @@ def save_compressed(compressed: Any, base_layout: Layout, path: str,
   meta = compressed_meta(method, hparams, compressed.rescalers, base_layout)
   T = meta["num_tasks"]
   tau = {k: _cast(x, np_dtype(base_layout.dtypes[k])) for k, x in tau.items()}
-  masks = {k: _cast(x, np.dtype(np.uint8)) for k, x in masks.items()}
+  from mtmerge import task_vectors
+  # Files hold the flat layout (`task_vectors.pack_mask`).
+  masks = {k: _cast(task_vectors.relayout_packed(
+      x, np.shape(tau[k]), 1, to_rows=False), np.dtype(np.uint8))
+           for k, x in masks.items()}
 
   def write(tmp):
     _write_st(os.path.join(tmp, _TAU), tau, None)
@@ -695,5 +699,8 @@ def load_compressed(path: str) -> tuple[Any, dict[str, Any]]:
     raise CheckpointError(f"{os.path.join(path, _MASKS)} has tensor "
                           f"{sorted(set(masks) - set(tau))[0]!r} absent from "
                           f"{_TAU}")
+  from mtmerge import task_vectors
   from mtmerge.methods.compressed import Compressed
+  # Files hold the flat layout; in memory each row is packed on its own.
+  masks = task_vectors.mask_flat_to_rows(masks, tau)
   return Compressed(tau, masks, rescalers), meta

@@ -110,6 +110,30 @@ def test_pack_unpack_mask_roundtrip_and_size():
                                 np.packbits(m, axis=-1))
 
 
+
+def test_pack_mask_rows_layout_and_relayout():
+  base, tvs = _tvs(T=5)
+  mask = jax.tree.map(lambda x: x > 0.02, tvs)
+  flat = task_vectors.pack_mask(mask)
+  rows = task_vectors.pack_mask(mask, rows=True)
+  for (k, p), (_, x) in zip(tree_lib.named_leaves(rows),
+                            tree_lib.named_leaves(base)):
+    s = np.shape(x)
+    want = (5,) + s[:-1] + (-(-s[-1] // 8),) if len(s) >= 2 else (
+        5, -(-max(int(np.prod(s)), 1) // 8))
+    assert p.dtype == jnp.uint8 and p.shape == want, k
+  # Each row on its own: NumPy's packbits along the last axis.
+  m = np.asarray(mask["block_1"]["dense"]["kernel"])  # rows of 13 bits
+  np.testing.assert_array_equal(rows["block_1"]["dense"]["kernel"],
+                                np.packbits(m, axis=-1))
+  for packed in (rows, flat):  # unpack_mask reads either layout
+    jax.tree.map(np.testing.assert_array_equal,
+                 task_vectors.unpack_mask(packed, base), mask)
+  jax.tree.map(np.testing.assert_array_equal,
+               task_vectors.mask_rows_to_flat(rows, base), flat)
+  jax.tree.map(np.testing.assert_array_equal,
+               task_vectors.mask_flat_to_rows(flat, base), rows)
+
 # --- exact top-k selection ---------------------------------------------------
 
 def _kept(tvs, thr):

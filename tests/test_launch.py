@@ -136,6 +136,21 @@ def test_aot_check_merge_on_8_devices():
   assert res["peak_estimate_bytes"] >= res["argument_size_in_bytes"]
 
 
+
+def test_aot_check_tall_masks_stay_sharded():
+  # Columns split 8 ways in 12-bit pieces (96 / 8): packing a row needs the
+  # row on one device, so the bits move to row shards; before, the packed
+  # masks (and the bool masks) were gathered on every device.
+  mesh = sharding.make_mesh([("fsdp", 8)])
+  config = ml_collections.ConfigDict(dict(aot=dict(
+      method="tall_mask", num_params="0", width=96, layers=1, vocab=64,
+      num_tasks=4, dtype="float32", task_axis="")))
+  res = aot_check.check(config, mesh)
+  fn, (base, tvs, _) = aot_check.merge_step(config, mesh)
+  out = jax.eval_shape(fn, base, tvs, {"tall_mask_lambda": 0.6})
+  whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(out))
+  assert res["output_size_in_bytes"] < 1.5 * whole / 8, (res, whole)
+
 def test_aot_check_adamerging_step_on_8_devices():
   mesh = sharding.make_mesh([("data", 2), ("fsdp", 2), ("task", 2)])
   config = ml_collections.ConfigDict(dict(aot=dict(

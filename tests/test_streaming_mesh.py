@@ -248,3 +248,29 @@ def test_top_k_under_a_mesh_keeps_the_same_entries(mesh8):
                                     np.abs(x) >= np.asarray(ref[k]),
                                     err_msg=f"{scope} {k}")
   assert int(np.sum(np.abs(tvs["a"]) >= np.asarray(ref["a"]))) > 0
+
+
+def test_in_memory_masks_under_a_mesh_equal_unsharded(mesh8):
+  """TALL masks and EMR in memory under `jax.set_mesh`: rows packed where
+  they lie (columns split in 5-bit pieces move to row shards first), the
+  same masks and tau as unsharded; EMR's rescalers to float32 rounding."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from mtmerge import methods
+  rng = np.random.default_rng(2)
+  tvs = {"a": rng.normal(size=(3, 16, 40)).astype(np.float32),
+         "b": rng.normal(size=(3, 24)).astype(np.float32)}
+  specs = {"a": P(None, None, "x"), "b": P(None, "x")}
+  sharded = {k: jax.device_put(v, NamedSharding(mesh8, specs[k]))
+             for k, v in tvs.items()}
+  base = {k: np.zeros(v.shape[1:], np.float32) for k, v in tvs.items()}
+  for name in ("tall_mask", "emr_merging"):
+    fn = jax.jit(lambda b, t, n=name: methods.get(n).fn(b, t))
+    ref = fn(base, tvs)
+    with jax.set_mesh(mesh8):
+      got = fn(base, sharded)
+    assert got.masks["a"].shape == (3, 16, 5)  # rows layout
+    assert not got.masks["a"].sharding.is_fully_replicated
+    for k in tvs:
+      np.testing.assert_array_equal(got.masks[k], ref.masks[k], err_msg=k)
+      np.testing.assert_array_equal(got.tau[k], ref.tau[k], err_msg=k)
+    np.testing.assert_allclose(got.rescalers, ref.rescalers, rtol=1e-6)

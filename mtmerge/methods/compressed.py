@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtmerge import task_vectors
 from mtmerge import tree as tree_lib
@@ -24,7 +25,10 @@ class Compressed(NamedTuple):
 
   Attributes:
     tau: the shared task vector (structure of the params).
-    masks: bit-packed masks, uint8 leaves `[T, ceil(size / 8)]`.
+    masks: bit-packed masks, uint8 leaves `[T, *shape[:-1],
+      ceil(shape[-1] / 8)]` (`task_vectors.pack_mask(rows=True)`: each row
+      packed on its own, so a mask shards like its parameter; files hold
+      the flat `[T, ceil(size / 8)]`, see `checkpoint_io.save_compressed`).
     rescalers: float32 `[T]` (1.0 for TALL masks).
   """
   tau: Tree
@@ -42,7 +46,7 @@ def compress(tau: Tree, masks: Tree, rescalers: jax.Array | None = None
   T = task_vectors.num_tasks(masks)
   r = jnp.ones((T,), jnp.float32) if rescalers is None else jnp.asarray(
       rescalers, jnp.float32)
-  return Compressed(tau, task_vectors.pack_mask(masks), r)
+  return Compressed(tau, task_vectors.pack_mask(masks, rows=True), r)
 
 
 def task_vector(c: Compressed, t) -> Tree:
@@ -71,6 +75,11 @@ def _reconstruct(base, c, t):
 
 
 def storage_bytes(c: Compressed) -> int:
-  """Bytes of the compressed form (vector + packed masks + rescalers)."""
-  return tree_lib.tree_bytes(c.tau) + tree_lib.tree_bytes(c.masks) + int(
-      c.rescalers.size * 4)
+  """Bytes of the compressed form (vector + packed masks + rescalers).
+
+  The masks count as stored in files: `T * ceil(size / 8)` bytes per leaf.
+  """
+  T = c.num_tasks
+  mask_bytes = sum(T * -(-int(np.prod(np.shape(x), dtype=np.int64)) // 8)
+                   for x in jax.tree.leaves(c.tau))
+  return tree_lib.tree_bytes(c.tau) + mask_bytes + int(c.rescalers.size * 4)

@@ -112,8 +112,11 @@ def emr_masks(x: jax.Array, u: jax.Array) -> jax.Array:
 def emr_mean_abs(x: jax.Array, u: jax.Array, m: jax.Array):
   """One leaf's `(mean|tau_t|, mean|M_t * tau_uni|)`, each `[T]`."""
   def per_task_mean(y):  # [T, ...] -> [T]
-    return jnp.mean(jnp.abs(y.astype(jnp.float32)).reshape(y.shape[0], -1),
-                    axis=1)
+    y = jnp.abs(y.astype(jnp.float32))
+    if not jax.sharding.get_abstract_mesh().empty:
+      # Under a mesh: reduce in place; flattening a sharded leaf gathers it.
+      return jnp.mean(y, axis=tuple(range(1, y.ndim)))
+    return jnp.mean(y.reshape(y.shape[0], -1), axis=1)
   return per_task_mean(x), per_task_mean(jnp.where(m, u[None], 0.0))
 
 
