@@ -5,11 +5,13 @@ Paper: A. Aich, S. Schulter, A. K. Roy-Chowdhury, M. Chandraker, Y. Suh,
 "Efficient Controllable Multi-Task Architectures", ICCV 2023,
 arXiv:2308.11744 (ar5iv.labs.arxiv.org/html/2308.11744). Official code:
 none found; the paper's page on Papers with Code lists no implementation,
-and no repository of the authors or of NEC Labs holds it. The slimmable
-training it builds on is US-Nets' (Yu & Huang, ICCV 2019,
-github.com/JiahuiYu/slimmable_networks): the "sandwich rule" (each step
-trains the widest, the narrowest and randomly sampled widths) and in-place
-distillation.
+and no repository of the authors or of NEC Labs holds it. Only the
+abstract, the pipeline figure's caption and third-party summaries were
+readable with this project's tools. The slimmable training here follows
+US-Nets (Yu & Huang, ICCV 2019, code github.com/JiahuiYu/slimmable_networks),
+the standard recipe for width-slimmable networks: the "sandwich rule" (each
+step trains the widest, the narrowest and randomly sampled widths) and
+in-place distillation.
 
 What the paper states and this module does: one SuperNet (shared encoder,
 task decoders, both width-slimmable) is trained together with its SubNets;

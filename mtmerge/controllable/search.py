@@ -20,15 +20,16 @@ has E x D entries per task, not the whole product space):
                                           `ordered=False` drops it),
 
 ties broken by lower cost, then by the lexicographically larger
-`(e, d in order of decreasing preference)`. The paper describes its search
-as a rule-based allocation rather than an exact optimization; this version
-keeps the rule (as the ordering constraint) and makes "the best encoder
-for the budget" precise. It is exact and, unlike enumerating the
-E x D^T configurations, linear in the tasks: for each encoder width the
-decoders are chosen by dynamic programming over the tasks in order of
-decreasing preference, keeping per state only the Pareto front of (cost,
-value) partial choices (`brute_force` is the enumeration the tests compare
-against).
+`(e, d in order of decreasing preference)`. The paper's abstract gives the
+search by its rule; how it scores encoder candidates was not readable
+here, so this version keeps the rule (as the ordering constraint) and
+makes "the best encoder for the budget" precise as the exact optimum of
+the preference-weighted validation accuracy. Rather than enumerating the
+E x D^T configurations, for each encoder width the decoders are chosen by
+dynamic programming over the tasks in order of decreasing preference,
+keeping per state only the Pareto front of (cost, value) partial choices;
+the result is the same optimum (`brute_force` is the enumeration the tests
+compare against), with work that grows with the fronts, not with D^T.
 """
 
 from __future__ import annotations
