@@ -42,6 +42,7 @@ table has the before/after of every method.
   dare(drop_rate=0.9)        8.77 GiB      2.05 GiB            2.05 GiB
   tall_mask                  36.7 GiB      4.28 GiB            2.16 GiB
   consensus                  2.15 GiB      2.15 GiB            2.05 GiB
+  tall_mask, TIES base       -             6.48 GiB            3.57 GiB (2.18x)
   emr_merging                173.0 GiB     8.46 GiB            2.45 GiB
 
 Why they gathered: the top-k search's strided sample flattened each
@@ -63,7 +64,9 @@ packing its own rows (bits of a row split over devices in pieces that are
 not whole bytes move to row shards first), and EMR's per-task means reduce
 in place instead of over a flattened leaf. What remained over 2x was
 XLA:CPU's concurrency-optimized scheduler keeping every leaf's
-temporaries live at once.
+temporaries live at once; TALL on the TIES vector is still over (2.18x:
+TIES' per-task slices, shared by its vote and merge passes, plus the
+masks; see the README).
 
 Caveat: the numbers are XLA:CPU's buffer assignment for the same sharded
 program. They track per-device argument/output sizes exactly and temporaries

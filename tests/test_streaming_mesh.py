@@ -274,3 +274,28 @@ def test_in_memory_masks_under_a_mesh_equal_unsharded(mesh8):
       np.testing.assert_array_equal(got.masks[k], ref.masks[k], err_msg=k)
       np.testing.assert_array_equal(got.tau[k], ref.tau[k], err_msg=k)
     np.testing.assert_allclose(got.rescalers, ref.rescalers, rtol=1e-6)
+
+
+def test_in_memory_ties_under_a_mesh_equal_unsharded(mesh8):
+  """TIES in memory under `jax.set_mesh` (the search counts each leaf where
+  it lies, `combine.ties_apply`'s passes): bit for bit the unsharded
+  merge."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from mtmerge import methods
+  rng = np.random.default_rng(3)
+  tvs = {"a": rng.normal(size=(3, 16, 40)).astype(np.float32),
+         "b": rng.normal(size=(3, 24)).astype(np.float32)}
+  specs = {"a": P(None, "x"), "b": P(None, "x")}
+  sharded = {k: jax.device_put(v, NamedSharding(mesh8, specs[k]))
+             for k, v in tvs.items()}
+  base = {k: rng.normal(size=v.shape[1:]).astype(np.float32)
+          for k, v in tvs.items()}
+  cases = [("ties_merging", dict(threshold=0.3))]
+  for name, hp in cases:
+    fn = jax.jit(lambda b, t, n=name, h=tuple(hp.items()): methods.get(
+        n).fn(b, t, **dict(h)))
+    ref = fn(base, tvs)
+    with jax.set_mesh(mesh8):
+      got = fn(base, sharded)
+    jax.tree.map(lambda g, r: np.testing.assert_array_equal(
+        np.asarray(g), np.asarray(r), err_msg=name), got, ref)
