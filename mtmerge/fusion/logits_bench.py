@@ -3,7 +3,7 @@
 Fan et al., 2024, "On Giant's Shoulders: Effortless Weak to Strong by
 Dynamic Logits Fusion" (arXiv:2406.15480), in the project's classification
 analog of its LLM setting (`mtmerge.fusion.logits_fusion` has the method,
-the sources and our reading of them):
+the paper's objective and search, and what the sources hold):
 
 1. the strong model is the full pretrained MiniLM with frozen zero-shot
    heads (`mtmerge.heads`); the small base is MiniLM truncated to its first
@@ -46,7 +46,7 @@ class ConfigError(ValueError):
 
 def _solve(zl, ze, zs, opts, chunk):
   """Solver weights `[N, T]` in fixed-size chunks (one compile, bounded
-  memory: the product grid is evaluated per example)."""
+  memory: every candidate is evaluated per example)."""
   n, c = zl.shape
   pad, extra = -n % chunk, -c % 8
 
@@ -72,25 +72,35 @@ def _head_classes(head: dict, names: tuple[str, ...]) -> tuple[str, ...]:
       len(names), width))
 
 
-def _task_logits(strong, small, expert_params, task, s_head, w_head, config):
-  """`(strong [N, C], small base [N, C], experts [T, N, C], labels [N])`."""
+def _forwards(strong, small):
+  """Jitted logits of the strong model and of the small models stacked on
+  a model axis (the untuned base first, then the experts); heads are
+  arguments, so tasks with the same class count and padded length share
+  one compiled program each."""
+  f_strong = jax.jit(lambda h, p, x: encoders.logits(h, strong.features(
+      p, x)))
+  f_small = jax.jit(jax.vmap(lambda h, p, x: encoders.logits(
+      h, small.features(p, x)), in_axes=(None, 0, None)))
+  return f_strong, f_small
+
+
+def _task_logits(strong, small, small_stack, task, s_head, w_head, config,
+                 fns):
+  """`(strong [N, C], small base [N, C], experts [T, N, C], labels [N])`;
+  `small_stack`: the base's and the experts' params on one leading axis."""
   b = taskdata.batcher(small, task, "test", config.eval.batch_size,
                        limit=config.eval.get("limit"),
                        max_len=config.eval.max_len,
                        multiple=config.eval.multiple, sort_by_length=True)
-  f_strong = jax.jit(lambda p, x: encoders.logits(s_head, strong.features(
-      p, x)))
-  f_small = jax.jit(lambda p, x: encoders.logits(w_head, small.features(
-      p, x)))
-  f_exp = jax.jit(jax.vmap(lambda p, x: encoders.logits(
-      w_head, small.features(p, x)), in_axes=(0, None)))
+  f_strong, f_small = fns
   out = {"zl": [], "zs": [], "ze": [], "y": []}
   for batch in b.epoch(0):
     keep = batch.get("mask", np.ones(len(batch["label"]), bool))
     x = {k: v for k, v in batch.items() if k not in ("label", "mask")}
-    out["zl"].append(np.asarray(f_strong(strong.params, x))[keep])
-    out["zs"].append(np.asarray(f_small(small.params, x))[keep])
-    out["ze"].append(np.asarray(f_exp(expert_params, x))[:, keep])
+    out["zl"].append(np.asarray(f_strong(s_head, strong.params, x))[keep])
+    z = np.asarray(f_small(w_head, small_stack, x))[:, keep]
+    out["zs"].append(z[0])
+    out["ze"].append(z[1:])
     out["y"].append(batch["label"][keep])
   return (np.concatenate(out["zl"]), np.concatenate(out["zs"]),
           np.concatenate(out["ze"], axis=1), np.concatenate(out["y"]))
@@ -109,7 +119,11 @@ def run(config: Any, workdir: str) -> dict:
   if config.finetune.mode != "standard":
     raise ConfigError("logits_fusion fine-tunes standard experts only; "
                       f"got finetune.mode={config.finetune.mode!r}")
-  strong = encoders.load(config.model)
+  strong_layers = config.get("strong_layers")  # None: all of them
+  try:
+    strong = encoders.load(config.model, num_layers=strong_layers)
+  except ValueError as e:
+    raise ConfigError(f"config.strong_layers: {e}") from None
   try:
     small = encoders.load(config.model, num_layers=config.num_layers)
   except ValueError as e:
@@ -141,7 +155,8 @@ def run(config: Any, workdir: str) -> dict:
                                  os.path.join(workdir, "experts"),
                                  progress=False)
     tuned.append(encoders.join(tree_lib.to_flat_dict(sel), rest))
-  stacked = jax.tree.map(lambda *x: jnp.stack(x), *tuned)  # [T, ...]
+  # [1 + T, ...]: the untuned small model, then the experts.
+  stacked = jax.tree.map(lambda *x: jnp.stack(x), small.params, *tuned)
   finetune_s = time.time() - t0
   print(f"experts fine-tuned in {finetune_s:.0f} s", flush=True)
 
@@ -153,9 +168,11 @@ def run(config: Any, workdir: str) -> dict:
   diag: dict[str, dict[str, Any]] = {}
   t0 = time.time()
   acc = lambda z, y: float(np.mean(np.argmax(z, -1) == y))
+  fns = _forwards(strong, small)
   for ti, t in enumerate(tasks):
-    zl, zs, ze, y = _task_logits(strong, small, stacked, t, s_heads[t.name],
-                                 w_heads[t.name], config)
+    zl, zs, ze, y = _task_logits(strong, small, stacked, t,
+                                 s_heads[t.name], w_heads[t.name], config,
+                                 fns)
     n = t.name
     rec = lambda row, v: accs.setdefault(row, {}).__setitem__(n, v)
     rec("strong zero-shot", acc(zl, y))
@@ -204,7 +221,8 @@ def run(config: Any, workdir: str) -> dict:
     rows.append(row)
   timing = {"finetune_s": round(finetune_s, 1), "eval_s": round(eval_s, 1),
             "total_s": round(time.time() - t_start, 1)}
-  text = (f"Dynamic Logits Fusion: strong {strong.name} (all layers, "
+  text = (f"Dynamic Logits Fusion: strong {strong.name} "
+          f"({strong_layers or 'all'} layers, "
           f"zero-shot heads) + {len(tasks)} experts of its first "
           f"{config.num_layers} layers; test accuracy (%)\n" +
           results.format_table(rows) +

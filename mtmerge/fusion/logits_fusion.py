@@ -4,37 +4,57 @@ Fan et al., 2024, "On Giant's Shoulders: Effortless Weak to Strong by
 Dynamic Logits Fusion" (NeurIPS 2024, arXiv:2406.15480); official code
 github.com/Facico/Dynamic-Logit-Fusion.
 
-Weak-to-strong transfer by logit arithmetic (as in proxy-tuning /
-DExperts): the strong (large, untuned) model's logits `z_L` are shifted by
-the logit differences of T small task experts `z_t` (fine-tuned) against
-their untuned small model `z_S`,
+Weak-to-strong transfer by logit arithmetic (as in proxy-tuning / EFT):
+the large untuned model's logits `M^L` are shifted by the logit
+differences of T small task experts `M^S_t` (fine-tuned) against their
+untuned small model `M^S`,
 
-    z_fused(w) = z_L + sum_t w_t (z_t - z_S),
+    P~(w) = softmax(M^L + sum_t w_t (M^S_t - M^S)),
 
-with the fusion weights `w` chosen per example (per decoding step in
-generation, `mtmerge.fusion.logits_generate`) by a KL-constrained problem.
-Our reading of the paper's constraints: fine-tuning should move the strong
-model as far as it moved the small one, and should leave the gap between
-the two scales unchanged,
+with the weights `w` chosen per example (per decoding step in generation,
+`mtmerge.fusion.logits_generate`). Write P = softmax(M^L) (large, untuned),
+Q = softmax(M^S) (small, untuned), Q_t = softmax(M^S_t) (expert t). The
+paper asks the fused large distribution to move away from P exactly as
+each expert moved away from Q, in both KL directions, and minimizes the
+squared mismatch summed over the experts (main text, multi-expert
+equation, and the pseudo-code's loss):
 
-    KL(p_fused || p_L) ~ KL(p_t || p_S),   KL(p_fused || p_t) ~ KL(p_L || p_S),
+    L(w) = sum_t [ (KL(P~ || P) - KL(Q_t || Q))^2
+                   + (KL(P || P~) - KL(Q || Q_t))^2 ]         (`objective`)
 
-enforced as squared residuals summed over the experts (`objective`); a
-single expert is the single-task case. `solve_weights` searches a box
-`[lo, hi]^T` (default [0, 2], around the fixed ratios 0.5-1.5 the paper
-compares against): the exhaustive 0.1 grid when it has at most `max_grid`
-points (one or two experts), else the coarsest product grid that fits plus
-coordinate sweeps over the 0.1 grid; then, from the best few grid points,
-golden-section refinement per coordinate and, for several experts,
-projected gradient steps with a line search (a continuous optimum).
+T = 1 is the single-task problem (the paper's Eq. 3). There are no other
+constraints: only the search box. The paper's search (pseudo-code and
+Sec. 5.2): a grid over [0, 2] with step 0.1 per weight; with several
+experts it does NOT search the product grid (exponential in T) but only
+one expert at a time, the others held at 0 ("perform alpha search only for
+one task, for a total of T times"; "select a single expert for knowledge
+transfer", O(nT) instead of O(n^T) evaluations): at each step one expert
+is applied, with the best of its grid weights. That is `search="paper"`,
+the default here: an exhaustive argmin over those `T * num` candidates
+(ties: the first, i.e. the lowest weight of the lowest expert index).
+`search="joint"` is ours, not the paper's: the product grid (exhaustive
+when it has at most `max_grid` points, else a coarser product grid plus
+coordinate sweeps), then golden-section refinement per coordinate and
+projected gradient steps from the best few grid points: a continuous
+optimum of the same objective over the whole box.
 
-Paper vs. code, and what we follow: the stored snapshot of the official
-repository holds only a README ("Coming Soon"): no released solver to
-compare with, so we follow the paper. Its method section could not be
-read in full from the stored copies either (abstract and summaries), so
-the residual form (squared, summed over experts when multi-task) and the
-box are our reading of its "KL-divergence constrained optimization", not
-a verified transcription; `objective_fn` swaps in another reading.
+What was read, and where the sources disagree: the official repository's
+stored snapshot holds only a README ("Coming Soon"), so there is no
+released solver to compare with. The method is taken from a stored full
+text of the paper (a markdown/LaTeX conversion, not the PDF: Sec. 3 with
+the single-task equation and the multi-expert one, the efficiency
+analysis, the appendix derivation for several experts and the pseudo-code
+"Adaptive Logits-Arithmetic"). The main-text equations and the
+pseudo-code agree on the pairing above. The appendix's last multi-expert
+formula pairs the terms the other way (KL(P || P~) with KL(Q_t || Q), and
+KL(P~ || P) with KL(Q || Q_t)); we follow the main text and the
+pseudo-code. In that copy the single-task paragraph and its appendix
+sketch are typeset differently from the rest and add claims (a unique
+optimum; the optimum "typically found within 10-15 evaluations") that we
+could not check against the published version; we use only the
+equation, which is the multi-expert one at T = 1. An earlier version of
+this module, written from the abstract alone, solved its own reading (the
+second term as KL(P~ || Q_t) against KL(P || Q)); it is replaced.
 
 Arrays: `strong` `[..., V]`, `experts` `[T, ..., V]` (the task axis first,
 like `TaskVectors`), `base` `[..., V]` (or `[T, ..., V]` when each expert
@@ -91,7 +111,8 @@ def fuse(strong: jax.Array, experts: jax.Array, base: jax.Array,
 
 def objective(weights: jax.Array, strong: jax.Array, experts: jax.Array,
               base: jax.Array) -> jax.Array:
-  """The per-example loss of fusion weights (see the module docstring).
+  """The per-example loss of fusion weights (the paper's, see the module
+  docstring).
 
   Args:
     weights: `[T]`.
@@ -100,15 +121,13 @@ def objective(weights: jax.Array, strong: jax.Array, experts: jax.Array,
     base: `[V]` or `[T, V]`.
 
   Returns:
-    `sum_t (KL(p_w || p_L) - KL(p_t || p_S))^2
-           + (KL(p_w || p_t) - KL(p_L || p_S))^2`, a scalar.
+    `sum_t (KL(P~ || P) - KL(Q_t || Q))^2 + (KL(P || P~) - KL(Q || Q_t))^2`,
+    a scalar.
   """
   fused = fuse(strong, experts, base, weights)
-  shift_small = kl(experts, base)          # [T] what tuning did, small scale
-  gap = kl(strong, base)                   # [] or [T] large vs small, untuned
-  shift_large = kl(fused, strong)          # [] what fusion does, large scale
-  gap_tuned = kl(fused, experts)           # [T] large vs small, tuned
-  return jnp.sum((shift_large - shift_small) ** 2 + (gap_tuned - gap) ** 2)
+  fwd = kl(fused, strong) - kl(experts, base)    # [T]
+  rev = kl(strong, fused) - kl(base, experts)    # [T]
+  return jnp.sum(fwd ** 2 + rev ** 2)
 
 
 _INVPHI = (math.sqrt(5.0) - 1.0) / 2.0
@@ -156,11 +175,27 @@ def _descend(f: Callable, w: jax.Array, lo, hi, step, iters: int
   return jax.lax.fori_loop(0, iters, body, w)
 
 
-def _solve_one(strong, experts, base, *, lo, hi, num, max_grid, sweeps,
-               iters, starts, objective_fn):
+def paper_candidates(t_count: int, lo: float, hi: float, num: int
+                     ) -> np.ndarray:
+  """The weight vectors the paper's search scores: `[T * num, T]`, expert
+  t alone at each of the `num` grid values (the others 0), t-major."""
+  grid = np.linspace(lo, hi, num, dtype=np.float32)
+  pts = np.zeros((t_count, num, t_count), np.float32)
+  for t in range(t_count):
+    pts[t, :, t] = grid
+  return pts.reshape(t_count * num, t_count)
+
+
+def _solve_one(strong, experts, base, *, search, lo, hi, num, max_grid,
+               sweeps, iters, starts, objective_fn):
   """Weights `[T]` of one example (see `solve_weights`)."""
   t_count = experts.shape[0]
   f = lambda w: objective_fn(w, strong, experts, base)
+  if search == "paper":
+    pts = jnp.asarray(paper_candidates(t_count, lo, hi, num), strong.dtype)
+    return pts[jnp.argmin(jax.vmap(f)(pts))]
+  if search != "joint":
+    raise ValueError(f"search must be 'paper' or 'joint', not {search!r}")
   grid = jnp.linspace(lo, hi, num, dtype=strong.dtype)
   per_axis = num if num ** t_count <= max_grid else max(
       2, int(math.floor(max_grid ** (1.0 / t_count) + 1e-9)))
@@ -200,22 +235,24 @@ def _solve_one(strong, experts, base, *, lo, hi, num, max_grid, sweeps,
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "lo", "hi", "num", "max_grid", "sweeps", "iters", "starts",
+    "search", "lo", "hi", "num", "max_grid", "sweeps", "iters", "starts",
     "objective_fn"))
-def solve(strong, experts, base, *, lo, hi, num, max_grid, sweeps, iters,
-          starts, objective_fn):
-  """`solve_weights` without input checks or defaults (jittable inside
-  other programs, e.g. a decoding loop); every option is static."""
-  one = functools.partial(_solve_one, lo=lo, hi=hi, num=num,
+def solve(strong, experts, base, *, search="paper", lo=0.0, hi=2.0, num=21,
+          max_grid=4096, sweeps=2, iters=24, starts=8, objective_fn=None):
+  """`solve_weights` without input checks (jittable inside other programs,
+  e.g. a decoding loop); every option is static."""
+  objective_fn = objective if objective_fn is None else objective_fn
+  one = functools.partial(_solve_one, search=search, lo=lo, hi=hi, num=num,
                           max_grid=max_grid, sweeps=sweeps, iters=iters,
                           starts=starts, objective_fn=objective_fn)
   base_axis = 1 if base.ndim == experts.ndim else 0
   return jax.vmap(one, in_axes=(0, 1, base_axis))(strong, experts, base)
 
 
-def solve_weights(strong: Any, experts: Any, base: Any, *, lo: float = 0.0,
+def solve_weights(strong: Any, experts: Any, base: Any, *,
+                  search: str = "paper", lo: float = 0.0,
                   hi: float = 2.0, num: int = 21, max_grid: int = 4096,
-                  sweeps: int = 2, iters: int = 24, starts: int = 4,
+                  sweeps: int = 2, iters: int = 24, starts: int = 8,
                   objective_fn: Callable = objective,
                   names: Sequence[str] | None = None) -> jax.Array:
   """Per-example fusion weights: jitted, vmapped over examples.
@@ -224,14 +261,17 @@ def solve_weights(strong: Any, experts: Any, base: Any, *, lo: float = 0.0,
     strong: strong logits `[N, V]`.
     experts: expert logits `[T, N, V]` (or a list of T `[N, V]` arrays).
     base: untuned small logits `[N, V]` or `[T, N, V]`.
+    search: `"paper"` (default): the paper's grid, one expert at a time
+      (`paper_candidates`; exhaustive for T = 1); `"joint"` (ours): the
+      product grid plus continuous refinement over the whole box.
     lo, hi: the box of each weight.
     num: grid points per weight (21: step 0.1 on [0, 2]).
-    max_grid: largest product grid searched exhaustively (`num ** T`);
-      beyond it, a coarser product grid of at most `max_grid` points,
-      then coordinate sweeps over the `num` grid.
-    sweeps: coordinate sweeps (grid and refinement).
-    iters: golden-section iterations per coordinate refinement.
-    starts: local refinements run from the best `starts` grid points.
+    max_grid: (joint) largest product grid searched exhaustively
+      (`num ** T`); beyond it, a coarser product grid of at most
+      `max_grid` points, then coordinate sweeps over the `num` grid.
+    sweeps: (joint) coordinate sweeps (grid and refinement).
+    iters: (joint) golden-section iterations per coordinate refinement.
+    starts: (joint) local refinements from the best `starts` grid points.
     objective_fn: `(weights [T], strong [V], experts [T, V], base) ->
       scalar`, default `objective`.
     names: expert names for error messages.
@@ -240,9 +280,9 @@ def solve_weights(strong: Any, experts: Any, base: Any, *, lo: float = 0.0,
     Weights `[N, T]` (sharded like `strong` along N under jit).
   """
   strong, experts, base = check_inputs(strong, experts, base, names=names)
-  return solve(strong, experts, base, lo=float(lo), hi=float(hi),
-               num=int(num), max_grid=int(max_grid), sweeps=int(sweeps),
-               iters=int(iters), starts=int(starts),
+  return solve(strong, experts, base, search=str(search), lo=float(lo),
+               hi=float(hi), num=int(num), max_grid=int(max_grid),
+               sweeps=int(sweeps), iters=int(iters), starts=int(starts),
                objective_fn=objective_fn)
 
 

@@ -2,12 +2,14 @@ r"""Greedy decoding with Dynamic Logits Fusion, re-solved at every step.
 
 Fan et al., 2024, "On Giant's Shoulders: Effortless Weak to Strong by
 Dynamic Logits Fusion" (arXiv:2406.15480; code
-github.com/Facico/Dynamic-Logit-Fusion, see `logits_fusion` for what the
-stored copies hold and what we follow). At decoding step k the strong
-causal LM, the untuned small LM and each small task expert score the same
-prefix; the fusion weights of every sequence are solved from those
-next-token logits alone (`logits_fusion.solve_weights`), the fused logits
-pick the next token greedily, and the token is appended for all models.
+github.com/Facico/Dynamic-Logit-Fusion; `logits_fusion` has the paper's
+objective and search, what the stored copies hold and what we follow). At
+decoding step k the strong causal LM, the untuned small LM and each small
+task expert score the same prefix; the fusion weights of every sequence
+are solved from those next-token logits alone (`logits_fusion.solve`, the
+paper's search by default), the fused logits pick the next token
+greedily, and the token is appended for all models. Fixed weights
+(`weights=`) and solved ones share one compiled program (a `lax.cond`).
 
 Models are pure functions `apply(params, ids [B, L]) -> logits [B, L, V]`
 (causal: position i sees tokens <= i). The experts share the small model's
@@ -30,35 +32,34 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtmerge.fusion import logits_fusion
 
 
-def init_tiny_lm(key: jax.Array, vocab: int, dim: int = 16, layers: int = 1,
+def init_tiny_lm(seed: int, vocab: int, dim: int = 16, layers: int = 1,
                  heads: int = 2, max_len: int = 32, scale: float = 1.0
                  ) -> dict[str, Any]:
-  """Random params of `tiny_lm`.
+  """Random params of `tiny_lm` (drawn in NumPy: no compile).
 
   Args:
-    key: PRNG key.
+    seed: NumPy RNG seed.
     vocab, dim, layers, heads, max_len: sizes (`dim % heads == 0`).
     scale: init scale of the output embedding (larger: peakier logits).
 
   Returns:
     Nested dict of float32 arrays; `heads` is read back from `attn_heads`.
   """
-  ks = jax.random.split(key, 3 + 4 * layers)
-  n = lambda k, *s: jax.random.normal(k, s, jnp.float32) / jnp.sqrt(s[0])
-  p = {"embed": jax.random.normal(ks[0], (vocab, dim)) * 0.5,
-       "pos": jax.random.normal(ks[1], (max_len, dim)) * 0.5,
-       "unembed": n(ks[2], dim, vocab) * scale,
-       "attn_heads": jnp.zeros((heads,), jnp.float32), "blocks": []}
-  for i in range(layers):
-    k = ks[3 + 4 * i: 7 + 4 * i]
-    p["blocks"].append({"qkv": n(k[0], dim, 3 * dim), "out": n(k[1], dim, dim),
-                        "up": n(k[2], dim, 4 * dim),
-                        "down": n(k[3], 4 * dim, dim)})
-  return p
+  rng = np.random.default_rng(seed)
+  n = lambda *s: rng.normal(size=s) / np.sqrt(s[0])
+  p = {"embed": rng.normal(size=(vocab, dim)) * 0.5,
+       "pos": rng.normal(size=(max_len, dim)) * 0.5,
+       "unembed": n(dim, vocab) * scale,
+       "attn_heads": np.zeros((heads,)), "blocks": []}
+  for _ in range(layers):
+    p["blocks"].append({"qkv": n(dim, 3 * dim), "out": n(dim, dim),
+                        "up": n(dim, 4 * dim), "down": n(4 * dim, dim)})
+  return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), p)
 
 
 def _norm(x):
@@ -117,8 +118,9 @@ def generate(strong_apply: Callable, strong_params: Any,
     weights: fixed fusion weights `[T]` (proxy-tuning style, no solver);
       None: solved per sequence at every step.
     names: expert names for error messages.
-    solver: keyword arguments of `logits_fusion.solve_weights` (lo, hi,
-      num, max_grid, sweeps, iters, starts, objective_fn).
+    solver: keyword arguments of `logits_fusion.solve_weights` (search,
+      lo, hi, num, max_grid, sweeps, iters, starts, objective_fn); default
+      the paper's search (`search="paper"`).
 
   Returns:
     A `Generation` (tokens and per-step weights).
@@ -159,14 +161,17 @@ def generate(strong_apply: Callable, strong_params: Any,
       raise logits_fusion.FusionError(f"{who} a vocabulary of {v} tokens but "
                                       f"the strong model has {v_strong}")
   t_count = leaves[0].shape[0]
-  fixed = None
-  if weights is not None:
-    fixed = jnp.broadcast_to(jnp.asarray(weights, jnp.float32), (t_count,))
-  opts = dict(lo=0.0, hi=2.0, num=21, max_grid=4096, sweeps=2, iters=24,
-              starts=4, objective_fn=logits_fusion.objective)
+  # Fixed and solved weights run one compiled program (a `lax.cond`).
+  use_fixed = weights is not None
+  fixed = jnp.broadcast_to(jnp.asarray(0.0 if weights is None else weights,
+                                       jnp.float32), (t_count,))
+  opts = dict(search="paper", lo=0.0, hi=2.0, num=21, max_grid=4096,
+              sweeps=2, iters=24, starts=8,
+              objective_fn=logits_fusion.objective)
   opts.update(solver or {})
   tokens, ws = _generate(strong_params, base_params, expert_params, prompt,
-                         fixed, strong_apply=strong_apply,
+                         fixed, jnp.asarray(use_fixed),
+                         strong_apply=strong_apply,
                          small_apply=small_apply, steps=int(max_new_tokens),
                          solver=tuple(sorted(opts.items())))
   return Generation(tokens, ws)
@@ -174,8 +179,8 @@ def generate(strong_apply: Callable, strong_params: Any,
 
 @functools.partial(jax.jit, static_argnames=("strong_apply", "small_apply",
                                              "steps", "solver"))
-def _generate(strong_params, base_params, expert_params, prompt, fixed, *,
-              strong_apply, small_apply, steps, solver):
+def _generate(strong_params, base_params, expert_params, prompt, fixed,
+              use_fixed, *, strong_apply, small_apply, steps, solver):
   b, p = prompt.shape
   buf = jnp.zeros((b, p + steps), prompt.dtype).at[:, :p].set(prompt)
 
@@ -185,10 +190,9 @@ def _generate(strong_params, base_params, expert_params, prompt, fixed, *,
     z_strong = last(strong_apply(strong_params, buf))
     z_base = last(small_apply(base_params, buf))
     z_exp = jax.vmap(lambda q: last(small_apply(q, buf)))(expert_params)
-    if fixed is None:
-      w = logits_fusion.solve(z_strong, z_exp, z_base, **dict(solver))
-    else:
-      w = jnp.broadcast_to(fixed, (b, fixed.shape[0]))
+    w = jax.lax.cond(
+        use_fixed, lambda: jnp.broadcast_to(fixed, (b, fixed.shape[0])),
+        lambda: logits_fusion.solve(z_strong, z_exp, z_base, **dict(solver)))
     tok = jnp.argmax(logits_fusion.fuse(z_strong, z_exp, z_base, w), -1)
     buf = jax.lax.dynamic_update_index_in_dim(buf, tok.astype(buf.dtype),
                                               pos, 1)
