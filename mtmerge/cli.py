@@ -207,6 +207,7 @@ def _merge(args) -> None:
   from mtmerge import methods
   from mtmerge import runtime
   runtime.enable_compile_cache()  # a rerun on the same shapes skips compile
+  runtime.hoist_constants()
   need = (("--out", args.out),) if args.config else (
       ("--method", args.method), ("--base", args.base),
       ("--models", args.models), ("--out", args.out))

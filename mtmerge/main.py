@@ -34,6 +34,7 @@ def main(argv):
       "verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   runtime.enable_compile_cache()
+  runtime.hoist_constants()  # frozen params as arguments, not constants
   config = _CONFIG.value
   if config.job not in JOBS:
     raise app.UsageError(f"unknown job {config.job!r}; known: {sorted(JOBS)}")

@@ -12,6 +12,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 from mtmerge import runtime  # noqa: E402
 
 runtime.configure_xla()  # the merge kernels' setting, as in the CLI
+runtime.hoist_constants()  # as mtmerge.main and the CLI
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
