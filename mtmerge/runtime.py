@@ -1,8 +1,8 @@
 """Process-level XLA/JAX settings that mtmerge's merges depend on for speed.
 
 Three settings. `mtmerge merge` (the CLI) applies all, `mtmerge.main` the
-compile cache and constant hoisting; notebooks merging large models call `configure_xla()`
-before their first JAX computation:
+compile cache and constant hoisting; notebooks merging large models call
+`configure_xla()` before their first JAX computation:
 
 * XLA:CPU's YNN "reduce" library fusion (on by default in jaxlib 0.10) makes
   a sum over a leading axis of a large array about 30x slower than plain
@@ -29,7 +29,7 @@ before their first JAX computation:
   learned rows 95 s -> 69 s). `mtmerge.main`, the CLI and the tests turn
   it on.
 
-The flag is not applied to training: the same fusion makes BERT's backward
+The YNN flag is not applied to training: the same fusion makes BERT's backward
 pass ~1.5x faster (1.23 s vs 1.88 s per MiniLM gradient, batch 32 x 32), so
 fine-tuning and learned merging keep XLA's default.
 """
@@ -80,8 +80,8 @@ def hoist_constants() -> bool:
   the jit cache key, so programs traced before keep working.
 
   Returns:
-    True if in effect; False if this JAX has no such setting (newer JAX
-    versions hoist by default) or `MTMERGE_HOIST_CONSTANTS=0`.
+    True if in effect; False if this JAX has no such setting (JAX calls
+    it transitional) or `MTMERGE_HOIST_CONSTANTS=0`.
   """
   if os.environ.get("MTMERGE_HOIST_CONSTANTS", "1") == "0":
     return False
