@@ -66,12 +66,18 @@ def bar_chart(rows: Sequence[dict[str, Any]], tasks: Sequence[str],
   ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
   ax.grid(axis="x", alpha=0.3)
   fig.tight_layout()
+  return save_png(fig, path)
+
+
+def save_png(fig, path: str, dpi: int = 120) -> str:
+  """Writes a matplotlib figure to `path` atomically (a temporary file in
+  the same directory, then a rename); returns `path`."""
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
   os.close(fd)
   try:
-    fig.savefig(tmp, dpi=120)
+    fig.savefig(tmp, dpi=dpi)
     os.chmod(tmp, results.umask_mode())  # mkstemp's file is 0600
     os.replace(tmp, path)
   finally:

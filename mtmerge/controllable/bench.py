@@ -39,6 +39,7 @@ import numpy as np
 from mtmerge import encoders
 from mtmerge import finetune
 from mtmerge import heads as heads_lib
+from mtmerge import plots
 from mtmerge import results
 from mtmerge import sharding
 from mtmerge import taskdata
@@ -322,7 +323,6 @@ def plot(rows, prefs, names, path: str, title: str = "") -> str:
   preference (solid: CI-KD, dashed: without), zero-shot as a reference;
   right: each preferred task's accuracy under its preference and under the
   uniform one (CI-KD). Written atomically."""
-  import tempfile  # pylint: disable=g-import-not-at-top
   from matplotlib import figure as figure_lib
   fig = figure_lib.Figure(figsize=(11.0, 4.2))
   ax, ax2 = fig.subplots(1, 2)
@@ -364,15 +364,4 @@ def plot(rows, prefs, names, path: str, title: str = "") -> str:
   for a in (ax, ax2):
     a.grid(alpha=0.3)
   fig.tight_layout()
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".png")
-  os.close(fd)
-  try:
-    fig.savefig(tmp, dpi=120)
-    os.chmod(tmp, results.umask_mode())
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return path
+  return plots.save_png(fig, path)

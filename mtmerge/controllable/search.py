@@ -133,6 +133,15 @@ def _better(a: tuple, b: tuple | None) -> bool:
   return b is None or (a[0], -a[1], a[2]) > (b[0], -b[1], b[2])
 
 
+def _choice(best, order, num_t: int) -> Choice:
+  """`(value, cost, (encoder, decoder widths in `order`))` as a Choice with
+  the decoder widths in task order."""
+  ds = [0] * num_t
+  for t, d in zip(order, best[2][1:]):
+    ds[t] = d
+  return Choice(best[2][0], tuple(ds), float(best[0]), best[1])
+
+
 def search(pref: np.ndarray, budget: float, acc: np.ndarray,
            enc_cost: np.ndarray, dec_cost: np.ndarray, *,
            ordered: bool = True) -> Choice:
@@ -188,10 +197,7 @@ def search(pref: np.ndarray, budget: float, acc: np.ndarray,
         cand = (value, int(enc_cost[e] + cost), (e,) + ch)
         if _better(cand, best):
           best = cand
-  ds = [0] * num_t
-  for t, d in zip(order, best[2][1:]):
-    ds[t] = d
-  return Choice(best[2][0], tuple(ds), float(best[0]), best[1])
+  return _choice(best, order, num_t)
 
 
 def _pareto(front: list) -> list:
@@ -230,7 +236,4 @@ def brute_force(pref: np.ndarray, budget: float, acc: np.ndarray,
       cand = (value, cost, (e,) + tuple(ds[t] for t in order))
       if _better(cand, best):
         best = cand
-  ds = [0] * num_t
-  for t, d in zip(order, best[2][1:]):
-    ds[t] = d
-  return Choice(best[2][0], tuple(ds), float(best[0]), best[1])
+  return _choice(best, order, num_t)
