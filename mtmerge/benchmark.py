@@ -106,16 +106,9 @@ def _stack_task_vectors(base_sel: dict, tuned: list[dict]) -> dict:
 
 
 def _row(label, accs, indiv, extra=None):
-  row = {"method": label}
-  for t, a in accs.items():
-    row[t] = round(100 * a, 2)
-  row["avg"] = round(100 * float(np.mean(list(accs.values()))), 2)
-  if indiv is not None:
-    row["norm"] = round(100 * float(np.mean(
-        [accs[t] / max(indiv[t], 1e-9) for t in accs])), 2)
   extra = dict(extra or {})
   hparams = extra.pop("hparams", None)
-  row.update(extra)
+  row = results.accuracy_row(label, accs, indiv, **extra)
   if hparams is not None:  # last: the widest column
     row["hparams"] = hparams
   return row

@@ -9,6 +9,22 @@ import os
 import tempfile
 from typing import Any, Sequence
 
+import numpy as np
+
+
+def accuracy_row(label: str, accs: dict[str, float],
+                 indiv: dict[str, float] | None = None, **extra) -> dict:
+  """One table row: `method`, each task's accuracy and their mean `avg` in
+  percent (2 decimals), `norm` (mean of acc / individual acc, %) when
+  `indiv` is given, then `extra` columns in their order."""
+  row = {"method": label, **{t: round(100 * a, 2) for t, a in accs.items()}}
+  row["avg"] = round(100 * float(np.mean(list(accs.values()))), 2)
+  if indiv is not None:
+    row["norm"] = round(100 * float(np.mean(
+        [accs[t] / max(indiv[t], 1e-9) for t in accs])), 2)
+  row.update(extra)
+  return row
+
 
 def umask_mode() -> int:
   """`0o666` less the process umask: the mode `open()` gives a new file.

@@ -132,13 +132,6 @@ def _feats(encoder):
   return _FEATS[key]
 
 
-def _row(label, accs, **extra) -> dict:
-  row = {"method": label, **{k: round(100 * v, 2) for k, v in accs.items()}}
-  row["avg"] = round(100 * float(np.mean(list(accs.values()))), 2)
-  row.update(extra)
-  return row
-
-
 def run(config: Any, workdir: str) -> dict:
   """Runs the job; returns the results dict also written to `workdir`."""
   t_start = time.time()
@@ -167,7 +160,7 @@ def run(config: Any, workdir: str) -> dict:
   print(f"features: {len(tasks)} tasks embedded in {timing['features s']} s "
         f"({sum(len(t.x_train) for t in tasks)} train, "
         f"{sum(len(t.x_test) for t in tasks)} test examples)", flush=True)
-  rows = [_row("zero-shot (frozen encoder)", zero)]
+  rows = [results.accuracy_row("zero-shot (frozen encoder)", zero)]
   detail = {}
   seeds = [int(x) for x in config.seeds]
   for m in config.methods:
@@ -196,7 +189,7 @@ def run(config: Any, workdir: str) -> dict:
       extra["trainable"] = round(float(np.mean(tr)), 3)
     seconds = round(sum(r.seconds for r in runs), 1)
     extra["s"] = seconds
-    rows.append(_row(label, final, **extra))
+    rows.append(results.accuracy_row(label, final, **extra))
     detail[label] = {"method": s.method, "kkt": s.kkt, "seeds": seeds,
                      "avg_per_seed": [round(100 * a, 2) for a in avgs],
                      "acc_matrix": [np.round(100 * r.acc, 2).tolist()

@@ -78,16 +78,6 @@ def _tv_stats(tvs) -> dict:
           "tv_cos": round(float(cos[~np.eye(t, dtype=bool)].mean()), 4)}
 
 
-def _row(label, accs, indiv=None, **extra) -> dict:
-  row = {"method": label, **{k: round(100 * v, 2) for k, v in accs.items()}}
-  row["avg"] = round(100 * float(np.mean(list(accs.values()))), 2)
-  if indiv is not None:
-    row["norm"] = round(100 * float(np.mean([accs[k] / max(indiv[k], 1e-9)
-                                             for k in accs])), 2)
-  row.update(extra)
-  return row
-
-
 def _merge_rows(pool, base_sel, tvs, config, tag, indiv) -> list[dict]:
   """Task arithmetic and TIES rows (grid picked on validation)."""
   rows = []
@@ -99,7 +89,7 @@ def _merge_rows(pool, base_sel, tvs, config, tag, indiv) -> list[dict]:
       val = float(np.mean(list(pool.evaluate(out, "validation").values())))
       if val > best_val:
         best, best_val, best_out = sf, val, out
-    rows.append(_row(f"{entry.get('label', name)} [{tag}]",
+    rows.append(results.accuracy_row(f"{entry.get('label', name)} [{tag}]",
                      pool.evaluate(best_out), indiv,
                      val=round(100 * best_val, 2),
                      hparams=f"scaling_factor={best}"))
@@ -166,7 +156,7 @@ def run(config: Any, workdir: str) -> dict:
   jitted = jax.jit(lambda s, r, h, b: _sharpness(loss, s, r, h, b,
                                                  config.sharpness_rho))
   sharp_fn = lambda s, h, b: jitted(s, rest, h, b)
-  rows = [_row("zero-shot", pool.evaluate(base_sel))]
+  rows = [results.accuracy_row("zero-shot", pool.evaluate(base_sel))]
   timing, info = {}, {}
   for rho in [None] + rhos:
     tag = "plain" if rho is None else f"sam rho={rho:g}"
@@ -185,7 +175,7 @@ def run(config: Any, workdir: str) -> dict:
     stats = _tv_stats(tvs)
     info[tag] = {"sharpness": dict(zip([t.name for t in tasks], sharp)),
                  **stats}
-    rows.append(_row(f"individual [{tag}]", indiv, indiv,
+    rows.append(results.accuracy_row(f"individual [{tag}]", indiv, indiv,
                      sharp=round(float(np.mean(sharp)), 5), **stats))
     rows += _merge_rows(pool, base_sel, tvs, config, tag, indiv)
     print(f"{tag}: fine-tuned in {timing[f'finetune {tag} s']} s; "
@@ -198,7 +188,7 @@ def run(config: Any, workdir: str) -> dict:
       timing[f"multitask rho={rho:g} s"] = round(time.time() - t0, 1)
       sharp = [float(sharp_fn(shared, heads[t.name], sharp_batches[t.name]))
                for t in tasks]
-      rows.append(_row(
+      rows.append(results.accuracy_row(
           f"multitask {config.multitask.combiner} rho={rho:g}",
           pool.evaluate(shared), sharp=round(float(np.mean(sharp)), 5),
           hparams=f"steps={config.multitask.steps}, scope="
@@ -213,8 +203,7 @@ def run(config: Any, workdir: str) -> dict:
          "rows": rows, "flatness": info, "timing": timing,
          "config": config.to_dict()}
   results.write_json(os.path.join(workdir, "results.json"), out)
-  with open(os.path.join(workdir, "table.txt"), "w", encoding="utf-8") as f:
-    f.write(text + "\n")
+  results.atomic_write_text(os.path.join(workdir, "table.txt"), text + "\n")
   return out
 
 

@@ -91,13 +91,6 @@ def _check(config) -> list:
   return tasks
 
 
-def _row(label, accs, extra):
-  row = {"method": label, **{t: round(100 * a, 2) for t, a in accs.items()}}
-  row["avg"] = round(100 * float(np.mean(list(accs.values()))), 2)
-  row.update(extra)
-  return row
-
-
 def run(config: Any, workdir: str) -> dict:
   """Runs the job; returns the results dict also written to the workdir."""
   t_start = time.time()
@@ -127,9 +120,9 @@ def run(config: Any, workdir: str) -> dict:
                      if config.get("checkpoints", True) else None)
 
   t0 = time.time()
-  rows.append(_row("frozen encoder (zero-shot heads)", {
+  rows.append(results.accuracy_row("frozen encoder (zero-shot heads)", {
       t: pool.accuracy_of(lambda b: plain(backbone, b), t) for t in names},
-                   {"transfer_params": 0, "s": round(time.time() - t0, 1)}))
+      transfer_params=0, s=round(time.time() - t0, 1)))
 
   acfg = config.adapter
   adapters, t0 = {}, time.time()
@@ -147,10 +140,10 @@ def run(config: Any, workdir: str) -> dict:
     adapters[t.name] = res.params
     log[f"adapter/{t.name}"] = res.log[-1] if res.log else {}
   r = adapters_lib.bottleneck_size(hidden, acfg.reduction_factor)
-  rows.append(_row("own adapter (stage 1)", {
+  rows.append(results.accuracy_row("own adapter (stage 1)", {
       t: pool.accuracy_of(lambda b, t=t: one(backbone, adapters[t], b), t)
-      for t in names}, {"transfer_params": adapters_lib.num_params(
-          num_layers, hidden, r), "s": round(time.time() - t0, 1)}))
+      for t in names}, transfer_params=adapters_lib.num_params(
+          num_layers, hidden, r), s=round(time.time() - t0, 1)))
 
   scfg = config.scalearn
   for setting in scfg.settings:
@@ -184,10 +177,11 @@ def run(config: Any, workdir: str) -> dict:
                 s: round(float(np.mean(res.params["omega"][:, j])), 4)
                 for j, s in enumerate(sources)})
       n = len(names) - (setting == "loto")
-      rows.append(_row(f"{variant} ({setting})", accs, {
-          "transfer_params": scalearn.num_transfer_params(
+      rows.append(results.accuracy_row(
+          f"{variant} ({setting})", accs,
+          transfer_params=scalearn.num_transfer_params(
               variant, n, num_layers, hidden),
-          "s": round(time.time() - t0, 1)}))
+          s=round(time.time() - t0, 1)))
 
   fcfg = config.finetune
   if int(fcfg.steps) > 0:
@@ -198,8 +192,9 @@ def run(config: Any, workdir: str) -> dict:
       accs[t.name] = pool.accuracy(sel, t)
     n_tuned = sum(int(np.size(x)) for x in jax.tree.leaves(
         encoders.split(encoder.params, fcfg.trainable)[0]))
-    rows.append(_row("full fine-tuning", accs, {
-        "transfer_params": n_tuned, "s": round(time.time() - t0, 1)}))
+    rows.append(results.accuracy_row(
+        "full fine-tuning", accs, transfer_params=n_tuned,
+        s=round(time.time() - t0, 1)))
 
   table = results.format_table(rows)
   out = {"tasks": names, "model": encoder.name, "num_layers": num_layers,
