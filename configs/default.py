@@ -133,7 +133,7 @@ def get_config(arg=None):
   c.finetune = ml_collections.ConfigDict(dict(
       mode=args.get("mode", "standard"), trainable=r"layers/.*", steps=STEPS,
       batch_size=32, lr=1e-4, warmup=4, weight_decay=0.01, save_every=STEPS,
-      average_last=0, seed=0, limit=None, max_len=32))
+      average_last=0, seed=0, limit=None, max_len=32, multiple=8))
   # Budget (2-core CPU): the first 384 test examples per task (the word
   # tasks have 512, the sentence tasks 512-640) and 64 validation examples
   # for the grids; word tasks are padded to 8 tokens, sentences to 8-32.

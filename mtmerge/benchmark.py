@@ -305,8 +305,9 @@ def _grid_models(name, base_sel, tvs, fixed, grid):
   if _linear_grid(name, grid):
     zeros = jax.tree.map(jnp.zeros_like, base_sel)
     d = methods.merge(name, zeros, tvs, **fixed, scaling_factor=1.0)
+    apply = jax.jit(task_vectors.apply)  # one program for every lambda
     for hp in points:
-      yield hp, task_vectors.apply(base_sel, d, hp["scaling_factor"])
+      yield hp, apply(base_sel, d, hp["scaling_factor"])
     return
   for hp in points:
     yield hp, methods.merge(name, base_sel, tvs, **fixed, **hp)

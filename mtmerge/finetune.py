@@ -246,6 +246,8 @@ def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
     config: `mode` (standard | tangent), `trainable` (regex), `steps`,
       `batch_size` (global), `lr`, `warmup`, `weight_decay`, `save_every`,
       `average_last` (0 = off), `seed`, `limit`, `max_len`, optional
+      `multiple` (text padded to a multiple of this many tokens on one
+      host, default 16: 8 halves the word tasks' tokens), optional
       `log_every`, optional `sam=dict(rho=...)` (sharpness-aware
       fine-tuning, `mtmerge.flat.objective.sam_loss`).
     workdir: runs go to `workdir/finetune/<task>-<mode>` (`-sam<rho>`
@@ -292,7 +294,8 @@ def finetune_task(encoder: encoders.Encoder, task: Any, head: dict,
       b = taskdata.batcher(
           encoder, task, "train", rows, shuffle=True, seed=config.seed,
           limit=config.limit, max_len=config.max_len,
-          multiple=16 if count == 1 else config.max_len,
+          multiple=(config.get("multiple", 16) if count == 1
+                    else config.max_len),
           process_index=index, process_count=count)
     return taskdata.batch_at(b, step)
 
