@@ -45,7 +45,10 @@ class MergeProblem(NamedTuple):
     tvs: stacked task vectors `[T, ...]`, structure of `base`.
     features: `(params, inputs) -> [B, D]` features.
     heads: task name -> frozen linear head.
-    data: `(task, split, batch_size, **kw) -> Batcher`.
+    data: `(task, split, batch_size, **kw) -> Batcher`; keywords `shuffle`,
+      `seed`, `limit`, and `tight` (text padded per batch, to a multiple of
+      8 tokens, rather than every batch to one length: for passes that do
+      not need one compiled shape, such as evaluations and statistics).
     mode: `standard` or `tangent`.
     capture_model: for statistics of the real network (RegMean's Gram
       matrices): `(params, inputs) -> features` run through the unmodified
@@ -132,11 +135,13 @@ def from_encoder(encoder: encoders.Encoder, tasks: Sequence[Any],
   else:
     raise ValueError(f"mode must be standard or tangent, got {mode!r}")
 
-  def data(task, split, batch_size, *, shuffle=False, seed=0, limit=None):
-    # Every batch padded to max_len: one shape, so one compiled step.
+  def data(task, split, batch_size, *, shuffle=False, seed=0, limit=None,
+           tight=False):
+    # Every batch padded to max_len: one shape, so one compiled step
+    # (`tight`: to a multiple of 8; word tasks then take 8 tokens, not 32).
     return taskdata.batcher(encoder, task, split, batch_size, shuffle=shuffle,
                             seed=seed, limit=limit, max_len=max_len,
-                            multiple=max_len)
+                            multiple=8 if tight else max_len)
   heads = {t: jax.tree.map(jnp.asarray, heads[t]) for t in tasks}
   return MergeProblem(tasks, base, tvs, features, heads, data, mode, capture)
 
@@ -154,7 +159,9 @@ def from_arrays(tasks: Sequence[str], base: Tree, tvs: Tree,
       inputs and `label`).
     capture_model: see `MergeProblem`.
   """
-  def data(task, split, batch_size, *, shuffle=False, seed=0, limit=None):
+  def data(task, split, batch_size, *, shuffle=False, seed=0, limit=None,
+           tight=False):
+    del tight  # arrays come padded
     try:
       arrays = splits[task][split]
     except KeyError:

@@ -157,7 +157,8 @@ def _select(problem, masks, gbase, splits, limit, batch_size=64):
       params = graft(problem.base, problem.tvs, cand, t)
       hits = []
       for split in splits:
-        for b in problem.data(task, split, batch_size, limit=limit).epoch(0):
+        for b in problem.data(task, split, batch_size, limit=limit,
+                              tight=True).epoch(0):
           z = encoders.logits(problem.heads[task],
                               feats(params, problem_lib.inputs_of(b)))
           pred = np.argmax(np.asarray(z), -1)
@@ -178,18 +179,35 @@ def graft_objective(problem: problem_lib.MergeProblem, gbase: Tree,
             "heads": problem.heads}
   index = {t: i for i, t in enumerate(problem.tasks)}
 
+  def task_ce(base, v, sc, g, head, b):
+    params = jax.tree.map(
+        lambda x, vv, ss, gg: (x.astype(jnp.float32) + graft_fraction(
+            ss, gg, sigmoid_bias) * vv.astype(jnp.float32)).astype(x.dtype),
+        base, v, sc, g)
+    logits = common.task_logits(problem, head, params, b)
+    return common.cross_entropy(logits, b["label"], b.get("mask"))
+
   def loss(s, k, batch, rng):
     del rng
-    per_task = {}
-    for task, b in batch.items():
-      i = index[task]
-      params = jax.tree.map(
-          lambda x, v, sc, g: (x.astype(jnp.float32) + graft_fraction(
-              sc[i], g[i], sigmoid_bias) * v[i].astype(jnp.float32)
-                               ).astype(x.dtype),
-          k["base"], k["tvs"], s, k["gbase"])
-      logits = common.task_logits(problem, k["heads"][task], params, b)
-      per_task[task] = common.cross_entropy(logits, b["label"], b.get("mask"))
+    tasks = list(batch)
+    at = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
+    sig = lambda tree: [(np.shape(x), jnp.result_type(x))
+                        for x in jax.tree.leaves(tree)]
+    if sorted(tasks) != sorted(problem.tasks) or any(
+        sig(batch[t]) != sig(batch[tasks[0]]) for t in tasks):
+      per_task = {t: task_ce(k["base"], at(k["tvs"], index[t]),
+                             at(s, index[t]), at(k["gbase"], index[t]),
+                             k["heads"][t], batch[t]) for t in tasks}
+    else:
+      # Every task in one compiled body (a loop over the task axis): the
+      # unrolled loop compiled T copies of the forward and backward pass.
+      heads = common.pad_heads(k["heads"])
+      stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+      xs = (k["tvs"], s, k["gbase"],
+            stack([heads[t] for t in problem.tasks]),
+            stack([batch[t] for t in problem.tasks]))
+      vals = jax.lax.map(lambda x: task_ce(k["base"], *x), xs)
+      per_task = {t: vals[i] for i, t in enumerate(problem.tasks)}
     return sum(per_task.values()), {f"ce/{t}": v for t, v in per_task.items()}
   return train.Objective(scores, loss, consts)
 
