@@ -116,9 +116,37 @@ def make_objective(problem: problem_lib.MergeProblem, objective: str,
   consts = {"base": problem.base, "tvs": tvs, "heads": problem.heads,
             **({} if groups is None else {"groups": groups})}
 
+  def stacked_ce(merged, heads, batch):
+    """Per-task (cross-entropy, accuracy) `[T]` in one compiled body."""
+    names = sorted(batch)
+    heads = common.pad_heads({t: heads[t] for t in names})
+    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
+    def one(x):
+      head, b = x
+      z = common.task_logits(problem, head, merged, problem_lib.inputs_of(b))
+      return common.cross_entropy(z, b["label"]), common.accuracy(
+          z, b["label"])
+    return jax.lax.map(one, (stack([heads[t] for t in names]),
+                             stack([batch[t] for t in names])))
+
+  def same_shapes(batch):
+    sig = lambda tree: [(np.shape(x), jnp.result_type(x))
+                        for x in jax.tree.leaves(tree)]
+    first = sig(next(iter(batch.values())))
+    return all(sig(b) == first for b in batch.values())
+
   def loss(c, k, batch, rng):
     merged = common.weighted_merge(k["base"], k["tvs"], c, k.get("groups"))
     out, total = {}, 0.0
+    if (objective != "test_time" and augment is None and len(batch) > 1
+        and same_shapes(batch)):
+      # One compiled forward/backward for every task (an unrolled loop
+      # compiled T copies).
+      ce, acc = stacked_ce(merged, k["heads"], batch)
+      for i, t in enumerate(sorted(batch)):
+        out[f"ce/{t}"], out[f"acc/{t}"] = ce[i], acc[i]
+        total += (signs or {}).get(t, 1.0) * ce[i]
+      return total, out
     for i, (t, b) in enumerate(sorted(batch.items())):
       key, head = jax.random.fold_in(rng, i), k["heads"][t]
       logits = lambda x: common.task_logits(problem, head, merged, x)
