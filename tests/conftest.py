@@ -9,8 +9,8 @@ import os
 # programs): LLVM at -O1 without its expensive passes halves the compile
 # time of the merge programs (e.g. 56 -> 30 CPU-s for the TIES/DARE/DELLA
 # sharding tests) and leaves XLA's own HLO optimizations as they are.
-# Numerics do not depend on it: LLVM never reassociates floats without
-# fast-math, which XLA:CPU leaves off.
+# XLA:CPU compiles without fast-math, so LLVM may not reorder float
+# arithmetic at any level; the suite passes with and without these flags.
 # A flag the caller set wins, except the device count (always 8).
 COMPILE_FLAGS = ("--xla_backend_optimization_level=1",
                  "--xla_llvm_disable_expensive_passes=true")
