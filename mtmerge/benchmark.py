@@ -229,8 +229,6 @@ def run(config: Any, workdir: str) -> dict:
         val_scores.append({**hp, "val": round(100 * val, 2)})
         if val > best_val:
           best, best_val, best_out = hp, val, out
-      if _linear_grid(name, grid):  # the test model by the method itself
-        best_out = methods.merge(name, base_sel, tvs, **fixed, **best)
       accs = pool.evaluate(best_out)
       store = 1.0
     rows.append(_row(label, accs, indiv, {
@@ -276,38 +274,46 @@ def run(config: Any, workdir: str) -> dict:
   return out
 
 
-# Methods whose merge is `theta_0 + lambda * D` with D independent of a
-# scalar `scaling_factor` (tests/test_benchmark_grid.py checks each).
-LINEAR_IN_SCALE = frozenset({
-    "task_arithmetic", "ties_merging", "dare", "dare_ties", "breadcrumbs",
-    "della", "magnitude_prune", "consensus", "pcb_merging"})
+# Methods whose merge is `theta_0 + lambda * D` with D independent of the
+# scalar lambda, and lambda's name (tests/test_benchmark_grid.py checks
+# each).
+LINEAR_IN_SCALE = {
+    "task_arithmetic": "scaling_factor", "ties_merging": "scaling_factor",
+    "dare": "scaling_factor", "dare_ties": "scaling_factor",
+    "breadcrumbs": "scaling_factor", "della": "scaling_factor",
+    "magnitude_prune": "scaling_factor", "consensus": "scaling_factor",
+    "pcb_merging": "scaling_factor", "tsv_merging": "alpha"}
 
 
 def _linear_grid(name: str, grid: dict) -> bool:
-  """True when the grid is several `scaling_factor`s of a linear method."""
-  return (name in LINEAR_IN_SCALE and set(grid) == {"scaling_factor"} and
-          len(list(grid["scaling_factor"])) > 1)
+  """True when the grid is several lambdas of a linear method."""
+  scale = LINEAR_IN_SCALE.get(name)
+  return (scale is not None and set(grid) == {scale} and
+          len(list(grid[scale])) > 1)
 
 
 def _grid_models(name, base_sel, tvs, fixed, grid):
   """Yields `(hparams, merged)` for every grid point.
 
-  For a `LINEAR_IN_SCALE` method whose grid is only `scaling_factor`, D is
+  For a `LINEAR_IN_SCALE` method whose grid is only its lambda, D is
   merged once (on a zero base, so `0 + 1 * D` is D exactly) and each point
   is `theta_0 + lambda * D`: one merge instead of one per lambda (DELLA's
-  per-row ranks and PCB's statistics are the slow part). The picked
-  lambda's test model is merged by the method itself, so a row equals
-  `methods.merge` with its printed hyperparameters.
+  per-row ranks, PCB's statistics and TSV's SVDs are the slow part). Each
+  point equals `methods.merge` at that lambda up to float32 rounding (a
+  few ulp: the method's fused program may round in another order;
+  tests/test_benchmark_grid.py), and the picked point is the row's test
+  model (merging it again cost up to 8 s a row).
   """
   from mtmerge import methods
   from mtmerge import task_vectors
   points = benchmark_learned.grid_points(grid)
   if _linear_grid(name, grid):
+    scale = LINEAR_IN_SCALE[name]
     zeros = jax.tree.map(jnp.zeros_like, base_sel)
-    d = methods.merge(name, zeros, tvs, **fixed, scaling_factor=1.0)
+    d = methods.merge(name, zeros, tvs, **fixed, **{scale: 1.0})
     apply = jax.jit(task_vectors.apply)  # one program for every lambda
     for hp in points:
-      yield hp, apply(base_sel, d, hp["scaling_factor"])
+      yield hp, apply(base_sel, d, hp[scale])
     return
   for hp in points:
     yield hp, methods.merge(name, base_sel, tvs, **fixed, **hp)

@@ -194,7 +194,10 @@ def _merge_config(args) -> None:
   t0 = time.time()
   info = mergekit_merge.merge(
       args.config, args.out, args.force, not args.no_progress,
-      streaming.parse_size(args.max_memory), args.in_memory)
+      streaming.parse_size(args.max_memory), args.in_memory, mesh=args.mesh)
+  if info["mtmerge"] == "per tensor" and args.mesh not in (None, "none"):
+    print("note: --mesh applies to streamed merges; this one ran tensor by "
+          "tensor in host NumPy", flush=True)
   how = info["mtmerge"] + "".join(f", {k}={v!r}"
                                    for k, v in info["hparams"].items())
   print(f"merged {info['models']} models with mergekit's {info['method']} "

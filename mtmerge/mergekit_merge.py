@@ -56,8 +56,8 @@ def _output_layout(cfg, layout: checkpoint_io.Layout, out: str, form: str
 
 
 def merge(config: str, out: str, force: bool = False, progress: bool = True,
-          max_memory: int | None = None, in_memory: bool = False
-          ) -> dict[str, Any]:
+          max_memory: int | None = None, in_memory: bool = False,
+          mesh: Any = None) -> dict[str, Any]:
   """Runs the merge a mergekit YAML file describes.
 
   Args:
@@ -67,6 +67,9 @@ def merge(config: str, out: str, force: bool = False, progress: bool = True,
     progress: progress bars on stderr.
     max_memory: the streamed path's block budget in bytes.
     in_memory: run tensor by tensor even when the merge could stream.
+    mesh: the streamed path's device mesh (`streaming.merge_files`'s
+      `mesh`: a spec such as 'data:-1', 'none', or None for all devices);
+      the per-tensor path runs in host NumPy and ignores it.
 
   Returns:
     `{"method", "mtmerge", "hparams", "models", "bytes", "path"}`: mergekit's
@@ -99,7 +102,8 @@ def merge(config: str, out: str, force: bool = False, progress: bool = True,
     name, hp = found
     res = streaming.merge_files(
         name, base, models, out, progress=progress, layout=olayout,
-        max_memory=max_memory or streaming.DEFAULT_MAX_MEMORY, **hp)
+        max_memory=max_memory or streaming.DEFAULT_MAX_MEMORY, mesh=mesh,
+        **hp)
     return dict(info, mtmerge=name, hparams=hp, bytes=res["bytes"],
                 path=res["out"])
   nbytes, path = _per_tensor(cfg, base, models, out, olayout, progress)

@@ -55,8 +55,12 @@ class TaskPool:
       lin = encoders.linearized(encoder.features, encoder.params, trainable)
       self._feats = jax.jit(lambda delta, batch: lin(delta, batch))
     elif mode == "standard":
-      self._feats = jax.jit(lambda sel, batch: encoder.features(
-          encoders.join(sel, self._rest), batch))
+      # The frozen params are an argument: closed over, XLA embeds them
+      # (MiniLM's 47 MB embedding table) in every program, one per batch
+      # shape.
+      feats = jax.jit(lambda sel, rest, batch: encoder.features(
+          encoders.join(sel, rest), batch))
+      self._feats = lambda sel, batch: feats(sel, self._rest, batch)
     else:
       raise ValueError(f"mode must be standard or tangent, got {mode!r}")
 

@@ -1,4 +1,5 @@
-"""The benchmark's one-merge scaling grid equals merging at each lambda."""
+"""The benchmark's one-merge scaling grid equals merging at each lambda
+(up to float32 rounding; its picked point is the row's test model)."""
 
 import jax
 import numpy as np
@@ -25,12 +26,15 @@ def _problem():
 def test_grid_points_equal_the_method_at_each_lambda(name):
   base, tvs = _problem()
   fixed = _FIXED.get(name, {})
-  grid = {"scaling_factor": [0.4, 1.3]}
+  scale = benchmark.LINEAR_IN_SCALE[name]
+  grid = {scale: [0.4, 1.3]}
   got = list(benchmark._grid_models(name, base, tvs, fixed, grid))
-  assert [hp for hp, _ in got] == [{"scaling_factor": 0.4},
-                                   {"scaling_factor": 1.3}]
+  assert [hp for hp, _ in got] == [{scale: 0.4}, {scale: 1.3}]
   for hp, out in got:
     want = methods.merge(name, base, tvs, **fixed, **hp)
+    # The picked point is the row's test model: methods.merge at that
+    # lambda up to float32 rounding (a few ulp; the fused merge may round
+    # lambda * D + theta_0 in another order).
     for g, w in zip(jax.tree.leaves(out), jax.tree.leaves(want)):
       np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
   # the shortcut differs from a merge that is not linear in lambda
@@ -40,7 +44,10 @@ def test_grid_points_equal_the_method_at_each_lambda(name):
 
 def test_other_grids_merge_once_per_point():
   base, tvs = _problem()
-  assert not benchmark._linear_grid("tsv_merging", {"alpha": [0.5, 1.0]})
+  assert benchmark._linear_grid("tsv_merging", {"alpha": [0.5, 1.0]})
+  assert not benchmark._linear_grid("tsv_merging",
+                                    {"scaling_factor": [0.5, 1.0]})
+  assert not benchmark._linear_grid("model_stock", {"alpha": [0.5, 1.0]})
   assert not benchmark._linear_grid("task_arithmetic",
                                     {"scaling_factor": [0.3]})
   got = list(benchmark._grid_models("model_stock", base, tvs, {}, {}))

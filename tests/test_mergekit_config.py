@@ -287,3 +287,25 @@ def test_kernel_small_tensors(method, shape):
         for _ in range(2)]
   out = mergekit_kernels.compute(method, base, xs, pm, shared, "t")
   assert out.shape == shape and np.all(np.isfinite(out))
+
+
+def test_config_honours_mesh(fam, tmp_path, capsys):
+  """`--config` streams on the `--mesh` given, like `--method`: the same
+  bytes on 8 devices, a 2 x 4 mesh and one device; a bad spec is one line."""
+  path = mh.yaml_file(tmp_path / "c.yml", _doc(fam))
+  outs = {}
+  for spec in (None, "data:2,fsdp:-1", "none"):
+    out = str(tmp_path / f"o{len(outs)}.safetensors")
+    extra = [] if spec is None else ["--mesh", spec]
+    assert cli.main(["merge", "--config", path, "--out", out,
+                     "--no-progress", *extra]) == 0
+    assert "ties_merging" in capsys.readouterr().out  # streamed
+    with open(out, "rb") as f:
+      outs[spec] = f.read()
+  assert outs[None] == outs["data:2,fsdp:-1"] == outs["none"]
+  out = str(tmp_path / "bad.safetensors")
+  assert cli.main(["merge", "--config", path, "--out", out, "--no-progress",
+                   "--mesh", "data:3"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "multiple of 3 devices" in err[0], err
+  assert not os.path.exists(out)
