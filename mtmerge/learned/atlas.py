@@ -129,17 +129,11 @@ def make_objective(problem: problem_lib.MergeProblem, objective: str,
     return jax.lax.map(one, (stack([heads[t] for t in names]),
                              stack([batch[t] for t in names])))
 
-  def same_shapes(batch):
-    sig = lambda tree: [(np.shape(x), jnp.result_type(x))
-                        for x in jax.tree.leaves(tree)]
-    first = sig(next(iter(batch.values())))
-    return all(sig(b) == first for b in batch.values())
-
   def loss(c, k, batch, rng):
     merged = common.weighted_merge(k["base"], k["tvs"], c, k.get("groups"))
     out, total = {}, 0.0
     if (objective != "test_time" and augment is None and len(batch) > 1
-        and same_shapes(batch)):
+        and common.one_signature(list(batch.values()))):
       # One compiled forward/backward for every task (an unrolled loop
       # compiled T copies).
       ce, acc = stacked_ce(merged, k["heads"], batch)

@@ -175,6 +175,15 @@ def pad_heads(heads: dict[str, dict]) -> dict[str, dict]:
   return {t: pad(h) for t, h in heads.items()}
 
 
+def one_signature(trees: Sequence[Tree]) -> bool:
+  """True if every tree has the same structure, leaf shapes and dtypes
+  (so the trees stack into one batched tree, e.g. per-task batches)."""
+  sig = lambda t: (jax.tree.structure(t), [(np.shape(x), jnp.result_type(x))
+                                           for x in jax.tree.leaves(t)])
+  first = sig(trees[0])
+  return all(sig(t) == first for t in trees[1:])
+
+
 def task_by_task(task_loss: Callable[[Tree, dict, dict], jax.Array],
                  params: Tree, heads: dict[str, dict],
                  batch: dict[str, dict]) -> tuple[jax.Array, dict]:
@@ -194,12 +203,8 @@ def task_by_task(task_loss: Callable[[Tree, dict, dict], jax.Array],
   """
   tasks = list(batch)
   ins = [problem_lib.inputs_of(batch[t]) for t in tasks]
-  sig = lambda tree: [(np.shape(x), jnp.result_type(x))
-                      for x in jax.tree.leaves(tree)]
   hs = [heads[t] for t in tasks]
-  if any(sig(d) != sig(ins[0]) or sig(h) != sig(hs[0]) or
-         jax.tree.structure(d) != jax.tree.structure(ins[0])
-         for d, h in zip(ins, hs)):
+  if not (one_signature(ins) and one_signature(hs)):
     vals = {t: task_loss(params, h, d) for t, h, d in zip(tasks, hs, ins)}
     return sum(vals.values()), vals
   xs = jax.tree.map(lambda *a: jnp.stack(a), *hs), jax.tree.map(

@@ -191,10 +191,8 @@ def graft_objective(problem: problem_lib.MergeProblem, gbase: Tree,
     del rng
     tasks = list(batch)
     at = lambda tree, i: jax.tree.map(lambda x: x[i], tree)
-    sig = lambda tree: [(np.shape(x), jnp.result_type(x))
-                        for x in jax.tree.leaves(tree)]
-    if sorted(tasks) != sorted(problem.tasks) or any(
-        sig(batch[t]) != sig(batch[tasks[0]]) for t in tasks):
+    if sorted(tasks) != sorted(problem.tasks) or not common.one_signature(
+        [batch[t] for t in tasks]):
       per_task = {t: task_ce(k["base"], at(k["tvs"], index[t]),
                              at(s, index[t]), at(k["gbase"], index[t]),
                              k["heads"][t], batch[t]) for t in tasks}
