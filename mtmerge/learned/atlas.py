@@ -120,14 +120,13 @@ def make_objective(problem: problem_lib.MergeProblem, objective: str,
     """Per-task (cross-entropy, accuracy) `[T]` in one compiled body."""
     names = sorted(batch)
     heads = common.pad_heads({t: heads[t] for t in names})
-    stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
     def one(x):
       head, b = x
       z = common.task_logits(problem, head, merged, problem_lib.inputs_of(b))
       return common.cross_entropy(z, b["label"]), common.accuracy(
           z, b["label"])
-    return jax.lax.map(one, (stack([heads[t] for t in names]),
-                             stack([batch[t] for t in names])))
+    return jax.lax.map(one, (common.stack_trees([heads[t] for t in names]),
+                             common.stack_trees([batch[t] for t in names])))
 
   def loss(c, k, batch, rng):
     merged = common.weighted_merge(k["base"], k["tvs"], c, k.get("groups"))

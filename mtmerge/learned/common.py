@@ -175,6 +175,11 @@ def pad_heads(heads: dict[str, dict]) -> dict[str, dict]:
   return {t: pad(h) for t, h in heads.items()}
 
 
+def stack_trees(trees: Sequence[Tree]) -> Tree:
+  """Trees of one signature (`one_signature`) stacked leaf by leaf `[N, ...]`."""
+  return jax.tree.map(lambda *a: jnp.stack(a), *trees)
+
+
 def one_signature(trees: Sequence[Tree]) -> bool:
   """True if every tree has the same structure, leaf shapes and dtypes
   (so the trees stack into one batched tree, e.g. per-task batches)."""
@@ -207,8 +212,7 @@ def task_by_task(task_loss: Callable[[Tree, dict, dict], jax.Array],
   if not (one_signature(ins) and one_signature(hs)):
     vals = {t: task_loss(params, h, d) for t, h, d in zip(tasks, hs, ins)}
     return sum(vals.values()), vals
-  xs = jax.tree.map(lambda *a: jnp.stack(a), *hs), jax.tree.map(
-      lambda *a: jnp.stack(a), *ins)
+  xs = stack_trees(hs), stack_trees(ins)
 
   def scan(p):
     def body(acc, x):

@@ -200,10 +200,9 @@ def graft_objective(problem: problem_lib.MergeProblem, gbase: Tree,
       # Every task in one compiled body (a loop over the task axis): the
       # unrolled loop compiled T copies of the forward and backward pass.
       heads = common.pad_heads(k["heads"])
-      stack = lambda trees: jax.tree.map(lambda *a: jnp.stack(a), *trees)
       xs = (k["tvs"], s, k["gbase"],
-            stack([heads[t] for t in problem.tasks]),
-            stack([batch[t] for t in problem.tasks]))
+            common.stack_trees([heads[t] for t in problem.tasks]),
+            common.stack_trees([batch[t] for t in problem.tasks]))
       vals = jax.lax.map(lambda x: task_ce(k["base"], *x), xs)
       per_task = {t: vals[i] for i, t in enumerate(problem.tasks)}
     return sum(per_task.values()), {f"ce/{t}": v for t, v in per_task.items()}
