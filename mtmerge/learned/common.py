@@ -176,7 +176,7 @@ def pad_heads(heads: dict[str, dict]) -> dict[str, dict]:
 
 
 def stack_trees(trees: Sequence[Tree]) -> Tree:
-  """Trees of one signature (`one_signature`) stacked leaf by leaf `[N, ...]`."""
+  """Trees of one signature (`one_signature`) stacked leaf by leaf."""
   return jax.tree.map(lambda *a: jnp.stack(a), *trees)
 
 
