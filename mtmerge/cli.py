@@ -207,10 +207,10 @@ def _merge_config(args) -> None:
 
 
 def _merge(args) -> None:
-  from mtmerge import methods
   from mtmerge import runtime
+  runtime.hoist_constants()  # first: read when jax is imported
+  from mtmerge import methods
   runtime.enable_compile_cache()  # a rerun on the same shapes skips compile
-  runtime.hoist_constants()
   need = (("--out", args.out),) if args.config else (
       ("--method", args.method), ("--base", args.base),
       ("--models", args.models), ("--out", args.out))

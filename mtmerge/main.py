@@ -7,10 +7,15 @@ the same `run` functions.
 
 import sys
 
-from absl import app
-from absl import flags
-from absl import logging
-from ml_collections import config_flags
+from mtmerge import runtime
+
+# Before anything imports jax (the setting is read at jax's import):
+runtime.hoist_constants()  # frozen params as arguments, not constants
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from absl import logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
@@ -28,13 +33,11 @@ def main(argv):
   del argv
   import importlib
   from mtmerge import distributed
-  from mtmerge import runtime
   distributed.maybe_initialize()  # multi-host only when detected
   if logging.get_verbosity() == logging.INFO and not flags.FLAGS[
       "verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   runtime.enable_compile_cache()
-  runtime.hoist_constants()  # frozen params as arguments, not constants
   config = _CONFIG.value
   if config.job not in JOBS:
     raise app.UsageError(f"unknown job {config.job!r}; known: {sorted(JOBS)}")
