@@ -268,8 +268,8 @@ def compare(path_a, path_b, inputs=None, density=None):
   differing entries NOT explained by the top-k cutoff (`_cutoff_ambiguous`).
   """
   import numpy as np
-  from mtmerge import checkpoint_io
-  la, lb = checkpoint_io.read_layout(path_a), checkpoint_io.read_layout(path_b)
+  from mtmerge import safetensors_layout as st_layout
+  la, lb = st_layout.read_layout(path_a), st_layout.read_layout(path_b)
   if sorted(la.weight_map) != sorted(lb.weight_map):
     return dict(error="different tensor names")
   n = n_ulp = n_far = n_unexplained = n_amb = 0
@@ -280,7 +280,7 @@ def compare(path_a, path_b, inputs=None, density=None):
     for lay in (la, lb):
       f = lay.path_of(lay.weight_map[k])
       if f not in views:
-        views[f] = checkpoint_io._mmap_file(f)
+        views[f] = st_layout.mmap_file(f)
       xs.append(np.asarray(views[f][k]))
     a, b = xs
     if a.dtype != b.dtype or a.shape != b.shape:
@@ -289,10 +289,10 @@ def compare(path_a, path_b, inputs=None, density=None):
     if inputs is not None:
       ins = []
       for p in inputs:
-        lay = lays.setdefault(p, checkpoint_io.read_layout(p))
+        lay = lays.setdefault(p, st_layout.read_layout(p))
         f = lay.path_of(lay.weight_map[k])
         if f not in views:
-          views[f] = checkpoint_io._mmap_file(f)
+          views[f] = st_layout.mmap_file(f)
         ins.append(views[f][k])
       amb = _cutoff_ambiguous(ins[0], ins[1:], k, density)
     ia = a.view(np.int16).astype(np.int32)

@@ -173,44 +173,12 @@ def _maxrss_bytes() -> int:
 
 
 def _load_mtmerge(base_path, model_paths):
-  """(base, tvs, loader name): via mtmerge.checkpoint_io when it exists."""
-  try:
-    from mtmerge import checkpoint_io  # noqa: F401
-    loader = getattr(checkpoint_io, "load_task_vectors", None)
-  except ImportError:
-    loader = None
-  if loader is not None:
-    import inspect
-    accepted = inspect.signature(loader).parameters
-    # As mtmerge's CLI calls it: tensors moved to the device one at a time.
-    kw = {k: v for k, v in (("as_jax", True), ("progress", False))
-          if k in accepted}
-    out = loader(base_path, model_paths, **kw)
-    if isinstance(out, tuple) and len(out) >= 2:
-      return out[0], out[1], f"mtmerge.checkpoint_io.load_task_vectors({kw})"
-    if hasattr(out, "base") and hasattr(out, "tvs"):
-      return out.base, out.tvs, "mtmerge.checkpoint_io.load_task_vectors"
-    raise TypeError(f"unexpected load_task_vectors result {type(out)}")
-
-  import jax
-  import numpy as np
-  from safetensors import safe_open
-  with safe_open(base_path, framework="np") as f:
-    base_np = {k: f.get_tensor(k) for k in f.keys()}
-  T = len(model_paths)
-  stacks = {k: np.empty((T,) + v.shape, np.float32) for k, v in base_np.items()}
-  # One model file open (memory-mapped) at a time; task vectors written in
-  # place into the stacked [T, ...] buffers.
-  for t, p in enumerate(model_paths):
-    with safe_open(p, framework="np") as f:
-      for k in base_np:
-        np.subtract(f.get_tensor(k), base_np[k], out=stacks[k][t],
-                    dtype=np.float32)
-  tvs = {}
-  for k in list(stacks):
-    tvs[k] = jax.device_put(stacks.pop(k))  # frees the host copy per leaf
-  base = {k: jax.device_put(base_np.pop(k)) for k in list(base_np)}
-  return base, tvs, "safetensors.numpy (benchmark fallback)"
+  """(base, tvs, loader name): as mtmerge's CLI loads (tensors moved to the
+  device one at a time)."""
+  from mtmerge import task_vectors
+  kw = {"as_jax": True, "progress": False}
+  base, tvs, _ = task_vectors.from_checkpoints(base_path, model_paths, **kw)
+  return base, tvs, f"mtmerge.task_vectors.from_checkpoints({kw})"
 
 
 def child_mtmerge(name, base_path, model_paths, threshold, out_path):

@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 from mtmerge import checkpoint_io
 from mtmerge import cli_output
+from mtmerge import compressed_io
 from mtmerge import method_names
 
 _PROG = "mtmerge"
@@ -251,14 +252,15 @@ def _merge(args) -> None:
     # stdout, like the report: stderr keeps the one-line error contract.
     print(f"note: {name} has no streamed form for these parameters; merging "
           "in memory", flush=True)
-  base, tvs, layout = checkpoint_io.load_task_vectors(
+  from mtmerge import task_vectors
+  base, tvs, layout = task_vectors.from_checkpoints(
       args.base, args.models, progress=not args.no_progress, as_jax=True)
   floats = {k: base[k] for k in tvs}
   out = methods.merge(name, floats, tvs, **hparams)
   del tvs
   kept = {k: v for k, v in base.items() if k not in floats}  # int buffers
   if spec.compressed:
-    info = checkpoint_io.save_compressed(out, layout, args.out, name, full)
+    info = compressed_io.save(out, layout, args.out, name, full)
     what = (f"compressed, {_size(info['bytes'])} = {100 * info['ratio']:.1f}%"
             f" of {len(args.models)} full checkpoints "
             f"({_size(info['full_bytes'])})")
@@ -282,7 +284,7 @@ def _reconstruct(args) -> None:
   t0 = time.time()
   form = _preflight(args.out, {"--in": args.inp, "the base": args.base},
                     args.force)
-  compressed, meta = checkpoint_io.load_compressed(args.inp)
+  compressed, meta = compressed_io.load(args.inp)
   T = compressed.num_tasks
   if not 0 <= args.task < T:
     raise ValueError(f"--task {args.task} out of range: {args.inp} holds {T} "

@@ -22,6 +22,7 @@ import dataclasses
 import os
 from typing import Mapping, Sequence
 
+from mtmerge import atomic_files
 from mtmerge import checkpoint_io as cio
 
 _FILE_SUFFIX = ".safetensors"
@@ -117,7 +118,7 @@ def check_dtypes(base: cio.Layout, models: Sequence[cio.Layout]) -> None:
 
 def check_space(out: str, nbytes: int) -> None:
   """Refuses to start when the output's file system has less than `nbytes`."""
-  free = cio.free_bytes(os.path.dirname(os.path.abspath(out)))
+  free = atomic_files.free_bytes(os.path.dirname(os.path.abspath(out)))
   if nbytes > free:
     raise cio.CheckpointError(
         f"not enough space for --out {out}: it needs about "

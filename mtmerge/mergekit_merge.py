@@ -20,10 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from mtmerge import atomic_files
 from mtmerge import checkpoint_io
 from mtmerge import cli_output
 from mtmerge import mergekit_config
 from mtmerge import mergekit_kernels
+from mtmerge import safetensors_layout as st_layout
 
 
 def _inputs(cfg: mergekit_config.Config) -> tuple[str, list[str]]:
@@ -50,7 +52,7 @@ def _output_layout(cfg, layout: checkpoint_io.Layout, out: str, form: str
   olayout = cli_output.output_layout(layout, out, form)
   if cfg.out_dtype is None:
     return olayout
-  dtypes = {k: cfg.out_dtype if checkpoint_io._is_float(
+  dtypes = {k: cfg.out_dtype if st_layout.is_float(
       checkpoint_io.np_dtype(v)) else v for k, v in olayout.dtypes.items()}
   return dataclasses.replace(olayout, dtypes=dtypes)
 
@@ -91,7 +93,7 @@ def merge(config: str, out: str, force: bool = False, progress: bool = True,
   olayout = _output_layout(cfg, layout, out, form)
   cli_output.check_space(out, olayout.nbytes)
   floats = [k for k, v in layout.dtypes.items()
-            if checkpoint_io._is_float(checkpoint_io.np_dtype(v))]
+            if st_layout.is_float(checkpoint_io.np_dtype(v))]
   # Streamed kernels round to the base's dtype; a wider or different output
   # dtype than a non-float32 base's would round twice: merge per tensor.
   once = all(layout.dtypes[k] in ("float32", olayout.dtypes[k])
@@ -174,7 +176,7 @@ def _per_tensor(cfg, base: str, models: list[str], out: str,
       raise
 
   try:
-    path = checkpoint_io._atomic_write(out, write,
+    path = atomic_files.atomic_write(out, write,
                                        is_dir=olayout.kind != "file")
   finally:
     inputs.close()

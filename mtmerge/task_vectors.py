@@ -8,12 +8,14 @@ so reductions over tasks are `axis=0` ops and the task axis can be sharded.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtmerge import safetensors_layout as st_layout
 from mtmerge import tree as tree_lib
 
 Tree = Any
@@ -74,6 +76,108 @@ def from_models(base: Tree, models: Sequence[Tree],
     return jnp.stack([m.astype(dt) - b.astype(dt) for m in ms])
 
   return jax.tree.map(one, base, *models)
+
+
+# Task vectors of checkpoints on disk, loaded one model at a time.
+
+
+def _aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
+  """Uninitialized float32 array whose data is 64-byte aligned."""
+  n = int(np.prod(shape, dtype=np.int64))
+  raw = np.empty(n * 4 + 64, np.uint8)
+  off = (-raw.ctypes.data) % 64
+  return raw[off:off + n * 4].view(np.float32).reshape(shape)
+
+
+def _nonfinite_sum(x: np.ndarray) -> bool:
+  """Exact NaN/Inf test for float32 `x`, fast when everything is finite.
+
+  A sum is finite only if every term is (NaN and Inf propagate), so the
+  elementwise test runs only when the sum is not finite (a NaN/Inf entry,
+  or a rare float32 overflow of the sum).
+  """
+  acc = np.float64 if x.dtype == np.float64 else np.float32
+  with np.errstate(over="ignore", invalid="ignore"):
+    if np.isfinite(np.sum(x, dtype=acc)):
+      return False
+  return not bool(np.isfinite(x).all())
+
+
+def _nonfinite(x: np.ndarray) -> bool:
+  """True if a floating array holds NaN or Inf."""
+  return st_layout.is_float(x.dtype) and _nonfinite_sum(x)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+  from tqdm import tqdm  # local: only for loading
+  return tqdm(total=total, desc=desc, unit="tensor", file=sys.stderr,
+              disable=not (enabled and sys.stderr.isatty()), leave=False)
+
+
+def from_checkpoints(base_path: str, model_paths: Sequence[str],
+                     progress: bool = True, as_jax: bool = False):
+  """Loads base, then each model ONE AT A TIME into stacked task vectors.
+
+  All headers are validated first (keys, shapes), so a bad input fails
+  before any tensor data is read. Peak memory is about base + task vectors +
+  one tensor.
+
+  Args:
+    base_path: the pretrained checkpoint.
+    model_paths: T fine-tuned checkpoints (any layout each).
+    progress: show a tqdm bar on stderr (only when it is a terminal).
+    as_jax: return jax arrays, moved to the device one tensor at a time
+      while the host copy is dropped (a whole-tree `device_put` would hold
+      both copies: 2x the task vectors' memory).
+
+  Returns:
+    `(base_flat, tvs_flat, layout)`: base tensors in their dtype, float32
+    task vectors `[T, *shape]` per floating tensor (integer tensors such
+    as position ids are kept from the base, not merged), and the base's
+    layout.
+
+  Raises:
+    CheckpointError: missing/corrupt files, mismatched keys or shapes, or
+      NaN/Inf in the base or a task vector (naming file and tensor).
+  """
+  layout = st_layout.read_layout(base_path)
+  models = []
+  for i, p in enumerate(model_paths):
+    m = st_layout.read_layout(p)
+    st_layout.check_against(layout, m, f"model {i} ({m.source})")
+    models.append(m)
+  T = len(models)
+  base, tvs = {}, {}
+  bar = _progress(len(layout.shapes) * (T + 1), "loading", progress)
+  with bar:
+    for fpath, k, x in st_layout.iter_tensors(layout):
+      if _nonfinite(x):
+        raise st_layout.CheckpointError(
+            f"base ({fpath}) has NaN or Inf in tensor {k!r}")
+      base[k] = x
+      if st_layout.is_float(x.dtype):  # integer buffers (position ids) stay
+        tvs[k] = _aligned_empty((T,) + x.shape)
+      bar.update()
+    base32 = {k: base[k].astype(np.float32, copy=False) for k in tvs}
+    for i, m in enumerate(models):
+      for fpath, k, x in st_layout.iter_tensors(m, copy=False):
+        if k in tvs:
+          # One pass from the page cache into the stacked buffer.
+          slot = tvs[k][i, ...]  # a view, also for 0-d tensors
+          np.subtract(x, base32[k], out=slot, dtype=np.float32)
+          if _nonfinite_sum(slot):
+            raise st_layout.CheckpointError(
+                f"model {i} ({fpath}) has NaN or Inf in the task vector "
+                f"of tensor {k!r}")
+        bar.update()
+    del base32
+  if as_jax:
+    for d in (tvs, base):
+      for k in list(d):
+        # 64-byte aligned host buffers are adopted by the CPU backend without
+        # a copy; elsewhere this is one host->device transfer per tensor.
+        d[k] = jax.device_put(d.pop(k))
+  return base, tvs, layout
 
 
 def apply(base: Tree, tv: Tree, scale: Any = 1.0) -> Tree:

@@ -6,7 +6,10 @@ import os
 import numpy as np
 import pytest
 
+from mtmerge import atomic_files
 from mtmerge import checkpoint_io as cio
+from mtmerge import compressed_io
+from mtmerge import task_vectors
 
 from ckpt_helpers import BF16, SHAPES, SHARD, make_model, write_ckpt  # noqa: E501,F401
 
@@ -34,7 +37,7 @@ def test_roundtrip_keeps_names_dtypes_layout(tmp_path, dtype, sharded):
   # float32 inputs are cast back to the base's dtypes.
   nbytes = cio.save({k: x.astype(np.float32) for k, x in flat.items()}, out,
                     layout)
-  assert nbytes == cio.disk_bytes(str(out))
+  assert nbytes == atomic_files.disk_bytes(str(out))
   again, layout2 = cio.load(out)
   assert layout2.kind == layout.kind
   assert layout2.dtypes == layout.dtypes
@@ -84,7 +87,7 @@ def test_load_task_vectors(tmp_path, sharded_base):
   mps = [write_ckpt(tmp_path / f"m{i}", m, sharded=i == 1)
          if i == 1 else write_ckpt(tmp_path / f"m{i}.safetensors", m)
          for i, m in enumerate(models)]
-  base_flat, tvs, layout = cio.load_task_vectors(bp, mps, progress=False)
+  base_flat, tvs, layout = task_vectors.from_checkpoints(bp, mps, progress=False)
   assert layout.kind == ("sharded" if sharded_base else "file")
   for k, s in SHAPES.items():
     assert base_flat[k].dtype == BF16
@@ -109,24 +112,24 @@ def test_errors_name_file_and_tensor(tmp_path):
   missing = dict(make_model(2, base=base))
   del missing["head.b"]
   mp = write_ckpt(tmp_path / "miss.safetensors", missing)
-  msg = _err(cio.load_task_vectors, bp, [good, mp], False)
+  msg = _err(task_vectors.from_checkpoints, bp, [good, mp], False)
   assert "model 1" in msg and mp in msg and "'head.b'" in msg
   shaped = {**make_model(3), "head.w": np.zeros((4, 8), np.float32)}
   sp = write_ckpt(tmp_path / "shape.safetensors", shaped)
-  msg = _err(cio.load_task_vectors, bp, [sp, good], False)
+  msg = _err(task_vectors.from_checkpoints, bp, [sp, good], False)
   assert "'head.w'" in msg and "(4, 8)" in msg and "(8, 4)" in msg
   assert sp in msg
   extra = {**make_model(4), "extra.w": np.zeros(3, np.float32)}
   ep = write_ckpt(tmp_path / "extra.safetensors", extra)
-  assert "'extra.w'" in _err(cio.load_task_vectors, bp, [good, ep], False)
+  assert "'extra.w'" in _err(task_vectors.from_checkpoints, bp, [good, ep], False)
   bad = make_model(5, base=base)
   bad["encoder.b"][3] = np.nan
   np_ = write_ckpt(tmp_path / "nan.safetensors", bad)
-  msg = _err(cio.load_task_vectors, bp, [good, np_], False)
+  msg = _err(task_vectors.from_checkpoints, bp, [good, np_], False)
   assert "NaN or Inf" in msg and np_ in msg and "'encoder.b'" in msg
   inf_base = {**base, "head.w": np.full((8, 4), np.inf, np.float32)}
   ip = write_ckpt(tmp_path / "infbase.safetensors", inf_base)
-  assert "base" in _err(cio.load_task_vectors, ip, [good, good], False)
+  assert "base" in _err(task_vectors.from_checkpoints, ip, [good, good], False)
 
 
 def test_corrupt_missing_and_foreign_files(tmp_path):
@@ -203,21 +206,21 @@ def test_compressed_roundtrip_and_size(tmp_path):
                                                                  base))
            for i in range(3)]
   bp = write_ckpt(tmp_path / "b.safetensors", base)
-  base_flat, tvs, layout = cio.load_task_vectors(bp, paths, progress=False)
+  base_flat, tvs, layout = task_vectors.from_checkpoints(bp, paths, progress=False)
   c = methods.merge("emr_merging", base_flat, tvs)
-  info = cio.save_compressed(c, layout, tmp_path / "c", "emr_merging", {})
+  info = compressed_io.save(c, layout, tmp_path / "c", "emr_merging", {})
   assert sorted(os.listdir(tmp_path / "c")) == [
       "compressed.json", "masks.safetensors", "tau.safetensors"]
-  assert info["bytes"] == cio.disk_bytes(str(tmp_path / "c"))
+  assert info["bytes"] == atomic_files.disk_bytes(str(tmp_path / "c"))
   assert info["full_bytes"] == 3 * os.path.getsize(bp)  # tiny: ratio > 1
   assert info["ratio"] == info["bytes"] / info["full_bytes"]
-  c2, meta = cio.load_compressed(tmp_path / "c")
+  c2, meta = compressed_io.load(tmp_path / "c")
   assert meta["method"] == "emr_merging" and meta["num_tasks"] == 3
   assert meta["base_dtypes"] == layout.dtypes
   np.testing.assert_allclose(c2.rescalers, np.asarray(c.rescalers))
   for k in SHAPES:
     assert c2.tau[k].dtype == BF16
     np.testing.assert_array_equal(c2.masks[k], np.asarray(c.masks[k]))
-  assert "does not exist" in _err(cio.load_compressed, str(tmp_path / "zz"))
+  assert "does not exist" in _err(compressed_io.load, str(tmp_path / "zz"))
   os.remove(tmp_path / "c" / "masks.safetensors")
-  assert "masks.safetensors" in _err(cio.load_compressed, str(tmp_path / "c"))
+  assert "masks.safetensors" in _err(compressed_io.load, str(tmp_path / "c"))

@@ -8,9 +8,11 @@ import jax
 import numpy as np
 import pytest
 
+from mtmerge import atomic_files
 from mtmerge import checkpoint_io as cio
 from mtmerge import cli
 from mtmerge import methods
+from mtmerge import task_vectors
 
 from ckpt_helpers import BF16, SHARD, make_model, write_ckpt
 
@@ -33,7 +35,7 @@ def run(capsys, *argv):
 
 
 def expected(name, bp, mps, **hp):
-  base, tvs, _ = cio.load_task_vectors(bp, mps, progress=False)
+  base, tvs, _ = task_vectors.from_checkpoints(bp, mps, progress=False)
   return base, tvs, methods.merge(name, base, tvs, **hp)
 
 
@@ -459,14 +461,14 @@ def test_mergekit_names_and_suggestions(tmp_path, capsys):
 def _failing_write(monkeypatch, exc):
   """Makes every atomic output write its temp fully, then raise `exc` (the
   in-memory and streamed writers both go through `_atomic_write`)."""
-  real = cio._atomic_write
+  real = atomic_files.atomic_write
 
   def wrapped(dest, write, is_dir):
     def write_then_fail(tmp):
       write(tmp)
       raise exc
     return real(dest, write_then_fail, is_dir)
-  monkeypatch.setattr(cio, "_atomic_write", wrapped)
+  monkeypatch.setattr(atomic_files, "atomic_write", wrapped)
 
 
 def test_full_disk_is_reported_in_one_line(tmp_path, capsys, monkeypatch):
@@ -475,7 +477,7 @@ def test_full_disk_is_reported_in_one_line(tmp_path, capsys, monkeypatch):
   out = tmp_path / "out.safetensors"
   argv = ["merge", "--method", "task_arithmetic", "--base", bp, "--models",
           *mps, "--out", out]
-  monkeypatch.setattr(cio, "free_bytes", lambda path: 100)
+  monkeypatch.setattr(atomic_files, "free_bytes", lambda path: 100)
   _one_line_2(*run(capsys, *argv)[::2], "not enough space", "0 MiB free")
   monkeypatch.undo()
   _failing_write(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
@@ -495,15 +497,15 @@ def test_interrupted_run_leaves_no_output(tmp_path, capsys, monkeypatch):
 
 _KILLABLE = """
 import sys, time
-from mtmerge import checkpoint_io, cli
-real = checkpoint_io._atomic_write
+from mtmerge import atomic_files, cli
+real = atomic_files.atomic_write
 def slow(dest, write, is_dir):
   def write_and_wait(tmp):
     write(tmp)
     print("WRITTEN", flush=True)  # the temp is there, not yet renamed
     time.sleep(60)
   return real(dest, write_and_wait, is_dir)
-checkpoint_io._atomic_write = slow
+atomic_files.atomic_write = slow
 sys.exit(cli.main(sys.argv[1:]))
 """
 

@@ -1,6 +1,6 @@
 """Streamed merges (mtmerge.streaming) against the in-memory path.
 
-The reference is `checkpoint_io.load_task_vectors` + `methods.merge` (itself
+The reference is `task_vectors.from_checkpoints` + `methods.merge` (itself
 tested against NumPy references in test_methods). Budgets are tiny so the
 larger tensors are split into row blocks.
 """
@@ -16,6 +16,7 @@ from safetensors.numpy import load_file, save_file
 from mtmerge import checkpoint_io
 from mtmerge import methods
 from mtmerge import streaming
+from mtmerge import task_vectors
 from mtmerge.streaming import writer
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
@@ -85,7 +86,7 @@ def ckpts(tmp_path_factory):
 
 
 def _in_memory(method, bp, mps, hp):
-  base, tvs, _ = checkpoint_io.load_task_vectors(bp, mps, progress=False,
+  base, tvs, _ = task_vectors.from_checkpoints(bp, mps, progress=False,
                                                  as_jax=True)
   merged = methods.merge(method, {k: base[k] for k in tvs}, tvs, **hp)
   return {k: np.asarray(v) for k, v in merged.items()}

@@ -19,6 +19,7 @@ from safetensors.numpy import save_file
 
 from mtmerge import checkpoint_io
 from mtmerge import cli
+from mtmerge import compressed_io
 from mtmerge import streaming
 from mtmerge.streaming import placement
 from mtmerge.streaming import reader
@@ -113,8 +114,8 @@ def test_compressed_eight_devices_equal_one(files, tmp_path, method, hp):
   for name in ("tau.safetensors", "masks.safetensors"):
     assert _bytes(os.path.join(one["out"], name)) == _bytes(
         os.path.join(eight["out"], name)), name
-  a, meta_a = checkpoint_io.load_compressed(one["out"])
-  b, meta_b = checkpoint_io.load_compressed(eight["out"])
+  a, meta_a = compressed_io.load(one["out"])
+  b, meta_b = compressed_io.load(eight["out"])
   np.testing.assert_allclose(b.rescalers, a.rescalers, rtol=1e-6)
   assert {**meta_a, "rescalers": 0} == {**meta_b, "rescalers": 0}
 

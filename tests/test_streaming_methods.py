@@ -1,6 +1,6 @@
 """Streamed TALL masks, EMR, PCB, DELLA and TSV against the in-memory path.
 
-The reference is `checkpoint_io.load_task_vectors` + `methods.merge` (each
+The reference is `task_vectors.from_checkpoints` + `methods.merge` (each
 method is tested against NumPy references in test_methods). The budget
 splits `emb` (and for the plain merges `layer.q` and `conv`) into row
 blocks.
@@ -15,8 +15,10 @@ from safetensors.numpy import load_file, save_file
 
 from mtmerge import checkpoint_io
 from mtmerge import cli
+from mtmerge import compressed_io
 from mtmerge import methods
 from mtmerge import streaming
+from mtmerge import task_vectors
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
 # Few distinct shapes (each compiles every kernel): emb is split into 8-row
@@ -58,7 +60,7 @@ def ckpts(tmp_path_factory):
 
 
 def _in_memory(method, bp, mps, hp):
-  base, tvs, _ = checkpoint_io.load_task_vectors(bp, mps, progress=False,
+  base, tvs, _ = task_vectors.from_checkpoints(bp, mps, progress=False,
                                                  as_jax=True)
   return methods.merge(method, {k: base[k] for k in tvs}, tvs, **hp)
 
@@ -154,14 +156,14 @@ def test_compressed(ckpts, tmp_path, method, hp, tag, budgets):
   bp, mps = ckpts[tag]
   c = _in_memory(method, bp, mps, hp)
   mem = str(tmp_path / "mem")
-  checkpoint_io.save_compressed(c, checkpoint_io.read_layout(bp), mem,
+  compressed_io.save(c, checkpoint_io.read_layout(bp), mem,
                                 method, methods.get(method).check(hp, 3))
-  ref, ref_meta = checkpoint_io.load_compressed(mem)
+  ref, ref_meta = compressed_io.load(mem)
   for budget in [{"s": BUDGET[tag], "w": BIG}[b] for b in budgets]:
     out = str(tmp_path / f"s{budget}")
     info = streaming.merge_files(method, bp, mps, out, max_memory=budget,
                                  progress=False, **hp)
-    got, meta = checkpoint_io.load_compressed(out)
+    got, meta = compressed_io.load(out)
     assert sorted(os.listdir(out)) == sorted(os.listdir(mem))
     assert {**meta, "rescalers": 0} == {**ref_meta, "rescalers": 0}
     for k in ref.tau:

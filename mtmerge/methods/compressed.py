@@ -28,7 +28,7 @@ class Compressed(NamedTuple):
     masks: bit-packed masks, uint8 leaves `[T, *shape[:-1],
       ceil(shape[-1] / 8)]` (`task_vectors.pack_mask(rows=True)`: each row
       packed on its own, so a mask shards like its parameter; files hold
-      the flat `[T, ceil(size / 8)]`, see `checkpoint_io.save_compressed`).
+      the flat `[T, ceil(size / 8)]`, see `compressed_io.save`).
     rescalers: float32 `[T]` (1.0 for TALL masks).
   """
   tau: Tree

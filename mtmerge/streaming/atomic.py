@@ -1,6 +1,6 @@
 """An atomic output written by several JAX processes at once.
 
-`checkpoint_io._atomic_write` runs `write(tmp)` on a hidden temp sibling
+`atomic_files.atomic_write` runs `write(tmp)` on a hidden temp sibling
 of the destination, then renames it into place. With several processes
 (`jax.distributed`), process 0 owns that sequence: it picks the temp name
 and tells the others (`broadcast_one_to_all`), creates and preallocates
@@ -13,7 +13,7 @@ filesystem every process sees (the same machine, NFS, a cluster FS).
 Limitation: a process that fails stops taking part in the barriers, so
 the others wait until JAX's distributed runtime times out (or the launcher
 stops the job); the temp sibling is removed by the next write to the same
-destination (`checkpoint_io._remove_stale_temps`).
+destination (`atomic_files.remove_stale_temps`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Callable
 import jax
 import numpy as np
 
-from mtmerge import checkpoint_io
+from mtmerge import atomic_files
 
 _NAME_BYTES = 4096
 
@@ -64,7 +64,7 @@ def write(dest: str, write_fn: Callable[[str], None], is_dir: bool) -> str:
       write_fn(tmp)
       barrier("mtmerge-output-written")
     try:
-      out = checkpoint_io._atomic_write(dest, first, is_dir=is_dir)
+      out = atomic_files.atomic_write(dest, first, is_dir=is_dir)
     finally:
       barrier("mtmerge-output-renamed")
     return out

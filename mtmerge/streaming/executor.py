@@ -5,7 +5,7 @@ Memory is bounded by one block, not the model: a byte budget
 each pass reads the blocks from the memory-mapped inputs, and only the
 statistics a method needs survive between passes (`recipes`, `stats`).
 The last pass writes each merged block straight into the output shards
-(`writer`), inside `checkpoint_io._atomic_write`, so the output appears
+(`writer`), inside `atomic_files.atomic_write`, so the output appears
 whole, under its name, only at the end. Compute is float32 per block;
 outputs keep the base's dtypes (bf16 stays bf16).
 """
@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from mtmerge import atomic_files
 from mtmerge import checkpoint_io
 from mtmerge.streaming import atomic
 from mtmerge.streaming import placement
@@ -222,7 +223,7 @@ def merge_files(method: str, base: str, models: Sequence[str], out: str,
     if multi:
       dest = atomic.write(out, write, is_dir)
     else:
-      dest = checkpoint_io._atomic_write(out, write, is_dir=is_dir)
+      dest = atomic_files.atomic_write(out, write, is_dir=is_dir)
   finally:
     inputs.close()
   info.update(out=dest, passes=ex.passes, blocks=len(blocks),

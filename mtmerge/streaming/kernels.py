@@ -3,7 +3,7 @@
 Every kernel takes the block's raw inputs (the base rows `b` and the
 models' rows stacked `ms` `[T, rows, ...]`, in their stored dtype) and
 forms the float32 task vectors `ms[t] - b` itself, exactly as
-`checkpoint_io.load_task_vectors` does, so no `[T, ...]` float32 copy
+`task_vectors.from_checkpoints` does, so no `[T, ...]` float32 copy
 outlives a kernel. The merge arithmetic is the in-memory methods' own: a
 block-local method runs its registered function on a one-leaf tree
 `{"x": block}`, TIES runs

@@ -20,6 +20,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from mtmerge import checkpoint_io
+from mtmerge import safetensors_layout as st_layout
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,11 +76,11 @@ class Inputs:
     self.model_layouts = []
     for i, p in enumerate(models):
       m = checkpoint_io.read_layout(p)
-      checkpoint_io._check_against(self.layout, m, f"model {i} ({m.source})")
+      st_layout.check_against(self.layout, m, f"model {i} ({m.source})")
       self.model_layouts.append(m)
     self._files: dict[str, tuple] = {}
     lay = self.layout
-    self.floats = sorted(k for k in lay.weight_map if checkpoint_io._is_float(
+    self.floats = sorted(k for k in lay.weight_map if st_layout.is_float(
         checkpoint_io.np_dtype(lay.dtypes[k])))
     self.leaf = {k: i for i, k in enumerate(self.floats)}
     for i, m in enumerate(self.model_layouts):
@@ -200,7 +201,7 @@ _EXP = {2: (np.uint16, {"bfloat16": 0x7f80, "float16": 0x7c00}),
 
 def _finite(x: np.ndarray) -> bool:
   """True unless a floating `x` holds NaN or Inf (exponent bits all ones)."""
-  if not checkpoint_io._is_float(x.dtype):
+  if not st_layout.is_float(x.dtype):
     return True
   uint, masks = _EXP.get(x.dtype.itemsize, (None, {}))
   mask = masks.get(x.dtype.name)
@@ -214,12 +215,12 @@ def _finite(x: np.ndarray) -> bool:
 def _open(fpath: str):
   """`(fd, {name: (dtype, shape, absolute offset)})`, offsets validated."""
   try:
-    index = checkpoint_io.tensor_index(fpath)
+    index = st_layout.tensor_index(fpath)
     out = {k: (dtype, shape, b) for k, (dtype, shape, b, _) in index.items()}
     return os.open(fpath, os.O_RDONLY), out
   except (OSError, ValueError, KeyError, TypeError) as e:
     raise checkpoint_io.CheckpointError(
-        f"cannot read {fpath} ({checkpoint_io._line(e)})") from None
+        f"cannot read {fpath} ({st_layout.first_line(e)})") from None
 
 
 def plan(inputs: Inputs, bytes_per_entry: int, max_memory: int,

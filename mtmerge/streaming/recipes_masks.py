@@ -13,10 +13,10 @@
   model-wide, so a first pass gathers each leaf's partial sums.
 
 The output is the in-memory path's compressed directory
-(`checkpoint_io.save_compressed`): `tau.safetensors` (the shared vector in
+(`compressed_io.save`): `tau.safetensors` (the shared vector in
 the base's dtypes), `masks.safetensors` (uint8 `[T, ceil(numel / 8)]` per
 tensor, big-endian bits as `np.packbits`) and `compressed.json`, readable
-by `checkpoint_io.load_compressed` and `mtmerge reconstruct`. Blocks start
+by `compressed_io.load` and `mtmerge reconstruct`. Blocks start
 at a multiple of 8 entries (`reader.plan(..., row_multiple=8)`), so every
 block packs into whole bytes of its own. The per-block arithmetic is
 `methods.masks`' own per-leaf functions.
@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtmerge import atomic_files
 from mtmerge import checkpoint_io
+from mtmerge import compressed_io
 from mtmerge import transforms as tx
 from mtmerge.methods import masks
 from mtmerge.streaming import kernels
@@ -190,10 +192,10 @@ def compress_files(method: str, base: str, models, out: str,
       dts = {k: checkpoint_io.np_dtype(lay.dtypes[k]) for k in names}
       nb = {k: -(-int(np.prod(s, dtype=np.int64)) // 8)
             for k, s in shapes.items()}
-      tau_w = writer.ShardWriter(os.path.join(tmp, checkpoint_io._TAU),
+      tau_w = writer.ShardWriter(os.path.join(tmp, compressed_io.TAU),
                                  names, shapes, dts)
       mask_w = writer.ShardWriter(
-          os.path.join(tmp, checkpoint_io._MASKS), names,
+          os.path.join(tmp, compressed_io.MASKS), names,
           {k: (T, nb[k]) for k in names}, {k: np.dtype(np.uint8)
                                           for k in names})
 
@@ -201,11 +203,11 @@ def compress_files(method: str, base: str, models, out: str,
         tau, m = recipe.apply(blk, b, ms)
         first = blk.first
         if place is None:
-          tau_w.write_at(blk.name, first, checkpoint_io._cast(
+          tau_w.write_at(blk.name, first, checkpoint_io.cast(
               tau, dts[blk.name]))
         else:  # shard by shard: no device holds the whole block
           for at, data in place.pieces(blk, tau):
-            tau_w.write_at(blk.name, at, checkpoint_io._cast(
+            tau_w.write_at(blk.name, at, checkpoint_io.cast(
                 data, dts[blk.name]))
         # One process: the host assembles the block's bool masks from the
         # shards (`np.asarray` of a sharded array copies shard by shard).
@@ -220,16 +222,16 @@ def compress_files(method: str, base: str, models, out: str,
         tau_w.abort()
         mask_w.abort()
         raise
-      meta = checkpoint_io.compressed_meta(method, full, recipe.rescalers,
+      meta = compressed_io.meta_json(method, full, recipe.rescalers,
                                            lay)
-      with open(os.path.join(tmp, checkpoint_io._CJSON), "w",
+      with open(os.path.join(tmp, compressed_io.CJSON), "w",
                 encoding="utf-8") as f:
         json.dump(meta, f, indent=2, default=repr)
         f.write("\n")
-    dest = checkpoint_io._atomic_write(out, write, is_dir=True)
+    dest = atomic_files.atomic_write(out, write, is_dir=True)
   finally:
     inputs.close()
-  nbytes = checkpoint_io.disk_bytes(dest)
+  nbytes = atomic_files.disk_bytes(dest)
   full_bytes = T * sum(os.path.getsize(lay.path_of(f)) for f in lay.files)
   info.update(out=dest, bytes=nbytes, full_bytes=full_bytes,
               ratio=nbytes / max(full_bytes, 1), passes=ex.passes,

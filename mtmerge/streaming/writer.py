@@ -9,7 +9,7 @@ Blocks may therefore arrive in any order and from several processes: with
 rows its devices computed into the same temp files (a filesystem all hosts
 share), and process 0 renames the finished output into place
 (`atomic_write`). `Output` writes into the temp path that
-`checkpoint_io._atomic_write` gives it, so the finished file or directory
+`atomic_files.atomic_write` gives it, so the finished file or directory
 appears under its final name only once every shard is complete and synced.
 """
 
@@ -22,8 +22,9 @@ from typing import Callable, Mapping
 import numpy as np
 
 from mtmerge import checkpoint_io
+from mtmerge import safetensors_layout as st_layout
 
-_ST_NAME = {v: k for k, v in checkpoint_io._ST_DTYPES.items()}
+_ST_NAME = {v: k for k, v in st_layout.ST_DTYPES.items()}
 
 
 def _nbytes(shape, dtype: np.dtype) -> int:
@@ -133,7 +134,7 @@ class Output:
     self.dtypes = {k: checkpoint_io.np_dtype(v)
                    for k, v in layout.dtypes.items()}
     if create and layout.kind != "file" and os.path.isdir(layout.source):
-      checkpoint_io._copy_extras(layout.source, tmp)
+      checkpoint_io.copy_extras(layout.source, tmp)
     self.shards: dict[str, ShardWriter] = {}
     self.where: dict[str, ShardWriter] = {}
     try:
