@@ -20,12 +20,34 @@ os.environ["XLA_FLAGS"] = " ".join(
     + ["--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 from mtmerge import runtime  # noqa: E402
 
 runtime.configure_xla()  # the merge kernels' setting, as in the CLI
 runtime.hoist_constants()  # as mtmerge.main and the CLI
 import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# One persistent compilation cache for the whole session, empty at its
+# start and shared by the xdist workers (they inherit the variable from the
+# process that loads this file first): tests in different files build many
+# of the same programs (one in nine compilations of a run is a repeat).
+# Set MTMERGE_TEST_COMPILE_CACHE to a directory to keep it, or to 0 for none.
+_OWN_CACHE = "MTMERGE_TEST_COMPILE_CACHE" not in os.environ
+if _OWN_CACHE:
+  os.environ["MTMERGE_TEST_COMPILE_CACHE"] = tempfile.mkdtemp(
+      prefix="mtmerge-test-xla-")
+_OWNER_PID = os.getpid()
+if os.environ["MTMERGE_TEST_COMPILE_CACHE"] != "0":
+  runtime.enable_compile_cache(os.environ["MTMERGE_TEST_COMPILE_CACHE"])
+
+
+def pytest_unconfigure(config):
+  del config
+  if _OWN_CACHE and os.getpid() == _OWNER_PID:
+    shutil.rmtree(os.environ["MTMERGE_TEST_COMPILE_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -18,6 +18,8 @@ from mtmerge.flat import bench
 from mtmerge.flat import objective as flat_obj
 from mtmerge.flat import sam
 
+import job_helpers
+
 TASKS = ("a", "b")
 
 
@@ -220,8 +222,8 @@ def test_bad_input_one_clear_error():
 
 
 def test_runlocal_job_end_to_end(tmp_path):
-  c = flat_sam_config.get_config("runlocal")
-  out = bench.run(c, str(tmp_path / "w"))
+  _, out = job_helpers.run_main("configs/flat_sam.py:runlocal",
+                                tmp_path / "w", tmp_path / "cache")
   labels = [r["method"] for r in out["rows"]]
   assert labels == [
       "zero-shot", "individual [plain]", "task_arithmetic [plain]",

@@ -19,31 +19,22 @@ from mtmerge.data import pipeline
 from mtmerge.data import prompts
 from mtmerge.data import suites
 
+import job_helpers
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cli_runlocal(tmp_path):
   """README command 1's job, `configs/default.py:runlocal`, as a user runs
-  it: `python -m mtmerge.main` in a fresh process on ONE CPU device (the
-  process compiles single-device programs: about 40% less CPU than the
-  same run in this 8-fake-device process; sharded training and merging
-  are checked against one device in test_finetune, test_train,
-  test_methods and test_sharding). Returns results.json."""
-  env = dict(os.environ, MTMERGE_CACHE=str(tmp_path / "cache"),
-             PYTHONPATH=REPO, JAX_PLATFORMS="cpu")
-  env["XLA_FLAGS"] = " ".join(
-      f for f in env.get("XLA_FLAGS", "").split()
-      if not f.startswith("--xla_force_host_platform_device_count"))
-  cmd = [sys.executable, "-m", "mtmerge.main", "--config",
-         "configs/default.py:runlocal", "--workdir", str(tmp_path / "run")]
-  p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                     timeout=900)
-  assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+  it (`job_helpers.run_main`: a fresh process on one CPU device). Returns
+  results.json."""
+  stdout, out = job_helpers.run_main("configs/default.py:runlocal",
+                                     tmp_path / "run", tmp_path / "cache")
   # Per-stage progress lines, then the table.
   for stage in ("[1/5", "[2/5", "[3/5", "[4/5", "[5/5"):
-    assert stage in p.stdout, p.stdout[-2000:]
-  assert "wall time" in p.stdout
-  return json.loads((tmp_path / "run" / "results.json").read_text())
+    assert stage in stdout, stdout[-2000:]
+  assert "wall time" in stdout
+  return out
 
 
 def test_default_benchmark_runlocal(tmp_path, monkeypatch):
