@@ -177,7 +177,7 @@ def _per_tensor(cfg, base: str, models: list[str], out: str,
 
   try:
     path = atomic_files.atomic_write(out, write,
-                                       is_dir=olayout.kind != "file")
+                                     is_dir=olayout.kind != "file")
   finally:
     inputs.close()
   return got["bytes"], path

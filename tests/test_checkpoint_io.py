@@ -87,7 +87,8 @@ def test_load_task_vectors(tmp_path, sharded_base):
   mps = [write_ckpt(tmp_path / f"m{i}", m, sharded=i == 1)
          if i == 1 else write_ckpt(tmp_path / f"m{i}.safetensors", m)
          for i, m in enumerate(models)]
-  base_flat, tvs, layout = task_vectors.from_checkpoints(bp, mps, progress=False)
+  base_flat, tvs, layout = task_vectors.from_checkpoints(bp, mps,
+                                                         progress=False)
   assert layout.kind == ("sharded" if sharded_base else "file")
   for k, s in SHAPES.items():
     assert base_flat[k].dtype == BF16
@@ -121,7 +122,8 @@ def test_errors_name_file_and_tensor(tmp_path):
   assert sp in msg
   extra = {**make_model(4), "extra.w": np.zeros(3, np.float32)}
   ep = write_ckpt(tmp_path / "extra.safetensors", extra)
-  assert "'extra.w'" in _err(task_vectors.from_checkpoints, bp, [good, ep], False)
+  assert "'extra.w'" in _err(task_vectors.from_checkpoints, bp, [good, ep],
+                              False)
   bad = make_model(5, base=base)
   bad["encoder.b"][3] = np.nan
   np_ = write_ckpt(tmp_path / "nan.safetensors", bad)
@@ -206,7 +208,8 @@ def test_compressed_roundtrip_and_size(tmp_path):
                                                                  base))
            for i in range(3)]
   bp = write_ckpt(tmp_path / "b.safetensors", base)
-  base_flat, tvs, layout = task_vectors.from_checkpoints(bp, paths, progress=False)
+  base_flat, tvs, layout = task_vectors.from_checkpoints(bp, paths,
+                                                         progress=False)
   c = methods.merge("emr_merging", base_flat, tvs)
   info = compressed_io.save(c, layout, tmp_path / "c", "emr_merging", {})
   assert sorted(os.listdir(tmp_path / "c")) == [

@@ -222,8 +222,7 @@ def compress_files(method: str, base: str, models, out: str,
         tau_w.abort()
         mask_w.abort()
         raise
-      meta = compressed_io.meta_json(method, full, recipe.rescalers,
-                                           lay)
+      meta = compressed_io.meta_json(method, full, recipe.rescalers, lay)
       with open(os.path.join(tmp, compressed_io.CJSON), "w",
                 encoding="utf-8") as f:
         json.dump(meta, f, indent=2, default=repr)
