@@ -185,6 +185,10 @@ def _step_stats(step_s: list[float], cpu_s: list[float], warmup: int,
 
 
 def child_mtmerge(cfg, args):
+  from mtmerge import runtime
+  # As `mtmerge.main` runs jobs: the frozen embeddings the features close
+  # over reach XLA as arguments (set before jax is imported).
+  runtime.hoist_constants()
   import jax
   import numpy as np
   from mtmerge import encoders

@@ -191,9 +191,6 @@ def test_output_is_atomic(ckpts, tmp_path, monkeypatch):
 def test_refusals_and_bad_input(ckpts, tmp_path):
   bp, mps = ckpts["f32"]
   out = str(tmp_path / "o.safetensors")
-  with pytest.raises(ValueError, match="variant='official' cannot run"):
-    streaming.merge_files("pcb_merging", bp, mps, out, variant="official",
-                          progress=False)
   with pytest.raises(ValueError, match="threshold must be in"):
     streaming.merge_files("ties_merging", bp, mps, out, threshold=1.5,
                           progress=False)

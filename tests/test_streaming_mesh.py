@@ -98,26 +98,68 @@ def test_per_tensor_cosines_within_float32_rounding(files, tmp_path, method,
     np.testing.assert_allclose(b[k], a[k], rtol=2e-6, atol=1e-6, err_msg=k)
 
 
-@pytest.mark.parametrize("method,hp", [
-    ("tall_mask", dict(tall_mask_lambda=[0.4, 0.6, 0.5])),
-    ("tall_mask", dict(base_method="ties", threshold=0.3)),
-    ("emr_merging", {})])
-def test_compressed_eight_devices_equal_one(files, tmp_path, method, hp):
-  """TALL masks and EMR: tau and packed masks byte for byte on a mesh.
-
-  EMR's rescalers are model-wide means, whose sums the mesh splits: to
-  float32 rounding.
-  """
-  one = _merge(files, str(tmp_path / "1"), method, hp, False)
-  eight = _merge(files, str(tmp_path / "8"), method, hp, None)
+def test_pcb_official_on_a_mesh(files, tmp_path):
+  """PCB's official variant on 8 devices: its selections (clip bounds, the
+  signed score quantile) are exact; its scores' exp and tanh compile per
+  shard, so to float32 rounding."""
+  hp = dict(ratio=0.3, variant="official")
+  one = _merge(files, str(tmp_path / "1.safetensors"), "pcb_merging", hp,
+               False)
+  eight = _merge(files, str(tmp_path / "8.safetensors"), "pcb_merging", hp,
+                 None)
   assert (one["devices"], eight["devices"]) == (1, 8)
+  a, _ = checkpoint_io.load(one["out"])
+  b, _ = checkpoint_io.load(eight["out"])
+  for k in SHAPES:
+    np.testing.assert_allclose(b[k], a[k], rtol=1e-6, atol=1e-6, err_msg=k)
+
+
+COMPRESSED = [("tall_mask", dict(tall_mask_lambda=[0.4, 0.6, 0.5])),
+              ("tall_mask", dict(base_method="ties", threshold=0.3)),
+              ("emr_merging", {})]
+
+
+def _same_compressed(a_dir, b_dir):
+  """tau and packed masks byte for byte; EMR's rescalers (model-wide means
+  whose sums a mesh splits) to float32 rounding; the rest of the json."""
   for name in ("tau.safetensors", "masks.safetensors"):
-    assert _bytes(os.path.join(one["out"], name)) == _bytes(
-        os.path.join(eight["out"], name)), name
-  a, meta_a = compressed_io.load(one["out"])
-  b, meta_b = compressed_io.load(eight["out"])
+    assert _bytes(os.path.join(a_dir, name)) == _bytes(
+        os.path.join(b_dir, name)), name
+  a, meta_a = compressed_io.load(a_dir)
+  b, meta_b = compressed_io.load(b_dir)
   np.testing.assert_allclose(b.rescalers, a.rescalers, rtol=1e-6)
   assert {**meta_a, "rescalers": 0} == {**meta_b, "rescalers": 0}
+
+
+@pytest.mark.parametrize("method,hp", COMPRESSED)
+@pytest.mark.parametrize("devices", [8, 2])
+def test_compressed_on_a_mesh_equals_one_device(files, tmp_path, method, hp,
+                                                devices):
+  """TALL masks and EMR on a mesh. Shards hold a multiple of 8 rows (so
+  each packs into whole bytes): on 8 devices these tensors are too short
+  and stay replicated; on 2, `emb` and `q` are split."""
+  mesh = None if devices == 8 else jax.make_mesh(
+      (2,), ("data",), devices=jax.devices()[:2],
+      axis_types=(jax.sharding.AxisType.Auto,))
+  one = _merge(files, str(tmp_path / "1"), method, hp, False)
+  many = _merge(files, str(tmp_path / "n"), method, hp, mesh)
+  assert (one["devices"], many["devices"]) == (1, devices)
+  _same_compressed(one["out"], many["out"])
+
+
+def test_packed_mask_shards_are_whole_bytes(files):
+  """The compressed recipe's placement splits only blocks whose per-device
+  rows are a multiple of 8."""
+  bp, mps = files
+  place = placement.make(jax.make_mesh(
+      (2,), ("data",), devices=jax.devices()[:2],
+      axis_types=(jax.sharding.AxisType.Auto,)), shard_rows=8)
+  inputs = reader.Inputs(bp, mps)
+  blocks = reader.plan(inputs, 67, BUDGET, row_multiple=8 * place.size)
+  inputs.close()
+  split = {(b.name, b.r0, b.r1) for b in blocks if place.sharded(b)}
+  assert split == {("emb", 0, 16), ("emb", 16, 32), ("q", 0, 16)}, blocks
+
 
 def test_blocks_are_sharded_not_gathered(files):
   """Inputs and outputs of a block kernel hold 1/8 of the rows per device."""
@@ -208,16 +250,22 @@ def _run_procs(tmp_path, jobs, n=2, local=2):
 
 
 def test_two_processes_write_the_same_bytes_as_one(files, tmp_path):
+  """Merged checkpoints and compressed directories (TALL masks, EMR)."""
   bp, mps = files
+  cases = [EXACT[1], EXACT[2]] + COMPRESSED
   jobs = [dict(method=m, base=bp, models=mps, max_memory=BUDGET, hparams=hp,
-               out=str(tmp_path / f"mp{i}.safetensors"))
-          for i, (m, hp) in enumerate([EXACT[1], EXACT[2]])]
+               out=str(tmp_path / (f"mp{i}.safetensors" if i < 2 else
+                                   f"mp{i}")))
+          for i, (m, hp) in enumerate(cases)]
   done = _run_procs(tmp_path, jobs)
-  assert [d["processes"] for d in done] == [2, 2]
-  assert [d["devices"] for d in done] == [4, 4]
-  for job, d in zip(jobs, done):
-    ref = _merge(files, str(tmp_path / "ref.safetensors"), job["method"],
+  assert [d["processes"] for d in done] == [2] * len(cases)
+  assert [d["devices"] for d in done] == [4] * len(cases)
+  for i, (job, d) in enumerate(zip(jobs, done)):
+    ref = _merge(files, str(tmp_path / f"ref{i}"), job["method"],
                  job["hparams"], False)
+    if i >= 2:
+      _same_compressed(ref["out"], d["out"])
+      continue
     assert _bytes(d["out"]) == _bytes(ref["out"]), job["method"]
     assert oct(os.stat(d["out"]).st_mode & 0o777) == oct(
         os.stat(ref["out"]).st_mode & 0o777)

@@ -29,6 +29,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtmerge import selection
 from mtmerge import task_vectors
@@ -71,11 +72,6 @@ def exp_sum(x, mx, lead=1):
   """One leaf's part of a softmax's denominator."""
   return jnp.sum(exp_leaf(x, mx, lead).reshape(x.shape[:lead] + (-1,)),
                  axis=-1)
-
-
-def _minmax(tree, lead=1):
-  mn, mx = _task_min_max(tree, lead)
-  return jax.tree.map(lambda x: norm_leaf(x, mn, mx, lead), tree)
 
 
 def intra_logits(x, sq_min, sq_max, T):
@@ -137,27 +133,57 @@ def _paper_scores(tvs, T):
   return jax.tree.map(lambda x: paper_beta(x, st, T), tv32), tv32
 
 
-def _official_scores(tvs, T, ratio):
+# The official variant, leaf by leaf given its model-wide statistics (the
+# in-memory merge below and the streamed one in `streaming.recipes_lowrank`
+# share these functions).
+
+
+def official_ranks(n: int, ratio: float) -> tuple[int, int, int]:
+  """k-th largest ranks over a task's n entries: |tau|'s clip bounds (its
+  ascending order statistics at int(n 1e-4) and int(n (1 - 1e-4)) - 1)
+  and the score quantile at ascending index int(n (1 - ratio))."""
+  return (n - int(n * 1e-4), n - (int(n * (1 - 1e-4)) - 1),
+          n - int(n * (1 - ratio)))
+
+
+def official_clip(x, lo, hi):
+  """`a = clip(|tau|, lo, hi)` of one float32 leaf `[T, ...]`."""
+  return jnp.clip(jnp.abs(x), _b(lo, x, 1), _b(hi, x, 1))
+
+
+def official_score(x, a, a_min, a_max, T):
+  """`exp(T minmax(a)^2) * tanh(tau_i sum_j tau_j)` of one leaf."""
+  na = norm_leaf(a, a_min, a_max)
+  intra = jnp.exp(T * na * na)
+  return intra * jnp.tanh(x * jnp.sum(x, axis=0)[None])
+
+
+def official_merge(x, a, score, q, s_min, s_max):
+  """The score-weighted average of the clipped vectors `sign(tau) a`: scores
+  raised to the quantile `q`, min-max scaled with the raised scores' range
+  (`max(min score, q)`, `max(max score, q)`: exact)."""
+  raised = jnp.maximum(score, _b(q, score, 1))
+  beta = norm_leaf(raised, jnp.maximum(s_min, q), jnp.maximum(s_max, q))
+  return paper_merge(beta, jnp.sign(x) * a)
+
+
+def _official(tvs, T, ratio):
   tv32 = jax.tree.map(lambda x: x.astype(jnp.float32), tvs)
-  # Ascending order statistics at index int(n * 1e-4) and int(n * (1-1e-4)) - 1
-  # are the (n - i)-th largest.
-  lo = selection.kth_largest(tv32, lambda n: n - int(n * 1e-4))
-  hi = selection.kth_largest(tv32, lambda n: n - (int(n * (1 - 1e-4)) - 1))
-  def clip(x):
-    s = (-1,) + (1,) * (x.ndim - 1)
-    return jnp.clip(jnp.abs(x), lo.reshape(s), hi.reshape(s))
-  a = jax.tree.map(clip, tv32)
-  clipped = jax.tree.map(lambda x, c: jnp.sign(x) * c, tv32, a)
-  intra = jax.tree.map(lambda x: jnp.exp(T * x * x), _minmax(a))
-  total = jax.tree.map(lambda x: jnp.sum(x, axis=0), tv32)
-  inter = jax.tree.map(lambda x, s: jnp.tanh(x * s[None]), tv32, total)
-  score = jax.tree.map(jnp.multiply, intra, inter)
-  # Quantile q at ascending index int(n (1 - ratio)), i.e. the
-  # (n - index)-th largest; scores are signed.
-  q = selection.kth_largest_signed(score, lambda n: n - int(n * (1 - ratio)))
-  raised = jax.tree.map(
-      lambda x: jnp.maximum(x, q.reshape((-1,) + (1,) * (x.ndim - 1))), score)
-  return _minmax(raised), clipped
+  k_lo, k_hi, k_q = official_ranks(sum(
+      int(np.prod(x.shape[1:], dtype=np.int64))
+      for x in jax.tree.leaves(tv32)), ratio)
+  lo = selection.kth_largest(tv32, lambda n: k_lo)
+  hi = selection.kth_largest(tv32, lambda n: k_hi)
+  a = jax.tree.map(lambda x: official_clip(x, lo, hi), tv32)
+  a_min, a_max = _task_min_max(a)
+  score = jax.tree.map(lambda x, c: official_score(x, c, a_min, a_max, T),
+                       tv32, a)
+  # Scores are signed: the quantile is a signed k-th largest.
+  q = selection.kth_largest_signed(score, lambda n: k_q)
+  s_min, s_max = _task_min_max(score)
+  return jax.tree.map(
+      lambda x, c, sc: official_merge(x, c, sc, q, s_min, s_max), tv32, a,
+      score)
 
 
 @registry.register("pcb_merging", static=("ratio", "variant"),
@@ -175,11 +201,10 @@ def pcb_merging(base: Tree, tvs: Tree, ratio: float = 0.1,
     variant: `paper` equations or the `official` code (module docstring).
   """
   T = task_vectors.num_tasks(tvs)
-  if variant == "paper":
-    beta, vecs = _paper_scores(tvs, T)
-    thr = selection.topk_thresholds(beta, ratio, "global")
-    beta = jax.tree.map(lambda b, t: jnp.where(b >= t, b, 0.0), beta, thr)
-  else:
-    beta, vecs = _official_scores(tvs, T, ratio)
+  if variant == "official":
+    return task_vectors.apply(base, _official(tvs, T, ratio), scaling_factor)
+  beta, vecs = _paper_scores(tvs, T)
+  thr = selection.topk_thresholds(beta, ratio, "global")
+  beta = jax.tree.map(lambda b, t: jnp.where(b >= t, b, 0.0), beta, thr)
   return task_vectors.apply(base, jax.tree.map(paper_merge, beta, vecs),
                             scaling_factor)

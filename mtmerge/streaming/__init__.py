@@ -8,7 +8,8 @@ Memory is bounded by one block (a row range of one tensor), not by the
 model: see `executor` (the block loop), `reader` (memory-mapped inputs),
 `writer` (shard-by-shard atomic output), `stats` (model-wide statistics as
 per-block partials) and `recipes` (which statistics each method needs;
-`recipes_masks` and `recipes_lowrank` for TALL/EMR and DELLA/TSV/PCB).
+`recipes_masks`, `recipes_lowrank` and `recipes_pcb` for TALL/EMR,
+DELLA/TSV and PCB).
 """
 
 from mtmerge.streaming.executor import (DEFAULT_MAX_MEMORY, merge_files,

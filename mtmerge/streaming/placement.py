@@ -30,13 +30,16 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mtmerge import sharding as sharding_lib
 
 
-def make(mesh: Any = None) -> "Placement | None":
+def make(mesh: Any = None, shard_rows: int = 1) -> "Placement | None":
   """A `Placement` from a mesh argument, or None for one device.
 
   Args:
     mesh: None (all devices when there are more than one), a
       `jax.sharding.Mesh`, a spec such as `'data:-1'` or `[('data', -1)]`
       (`sharding.make_mesh`), or False / 1 / `'none'` for one device.
+    shard_rows: a block is split over the devices only if each device's
+      rows are a multiple of this (packed masks: 8, so every shard packs
+      into whole bytes); others are replicated.
 
   Raises:
     ValueError: a spec that does not fit the devices (one line).
@@ -52,7 +55,7 @@ def make(mesh: Any = None) -> "Placement | None":
     mesh = sharding_lib.make_mesh(mesh)
   if mesh.size <= 1 and jax.process_count() == 1:
     return None
-  return Placement(mesh)
+  return Placement(mesh, shard_rows)
 
 
 def _rows(blk) -> int:
@@ -72,8 +75,9 @@ def block_shape(blk) -> tuple[int, ...]:
 class Placement:
   """Where a block's arrays live on `mesh`, and this process's part of it."""
 
-  def __init__(self, mesh: jax.sharding.Mesh):
+  def __init__(self, mesh: jax.sharding.Mesh, shard_rows: int = 1):
     self.mesh = mesh
+    self.shard_rows = int(shard_rows)
     self.axes = tuple(mesh.axis_names)
     self.size = mesh.size
     self.replicated = NamedSharding(mesh, P())
@@ -82,7 +86,7 @@ class Placement:
   def sharded(self, blk) -> bool:
     """True if the block's rows are split over the mesh."""
     n = _rows(blk)
-    return n > 0 and n % self.size == 0
+    return n > 0 and n % (self.size * self.shard_rows) == 0
 
   def shardings(self, blk) -> tuple[NamedSharding, NamedSharding]:
     """`(base rows, stacked model rows)` shardings of a block."""
@@ -120,11 +124,18 @@ class Placement:
     return (_assemble(b, sb, shape, 0, lo),
             _assemble(ms, sm, (ms.shape[0],) + shape, 1, lo))
 
-  def pieces(self, blk, x: jax.Array) -> Iterator[tuple[int, np.ndarray]]:
+  def pieces(self, blk, x: jax.Array, axis: int = 0
+             ) -> Iterator[tuple[int, np.ndarray]]:
     """`(first entry in the tensor, host data)` of this process's shards.
 
     Only replica 0 of each distinct piece is yielded, so over all
     processes every entry of the block comes exactly once.
+
+    Args:
+      blk: the block.
+      x: an array of the block's rows on `axis` (`axis=1`: a `[T, rows,
+        ...]` stack such as packed masks' bool source).
+      axis: where the block's rows are in `x`.
     """
     inner = int(np.prod(blk.shape[1:], dtype=np.int64)) if len(
         blk.shape) >= 2 else 1
@@ -132,7 +143,7 @@ class Placement:
     for s in x.addressable_shards:
       if s.replica_id != 0:
         continue
-      first = (s.index[0].start or 0) if x.ndim else 0
+      first = (s.index[axis].start or 0) if x.ndim > axis else 0
       yield start + first * inner, np.asarray(s.data)
 
   def host_parts(self, x: jax.Array) -> list[np.ndarray]:

@@ -16,7 +16,8 @@ Methods without a recipe are refused by name (`for_method`).
   vote total from `stats.VoteTotal` when `zero_sign='majority'`, DARE's
   mask redrawn identically in every pass.
 * `recipes_masks`: TALL masks and EMR (the compressed directory);
-  `recipes_lowrank`: DELLA, TSV (whole matrices: `Recipe.blocks`) and PCB.
+  `recipes_lowrank`: DELLA, TSV (whole matrices: `Recipe.blocks`);
+  `recipes_pcb`: PCB-Merging, both variants.
 """
 
 from __future__ import annotations
@@ -237,8 +238,8 @@ def for_method(name: str, full: dict[str, Any], T: int,
   Raises:
     ValueError: naming the method when it cannot be streamed (yet).
   """
-  from mtmerge.streaming import recipes_lowrank, recipes_masks
-  for mod in (recipes_masks, recipes_lowrank):  # modules subclassing Recipe
+  from mtmerge.streaming import recipes_lowrank, recipes_masks, recipes_pcb
+  for mod in (recipes_masks, recipes_lowrank, recipes_pcb):  # Recipe modules
     if name in mod.METHODS:
       return mod.for_method(name, full, T, place)
   if name == "consensus" and full["base_method"] == "ties":
@@ -256,9 +257,10 @@ def for_method(name: str, full: dict[str, Any], T: int,
 
 def supported() -> list[str]:
   """Methods with a streamed form (some only for some hparams)."""
-  from mtmerge.streaming import recipes_lowrank, recipes_masks
+  from mtmerge.streaming import recipes_lowrank, recipes_masks, recipes_pcb
   return sorted(set(_LOCAL + _TOPK + _WHOLE_ONLY + ("consensus",)
-                    + recipes_masks.METHODS + recipes_lowrank.METHODS))
+                    + recipes_masks.METHODS + recipes_lowrank.METHODS
+                    + recipes_pcb.METHODS))
 
 
 def streams(name: str, full: dict[str, Any]) -> bool:

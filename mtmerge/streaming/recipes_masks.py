@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 
 import jax
@@ -38,6 +37,7 @@ from mtmerge import checkpoint_io
 from mtmerge import compressed_io
 from mtmerge import transforms as tx
 from mtmerge.methods import masks
+from mtmerge.streaming import atomic
 from mtmerge.streaming import kernels
 from mtmerge.streaming import placement
 from mtmerge.streaming import reader
@@ -151,30 +151,32 @@ def compress_files(method: str, base: str, models, out: str,
   sums (EMR).
 
   `mesh` as `merge_files` (`placement.make`): each block's rows are split
-  over the devices (blocks of a multiple of lcm(8, devices) rows, so
-  every block packs into whole bytes), the kernels run sharded, and the
-  shards come to the host one by one; the host packs a block's bool masks
-  from them. One process only (the masks' bytes of a block are packed on
-  one host).
+  over the devices in shards of a multiple of 8 rows (blocks of a multiple
+  of 8 x devices rows; a tensor's last rows, fewer than that, are
+  replicated), so every shard packs into whole bytes of its own; the
+  kernels run sharded and the shards come to the host one by one, tau cast
+  to the base's dtype and masks packed shard by shard. With several JAX
+  processes each reads only its rows and writes its shards' bytes into
+  files process 0 created (`streaming.atomic`), as `merge_files` does;
+  the statistics (TIES thresholds and votes, EMR's per-leaf means) are
+  reductions over global arrays, the same on every process.
 
   Returns:
     `{"out", "bytes", "full_bytes", "ratio", "passes", "blocks",
-    "peak_block_bytes"}`.
+    "peak_block_bytes", "devices", "processes"}`.
   """
   from mtmerge import methods
   from mtmerge.streaming import executor
   spec = methods.get(method)
   full = spec.check(hparams, len(models))
   T = len(models)
-  place = placement.make(mesh)
-  if place is not None and place.multi:
-    raise ValueError(f"{method} streams on one process's devices; run it "
-                     f"without jax.distributed (got {jax.process_count()} "
-                     f"processes)")
+  place = placement.make(mesh, shard_rows=8)
   recipe = Compressed(method, full, T, place)
   if max_memory <= 0:
     raise ValueError(f"max_memory must be positive, got {max_memory}")
-  rows = 8 if place is None else math.lcm(8, place.size)
+  rows = 8 if place is None else 8 * place.size
+  multi = place is not None and place.multi
+  main = jax.process_index() == 0
   inputs = reader.Inputs(base, models)
   try:
     lay = inputs.layout
@@ -192,42 +194,54 @@ def compress_files(method: str, base: str, models, out: str,
       dts = {k: checkpoint_io.np_dtype(lay.dtypes[k]) for k in names}
       nb = {k: -(-int(np.prod(s, dtype=np.int64)) // 8)
             for k, s in shapes.items()}
+      if multi and not main:  # the files exist once process 0 made them
+        atomic.barrier("mtmerge-output-created")
       tau_w = writer.ShardWriter(os.path.join(tmp, compressed_io.TAU),
-                                 names, shapes, dts)
+                                 names, shapes, dts, create=main)
       mask_w = writer.ShardWriter(
           os.path.join(tmp, compressed_io.MASKS), names,
           {k: (T, nb[k]) for k in names}, {k: np.dtype(np.uint8)
-                                          for k in names})
+                                          for k in names}, create=main)
+      if multi and main:
+        atomic.barrier("mtmerge-output-created")
+
+      def masks_at(name, first, m):  # bool [T, ...] from entry `first`
+        packed = np.packbits(np.asarray(m).reshape(T, -1), axis=-1)
+        for t in range(T):
+          mask_w.write_at(name, t * nb[name] + first // 8, packed[t])
 
       def one(blk, b, ms):
         tau, m = recipe.apply(blk, b, ms)
-        first = blk.first
         if place is None:
-          tau_w.write_at(blk.name, first, checkpoint_io.cast(
+          tau_w.write_at(blk.name, blk.first, checkpoint_io.cast(
               tau, dts[blk.name]))
-        else:  # shard by shard: no device holds the whole block
-          for at, data in place.pieces(blk, tau):
-            tau_w.write_at(blk.name, at, checkpoint_io.cast(
-                data, dts[blk.name]))
-        # One process: the host assembles the block's bool masks from the
-        # shards (`np.asarray` of a sharded array copies shard by shard).
-        packed = np.packbits(np.asarray(m).reshape(T, -1), axis=-1)
-        for t in range(T):
-          mask_w.write_at(blk.name, t * nb[blk.name] + first // 8, packed[t])
+          masks_at(blk.name, blk.first, m)
+          return
+        # Shard by shard: no device or host holds the whole block.
+        sb, sm = place.shardings(blk)
+        for at, data in place.pieces(blk, jax.device_put(tau, sb)):
+          tau_w.write_at(blk.name, at, checkpoint_io.cast(
+              data, dts[blk.name]))
+        for at, data in place.pieces(blk, jax.device_put(m, sm), axis=1):
+          masks_at(blk.name, at, data)
       try:
         ex.run(recipes.Pass("write", blocks, one))
-        tau_w.close()
-        mask_w.close()
+        tau_w.close(check=not multi)
+        mask_w.close(check=not multi)
       except BaseException:
         tau_w.abort()
         mask_w.abort()
         raise
-      meta = compressed_io.meta_json(method, full, recipe.rescalers, lay)
-      with open(os.path.join(tmp, compressed_io.CJSON), "w",
-                encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, default=repr)
-        f.write("\n")
-    dest = atomic_files.atomic_write(out, write, is_dir=True)
+      if main:
+        meta = compressed_io.meta_json(method, full, recipe.rescalers, lay)
+        with open(os.path.join(tmp, compressed_io.CJSON), "w",
+                  encoding="utf-8") as f:
+          json.dump(meta, f, indent=2, default=repr)
+          f.write("\n")
+    if multi:
+      dest = atomic.write(out, write, is_dir=True)
+    else:
+      dest = atomic_files.atomic_write(out, write, is_dir=True)
   finally:
     inputs.close()
   nbytes = atomic_files.disk_bytes(dest)
@@ -235,7 +249,8 @@ def compress_files(method: str, base: str, models, out: str,
   info.update(out=dest, bytes=nbytes, full_bytes=full_bytes,
               ratio=nbytes / max(full_bytes, 1), passes=ex.passes,
               blocks=len(blocks), peak_block_bytes=ex.peak_bytes,
-              devices=place.size if place else 1)
+              devices=place.size if place else 1,
+              processes=jax.process_count())
   return info
 
 

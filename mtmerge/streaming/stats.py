@@ -62,8 +62,8 @@ class RadixSelect:
 
   Args:
     T: number of tasks (rows of every block's leading axis).
-    ranks: group -> list of ranks k (1-based, the same for every task);
-      k <= 0 yields +inf.
+    ranks: group -> list of ranks k (1-based), each one int for every task
+      or a sequence of T ints (one per task); k <= 0 yields +inf.
     reduce: combines a histogram over processes before each pass is
       finished (`placement.allreduce_int`; default: this process only).
   """
@@ -72,7 +72,8 @@ class RadixSelect:
                reduce: Callable[[np.ndarray], np.ndarray] | None = None):
     self.T = T
     self.reduce = reduce or (lambda h: h)
-    self.ranks = {g: [int(k) for k in ks] for g, ks in ranks.items()}
+    self.ranks = {g: [np.broadcast_to(np.asarray(k, np.int64), (T,))
+                      for k in ks] for g, ks in ranks.items()}
     self.hi = {g: np.zeros((T, _HI), np.int64) for g in self.ranks}
     self.lo: dict = {}
     self.pick: dict = {}
@@ -94,7 +95,8 @@ class RadixSelect:
       for t in range(self.T):
         row = []
         for k in ks:
-          row.append(None if k <= 0 else _descend(self.hi[g][t], k))
+          kt = int(k[t])
+          row.append(None if kt <= 0 else _descend(self.hi[g][t], kt))
         picks.append(row)
       self.pick[g] = picks
       self.lo[g] = {(t, p[0]): np.zeros(_LO, np.int64)
