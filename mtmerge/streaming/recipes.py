@@ -70,6 +70,13 @@ class Recipe:
     """The block's merged rows (constrained to `out_sharding` on a mesh)."""
     raise NotImplementedError
 
+  def host_parts(self, x) -> list[np.ndarray]:
+    """A block-shaped array on the host in parts that add up: whole on one
+    device; on a mesh, this process's shards (no device holds the whole
+    block), whose histograms `stats.RadixSelect` sums."""
+    return [np.asarray(x)] if self.place is None else (
+        self.place.host_parts(x))
+
 
 class Local(Recipe):
   """A method whose result on a block is its result on the whole model there."""
@@ -152,14 +159,9 @@ class TopK(Recipe):
     return kernels.drop_args(self.seed, blk.leaf, blk.shape, blk.r0, self.T)
 
   def _x(self, blk, b, ms):
-    """The block's float32 task vectors on the host, in parts that add up.
-
-    One part on one device; on a mesh, this process's shards (no device
-    holds the whole block), whose histograms `RadixSelect` sums.
-    """
-    x = kernels.tv_block(b, ms, self._drop(blk), **self.dkw)
-    return [np.asarray(x)] if self.place is None else (
-        self.place.host_parts(x))
+    """The block's float32 task vectors on the host (`host_parts`)."""
+    return self.host_parts(kernels.tv_block(b, ms, self._drop(blk),
+                                            **self.dkw))
 
   def _group(self, blk):
     return "model" if self.scope == "global" else blk.name

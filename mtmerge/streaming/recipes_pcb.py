@@ -151,9 +151,7 @@ class Pcb(recipes.Recipe):
 
     def add(f):
       def fn(blk, b, ms):
-        beta = _pcb_beta(b, ms, self.st)
-        for x in ([np.asarray(beta)] if self.place is None
-                  else self.place.host_parts(beta)):
+        for x in self.host_parts(_pcb_beta(b, ms, self.st)):
           f("model", x)
       return fn
     yield recipes.Pass("top-k buckets", blocks, add(sel.add_hi))
@@ -209,9 +207,6 @@ class PcbOfficial(recipes.Recipe):
     self.scale = jnp.asarray(full["scaling_factor"], jnp.float32)
     self.c: dict = {}
 
-  def _host(self, x):
-    return [np.asarray(x)] if self.place is None else self.place.host_parts(x)
-
   def passes(self, blocks):
     T = self.T
     n = sum(int(np.prod(blk.shape, dtype=np.int64)) for blk in blocks
@@ -226,12 +221,15 @@ class PcbOfficial(recipes.Recipe):
       nonlocal amin, amax
       lo, hi = (placement.host(v) for v in _abs_minmax(b, ms))
       amin, amax = np.minimum(amin, lo), np.maximum(amax, hi)
-      for x in self._host(kernels.tv_block(b, ms)):
+      for x in self.host_parts(kernels.tv_block(b, ms)):
         sel.add_hi("model", x)
     yield recipes.Pass("|tau| top-k buckets", blocks, buckets)
     sel.finish_hi()
-    yield recipes.Pass("|tau| top-k exact", blocks, lambda blk, b, ms: [
-        sel.add_lo("model", x) for x in self._host(kernels.tv_block(b, ms))])
+
+    def exact(blk, b, ms):
+      for x in self.host_parts(kernels.tv_block(b, ms)):
+        sel.add_lo("model", x)
+    yield recipes.Pass("|tau| top-k exact", blocks, exact)
     lo, hi = sel.finish()["model"].T
     # clip is monotone: the clipped vectors' range is the range clipped.
     c = {"lo": lo, "hi": hi, "a_min": np.clip(amin, lo, hi),
@@ -260,7 +258,7 @@ class PcbOfficial(recipes.Recipe):
       def fn(blk, b, ms):
         pos, neg = _signed_parts(b, ms, c)
         for g, v in (("pos", pos), ("neg", neg)):
-          for x in self._host(v):
+          for x in self.host_parts(v):
             f(g, x)
       return fn
     yield recipes.Pass("PCB score top-k buckets", blocks, signed(sq.add_hi))
