@@ -44,22 +44,6 @@ if os.environ["MTMERGE_TEST_COMPILE_CACHE"] != "0":
   runtime.enable_compile_cache(os.environ["MTMERGE_TEST_COMPILE_CACHE"])
 
 
-# The files that take longest (CPU-seconds measured on the 2-core machine),
-# scheduled first: `--dist loadfile` hands whole files to the workers in
-# collection order, so a long file collected last leaves the other worker
-# idle at the end (longest-first keeps the two workers' ends together).
-LONGEST_FIRST = ("test_methods", "test_main", "test_flat_sam", "test_core",
-                 "test_ot_fusion", "test_streaming", "test_notebook",
-                 "test_finetune", "test_streaming_mesh", "test_scalearn",
-                 "test_atlas_concrete", "test_ties_compile", "test_cli")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-  items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))
-
-
 def pytest_unconfigure(config):
   del config
   if _OWN_CACHE and os.getpid() == _OWNER_PID:
