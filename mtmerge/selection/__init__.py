@@ -37,12 +37,14 @@ k-th largest value of a whole tree). Everything public is re-exported
 here.
 """
 
-from mtmerge.selection.kth import kth_largest, kth_largest_signed
+from mtmerge.selection.kth import (kth_largest, kth_largest_signed,
+                                   signed_kth, signed_ranks)
 from mtmerge.selection.scopes import (
     Scope, Tree, flat_thresholds, keep_count, leaf_thresholds,
     threshold_offsets, topk_mask, topk_thresholds)
 from mtmerge.selection.search import _TINY, _TINY_BITS, wide_count
 
 __all__ = ["Scope", "flat_thresholds", "keep_count", "kth_largest",
-           "kth_largest_signed", "leaf_thresholds", "threshold_offsets",
-           "topk_mask", "topk_thresholds", "wide_count"]
+           "kth_largest_signed", "leaf_thresholds", "signed_kth",
+           "signed_ranks", "threshold_offsets", "topk_mask",
+           "topk_thresholds", "wide_count"]

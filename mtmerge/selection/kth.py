@@ -34,13 +34,35 @@ def kth_largest(tvs: Tree, count: Callable[[int], int]) -> jax.Array:
   return _kth_largest_views(leaves, k, n)
 
 
+def signed_ranks(k, n, n_pos, n_neg, xp=jnp):
+  """The two magnitude selects behind a signed k-th largest over n entries
+  with `n_pos` positive and `n_neg` negative ones (per task).
+
+  Returns `(rank among max(v, 0), rank among max(-v, 0))`, each clipped to
+  a valid rank. `xp` is `jnp` in programs or `np` on the host (int64 counts
+  beyond 2**32, `streaming.recipes_pcb`).
+  """
+  n_nonneg = n - n_neg
+  j = xp.where(k > n_nonneg, k - n_nonneg, 1)
+  return (xp.clip(k, 1, xp.maximum(n_pos, 1)),
+          xp.clip(n_neg - j + 1, 1, xp.maximum(n_neg, 1)))
+
+
+def signed_kth(k, n, n_pos, n_neg, pos, neg, xp=jnp):
+  """The signed k-th largest from `signed_ranks`' two selects: among the
+  positives if there are at least k, zero if the non-negatives reach k,
+  else minus the selected magnitude among the negatives."""
+  return xp.where(k <= n_pos, pos, xp.where(k <= n - n_neg, 0.0, -neg))
+
+
 def kth_largest_signed(tree: Tree, count: Callable[[int], int]) -> jax.Array:
   """Exact k-th largest signed value per task over all leaves, `[T]`.
 
   Splits the search by sign so it stays exact (no shifting, which would
   round): the k-th largest is among the positives if there are at least k,
   zero if the non-negatives reach k, else the j-th largest negative, which
-  is minus the (n_neg - j + 1)-th largest magnitude among the negatives.
+  is minus the (n_neg - j + 1)-th largest magnitude among the negatives
+  (`signed_ranks`, `signed_kth`).
   """
   leaves = jax.tree.leaves(tree)
   T = leaves[0].shape[0]
@@ -51,11 +73,7 @@ def kth_largest_signed(tree: Tree, count: Callable[[int], int]) -> jax.Array:
               for v in views)
   n_neg = sum(jnp.sum((v < 0).reshape(T, -1), axis=1, dtype=jnp.uint32)
               for v in views)
-  n_nonneg = jnp.uint32(n) - n_neg
-  pos = _kth_largest_views([jnp.maximum(v, 0.0) for v in views],
-                           jnp.clip(k, 1, jnp.maximum(n_pos, 1)), n)
-  j = jnp.where(k > n_nonneg, k - n_nonneg, 1)
-  neg = -_kth_largest_views([jnp.maximum(-v, 0.0) for v in views],
-                            jnp.clip(n_neg - j + 1, 1, jnp.maximum(n_neg, 1)),
-                            n)
-  return jnp.where(k <= n_pos, pos, jnp.where(k <= n_nonneg, 0.0, neg))
+  k_pos, k_neg = signed_ranks(k, jnp.uint32(n), n_pos, n_neg)
+  pos = _kth_largest_views([jnp.maximum(v, 0.0) for v in views], k_pos, n)
+  neg = _kth_largest_views([jnp.maximum(-v, 0.0) for v in views], k_neg, n)
+  return signed_kth(k, jnp.uint32(n), n_pos, n_neg, pos, neg)

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtmerge import selection
 from mtmerge import task_vectors
 from mtmerge.methods import pcb
 from mtmerge.streaming import kernels
@@ -165,9 +166,11 @@ class Pcb(recipes.Recipe):
 
 
 @jax.jit
-def _abs_minmax(b, ms):
-  a = jnp.abs(kernels.tvs(b, ms)).reshape(ms.shape[0], -1)
-  return jnp.min(a, -1), jnp.max(a, -1)
+def _tvs_abs_range(b, ms):
+  """The block's float32 task vectors and, per task, min and max of |tau|."""
+  x = kernels.tvs(b, ms)
+  a = jnp.abs(x).reshape(ms.shape[0], -1)
+  return x, jnp.min(a, -1), jnp.max(a, -1)
 
 
 def _score(b, ms, c):
@@ -219,10 +222,11 @@ class PcbOfficial(recipes.Recipe):
 
     def buckets(blk, b, ms):
       nonlocal amin, amax
-      lo, hi = (placement.host(v) for v in _abs_minmax(b, ms))
-      amin, amax = np.minimum(amin, lo), np.maximum(amax, hi)
-      for x in self.host_parts(kernels.tv_block(b, ms)):
-        sel.add_hi("model", x)
+      x, lo, hi = _tvs_abs_range(b, ms)
+      amin = np.minimum(amin, placement.host(lo))
+      amax = np.maximum(amax, placement.host(hi))
+      for part in self.host_parts(x):
+        sel.add_hi("model", part)
     yield recipes.Pass("|tau| top-k buckets", blocks, buckets)
     sel.finish_hi()
 
@@ -248,11 +252,9 @@ class PcbOfficial(recipes.Recipe):
     yield recipes.Pass("PCB score signs", blocks, score_stats)
     # The signed k-th largest as `selection.kth_largest_signed` splits it.
     n_pos, n_neg = counts
-    n_nonneg = n - n_neg
-    j = np.where(k_q > n_nonneg, k_q - n_nonneg, 1)
-    ranks = {"pos": [np.clip(k_q, 1, np.maximum(n_pos, 1))],
-             "neg": [np.clip(n_neg - j + 1, 1, np.maximum(n_neg, 1))]}
-    sq = stats.RadixSelect(T, ranks, placement.allreduce_int)
+    k_pos, k_neg = selection.signed_ranks(k_q, n, n_pos, n_neg, xp=np)
+    sq = stats.RadixSelect(T, {"pos": [k_pos], "neg": [k_neg]},
+                           placement.allreduce_int)
 
     def signed(f):
       def fn(blk, b, ms):
@@ -265,8 +267,8 @@ class PcbOfficial(recipes.Recipe):
     sq.finish_hi()
     yield recipes.Pass("PCB score top-k exact", blocks, signed(sq.add_lo))
     got = sq.finish()
-    q = np.where(k_q <= n_pos, got["pos"][:, 0],
-                 np.where(k_q <= n_nonneg, 0.0, -got["neg"][:, 0]))
+    q = selection.signed_kth(k_q, n, n_pos, n_neg, got["pos"][:, 0],
+                             got["neg"][:, 0], xp=np)
     self.c = dict(c, q=jnp.asarray(q, jnp.float32),
                   s_min=jnp.asarray(smin), s_max=jnp.asarray(smax))
 
