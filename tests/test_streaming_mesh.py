@@ -119,6 +119,11 @@ COMPRESSED = [("tall_mask", dict(tall_mask_lambda=[0.4, 0.6, 0.5])),
               ("emr_merging", {})]
 
 
+def _two_device_mesh():
+  return jax.make_mesh((2,), ("data",), devices=jax.devices()[:2],
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
 def _same_compressed(a_dir, b_dir):
   """tau and packed masks byte for byte; EMR's rescalers (model-wide means
   whose sums a mesh splits) to float32 rounding; the rest of the json."""
@@ -138,9 +143,7 @@ def test_compressed_on_a_mesh_equals_one_device(files, tmp_path, method, hp,
   """TALL masks and EMR on a mesh. Shards hold a multiple of 8 rows (so
   each packs into whole bytes): on 8 devices these tensors are too short
   and stay replicated; on 2, `emb` and `q` are split."""
-  mesh = None if devices == 8 else jax.make_mesh(
-      (2,), ("data",), devices=jax.devices()[:2],
-      axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = None if devices == 8 else _two_device_mesh()
   one = _merge(files, str(tmp_path / "1"), method, hp, False)
   many = _merge(files, str(tmp_path / "n"), method, hp, mesh)
   assert (one["devices"], many["devices"]) == (1, devices)
@@ -151,9 +154,7 @@ def test_packed_mask_shards_are_whole_bytes(files):
   """The compressed recipe's placement splits only blocks whose per-device
   rows are a multiple of 8."""
   bp, mps = files
-  place = placement.make(jax.make_mesh(
-      (2,), ("data",), devices=jax.devices()[:2],
-      axis_types=(jax.sharding.AxisType.Auto,)), shard_rows=8)
+  place = placement.make(_two_device_mesh(), shard_rows=8)
   inputs = reader.Inputs(bp, mps)
   blocks = reader.plan(inputs, 67, BUDGET, row_multiple=8 * place.size)
   inputs.close()
