@@ -8,6 +8,8 @@ program per distinct shape (and none on a new `scaling_factor`), resolves
 zero votes with the model-wide majority across leaves, and keeps shardings.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,6 +133,41 @@ def test_zero_votes_take_the_model_wide_majority(other_sign):
   want = ref.ties_merging(base, models, scaling_factor=1.0, threshold=1.0,
                           merge_func="sum")
   np.testing.assert_allclose(np.asarray(got["a"]), want["a"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+@pytest.mark.parametrize("sign_method, weights", [
+    ("sum", None), ("sum", [1.0, 0.5, 1.0]), ("count", None)])
+def test_vote_sums_in_task_order_through_either_view(dtype, sign_method, weights):
+  # Entry 0: (2**24 + 1) - 2**24 in task order is 0 in float32 (2**24 + 1
+  # rounds to 2**24), +1 in any order that adds the opposite pair first.
+  # The traced whole-model program reads the slices through an integer
+  # view (`split`), the per-leaf kernels directly: same sums, same bits.
+  big = 2.0 ** 24
+  x = np.array([[big, 3.0, -1.0, 0.0], [1.0, -3.0, 1.0, 0.0],
+                [-big, 0.0, 0.0, 0.0]], np.float32)
+  x = jnp.asarray(x, dtype)
+  thr = jnp.zeros((3, 1), jnp.float32)
+  w = None if weights is None else jnp.asarray(weights, jnp.float32)
+  got = {r: np.asarray(jax.jit(functools.partial(
+      combine._leaf_vote, sign_method=sign_method, split=r))(x, thr, w))
+      for r in (False, True)}
+  np.testing.assert_array_equal(got[True], got[False])
+  acc = np.zeros(4, np.float32)  # the task-order sum, in numpy
+  for t in range(3):
+    y = np.asarray(x[t], np.float32)
+    if w is not None:
+      y = np.asarray(jnp.asarray(y * np.float32(w[t]), dtype), np.float32)
+    acc = acc + (y if sign_method == "sum" else np.sign(y))
+  np.testing.assert_array_equal(got[True], np.sign(acc))
+  if sign_method == "sum" and dtype == np.float32 and weights is None:
+    assert got[True][0] == 0.0  # the order-sensitive entry
+  # The whole-model traced TIES and the eager kernels agree on it too.
+  base = {"a": jnp.zeros((4,), dtype)}
+  hp = dict(threshold=1.0, merge_func="sum", sign_method=sign_method,
+            weights=weights)
+  _assert_same(methods.merge("ties_merging", base, {"a": x}, **hp),
+               _whole_jit(base, {"a": x}, **hp))
 
 
 @pytest.fixture(scope="module")

@@ -155,28 +155,56 @@ def mean_tasks() -> base.MergeTransform:
       tvs))
 
 
-def _kept(x, thr, t, w):
-  """Task t's trimmed (and weighted) slice of a stacked leaf, in x's dtype.
+def _trim(xt, th, wt):
+  """One task's slice, trimmed at `th` (kept where `|x| >= th`) and weighted.
 
-  An entry is kept when `|x| >= thr[t]`; the weighted slice is rounded back
-  to x's dtype as the primitive chain's `scale_per_task` does.
+  The weighted slice is rounded back to x's dtype as the primitive chain's
+  `scale_per_task` does.
   """
-  xt = x[t]
-  th = thr[t] if thr.ndim and thr.shape[0] == x.shape[0] else thr
-  y = jnp.where(jnp.abs(xt).astype(jnp.float32) >= th, xt, 0)
-  if w is not None:
-    y = (y.astype(jnp.float32) * w[t]).astype(x.dtype)
+  y = jnp.where(jnp.abs(xt.astype(jnp.float32)) >= th, xt, 0)
+  if wt is not None:
+    y = (y.astype(jnp.float32) * wt).astype(xt.dtype)
   return y
 
 
-def _leaf_vote(x, thr, w, sign_method):
-  """Pass 1 on one leaf: float32 sign (+1, -1 or 0) of the trimmed vote."""
-  acc = None
-  for t in range(x.shape[0]):
-    y = _kept(x, thr, t, w).astype(jnp.float32)
-    y = y if sign_method == "sum" else jnp.sign(y)
-    acc = y if acc is None else acc + y
-  return jnp.sign(acc)
+def _fold(x, term, add, view=None):
+  """`add(...add(term(0, x[0]), term(1, x[1]))..., term(T-1, x[T-1]))`.
+
+  The per-task terms of a stacked leaf combined in task order: one
+  elementwise kernel. `view` ('uint' or 'int') reads the slices through a
+  bitcast of x to integers of its width (exact). A whole-model TIES program
+  reads pass 1 through one view and pass 2 through the other: with plain
+  slices XLA shares pass 1's per-task slices `x[t]` with pass 2 (as
+  float32 round trips, on CPU) and keeps every leaf's slices alive across
+  the model-wide vote sum; through different views they are different
+  values, each fused into its own pass.
+  """
+  if view is None:
+    read = lambda t: x[t]
+  else:
+    bits = jax.lax.bitcast_convert_type(
+        x, jnp.dtype(f"{view}{8 * x.dtype.itemsize}"))
+    read = lambda t: jax.lax.bitcast_convert_type(bits[t], x.dtype)
+  acc = term(0, read(0))
+  for t in range(1, x.shape[0]):
+    acc = add(acc, term(t, read(t)))
+  return acc
+
+
+def _task_thr(thr, t, x):
+  """Task t's threshold: `thr[t]` for per-task thresholds, else `thr`."""
+  return thr[t] if thr.ndim and thr.shape[0] == x.shape[0] else thr
+
+
+def _leaf_vote(x, thr, w, sign_method, split=False):
+  """Pass 1 on one leaf: float32 sign (+1, -1 or 0) of the trimmed vote,
+  the votes summed in task order; `split`: read x apart from pass 2
+  (`_fold`)."""
+  def term(t, xt):
+    y = _trim(xt, _task_thr(thr, t, x), None if w is None else w[t])
+    y = y.astype(jnp.float32)
+    return y if sign_method == "sum" else jnp.sign(y)
+  return jnp.sign(_fold(x, term, jnp.add, "uint" if split else None))
 
 
 def _fill(total, zero_sign):
@@ -187,27 +215,29 @@ def _fill(total, zero_sign):
   return jnp.where(fill == 0, 1.0, fill)
 
 
-def _leaf_merge(x, thr, s, w, merge_func):
-  """Pass 2 on one leaf: disjoint merge of entries agreeing with signs `s`."""
-  num = den = best = None
-  for t in range(x.shape[0]):
-    y = _kept(x, thr, t, w)
-    y = jnp.where(jnp.sign(y) == s.astype(y.dtype), y, 0)
-    yf = y.astype(jnp.float32)
+def _leaf_merge(x, thr, s, w, merge_func, split=False):
+  """Pass 2 on one leaf: disjoint merge of entries agreeing with signs `s`,
+  accumulated in task order; `split`: read x apart from pass 1 (`_fold`)."""
+  def term(t, xt):
+    y = _trim(xt, _task_thr(thr, t, x), None if w is None else w[t])
+    yf = jnp.where(jnp.sign(y) == s.astype(y.dtype), y, 0).astype(
+        jnp.float32)
+    if merge_func != "mean":
+      return (yf,)
+    return yf, (yf != 0).astype(jnp.float32) * (1.0 if w is None else w[t])
+
+  def add(acc, new):
     if merge_func == "max":  # first task wins ties, like argmax
-      best = yf if best is None else jnp.where(
-          jnp.abs(yf) > jnp.abs(best), yf, best)
-      continue
-    num = yf if num is None else num + yf
-    if merge_func == "mean":
-      nz = (yf != 0).astype(jnp.float32) * (1.0 if w is None else w[t])
-      den = nz if den is None else den + nz
-  if merge_func == "max":
-    out = best
-  elif merge_func == "sum":
-    out = num
-  else:
+      (best,), (yf,) = acc, new
+      return (jnp.where(jnp.abs(yf) > jnp.abs(best), yf, best),)
+    return tuple(a + b for a, b in zip(acc, new))
+
+  acc = _fold(x, term, add, "int" if split else None)
+  if merge_func == "mean":
+    num, den = acc
     out = num / jnp.where(den == 0, 1.0, den)
+  else:
+    out = acc[0]
   return out.astype(x.dtype)
 
 
@@ -241,12 +271,13 @@ def trimmed_disjoint_merge(tvs: Tree, thresholds: Tree,
   _check_sign_args(sign_method, zero_sign)
   _check_merge_func(merge_func)
   w = _weights(weights, jax.tree.leaves(tvs)[0].shape[0])
-  votes = jax.tree.map(lambda x, thr: _leaf_vote(x, thr, w, sign_method),
-                       tvs, thresholds)
+  votes = jax.tree.map(
+      lambda x, thr: _leaf_vote(x, thr, w, sign_method, split=True),
+      tvs, thresholds)
   fill = _fill(tree_lib.tree_sum(votes), zero_sign)
   return jax.tree.map(
       lambda x, thr, v: _leaf_merge(x, thr, jnp.where(v == 0, fill, v), w,
-                                    merge_func),
+                                    merge_func, split=True),
       tvs, thresholds, votes)
 
 
@@ -258,14 +289,14 @@ def _leaf_thr(thr, off, x):
   return thr if off is None else selection.leaf_thresholds(thr, off, x.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("sign_method",))
-def _vote_kernel(x, thr, off, w, total, sign_method):
+@functools.partial(jax.jit, static_argnames=("sign_method", "split"))
+def _vote_kernel(x, thr, off, w, total, sign_method, split=False):
   """int8 votes of one leaf, and `total` plus their (exact) sum."""
   thr = _leaf_thr(thr, off, x)
   # The barrier makes the sum read the int8 votes back (1 byte per entry)
   # rather than fuse a second copy of the vote, which re-reads all tasks.
   v = jax.lax.optimization_barrier(
-      _leaf_vote(x, thr, w, sign_method).astype(jnp.int8))
+      _leaf_vote(x, thr, w, sign_method, split).astype(jnp.int8))
   # int32 sums are exact; as float32 they equal `tree_sum`'s per-leaf sums
   # (exact below 2**24 entries), added in the same leaf order.
   part = jnp.sum(v.astype(jnp.int32)).astype(jnp.float32)
@@ -273,9 +304,9 @@ def _vote_kernel(x, thr, off, w, total, sign_method):
 
 
 @functools.partial(jax.jit, static_argnames=("sign_method", "zero_sign",
-                                             "merge_func"))
+                                             "merge_func", "split"))
 def _apply_kernel(b, x, thr, off, v, total, w, scale, sign_method, zero_sign,
-                  merge_func):
+                  merge_func, split=False):
   """`theta_0 + scale * tau` of one leaf, tau from its votes (pass 2).
 
   With `v=None` (zero votes go positive, so no model-wide sum is needed) it
@@ -283,9 +314,9 @@ def _apply_kernel(b, x, thr, off, v, total, w, scale, sign_method, zero_sign,
   """
   thr = _leaf_thr(thr, off, x)
   if v is None:
-    v = _leaf_vote(x, thr, w, sign_method)
+    v = _leaf_vote(x, thr, w, sign_method, split)
   s = jnp.where(v == 0, _fill(total, zero_sign), v.astype(jnp.float32))
-  tau = _leaf_merge(x, thr, s, w, merge_func)
+  tau = _leaf_merge(x, thr, s, w, merge_func, split)
   out = b.astype(jnp.float32) + scale * tau.astype(jnp.float32)
   return out.astype(b.dtype)
 
@@ -335,15 +366,20 @@ def ties_apply(base: Tree, tvs: Tree, thresholds: Tree, scale: Any = 1.0,
   scale = jnp.asarray(scale, jnp.float32)
   total = jnp.zeros((), jnp.float32)
   votes = [None] * len(xs)
+  # Traced inside a whole-model program, the passes read the task vectors
+  # through different views (`_fold`): the same values, but no per-task
+  # slices kept live across the model-wide sum. Called eagerly, each leaf
+  # is its own program and nothing is shared.
+  split = any(isinstance(x, jax.core.Tracer) for x in xs)
   if zero_sign != "positive":  # pass 1: votes and their model-wide sum
     for i, (x, thr, off) in enumerate(zip(xs, ths, offs)):
       votes[i], total = _vote_kernel(x, thr, off, w, total,
-                                     sign_method=sign_method)
+                                     sign_method=sign_method, split=split)
   out = []
   fused_sign = sign_method if zero_sign == "positive" else None
   for i, (b, x, thr, off) in enumerate(zip(bs, xs, ths, offs)):
     v, votes[i] = votes[i], None  # free each leaf's votes once used
     out.append(_apply_kernel(b, x, thr, off, v, total, w, scale,
                              sign_method=fused_sign, zero_sign=zero_sign,
-                             merge_func=merge_func))
+                             merge_func=merge_func, split=split))
   return jax.tree.unflatten(treedef, out)
