@@ -118,7 +118,7 @@ def write_model(path, shape_cfg, seed, base_dir=None, shard_bytes=1 << 30):
         x = rng.standard_normal(shape, dtype=np.float32)
         x *= np.float32(1e-3 * np.exp(0.5 * rng.standard_normal()))
         x += base.get_tensor(name).astype(np.float32)
-      w.write(name, x.astype(bf16))
+      w.write_at(name, 0, x.astype(bf16))
       del x
     w.close()
   total = sum(2 * _numel(s) for _, s in layout)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtmerge import safetensors_layout as st_layout
+from mtmerge import sharding
 from mtmerge import tree as tree_lib
 
 Tree = Any
@@ -232,36 +233,9 @@ def pack_mask(mask: Tree, lead: int = 1, rows: bool = False) -> Tree:
     m = m.astype(jnp.bool_)
     if not rows or m.ndim <= lead + 1:
       return jnp.packbits(m.reshape(m.shape[:lead] + (-1,)), axis=-1)
-    return _rows_sharded(jnp.packbits(_rows_sharded(m, lead), axis=-1), lead)
+    return sharding.rows_sharded(
+        jnp.packbits(sharding.rows_sharded(m, lead), axis=-1), lead)
   return jax.tree.map(one, mask)
-
-
-def _rows_sharded(x: jax.Array, lead: int) -> jax.Array:
-  """Under a mesh (`jax.set_mesh`): `x` with its first param axis sharded.
-
-  Packing a row whose last axis is split over devices in pieces that are
-  not whole bytes needs the row on one device; XLA then replicates the
-  whole packed leaf (measured: TALL masks 36.7 GiB per device at 7B x 8
-  tasks on 64 devices). So the bits are moved to be split by rows (over
-  the mesh axes, except a 'task' axis, whose product divides the rows) and
-  every device packs its own rows. Other axes stay unconstrained.
-  Outside a mesh: `x` unchanged.
-  """
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
-    return x
-  rows, axes, size = x.shape[lead], [], 1
-  for a in mesh.axis_names:
-    n = mesh.shape[a]
-    if a != "task" and n > 1 and rows % (size * n) == 0:
-      axes.append(a)
-      size *= n
-  if not axes:
-    return x
-  U = jax.sharding.PartitionSpec.UNCONSTRAINED
-  spec = jax.sharding.PartitionSpec(*([U] * lead + [tuple(axes)] +
-                                      [U] * (x.ndim - lead - 1)))
-  return jax.lax.with_sharding_constraint(x, spec)
 
 
 def unpack_mask(packed: Tree, like: Tree, lead: int = 1) -> Tree:

@@ -229,3 +229,28 @@ def test_global_topk_flat_view_with_padding():
   np.testing.assert_array_equal(
       selection.kth_largest(tvs, lambda m: 57),
       np.sort(flat, axis=1)[:, ::-1][:, 56])
+
+
+@pytest.mark.parametrize("dtype, hp", [
+    (np.float32, dict(drop_rate=0.5, merge_func="sum")),
+    (jnp.bfloat16, dict(drop_rate=0.3, merge_func="mean",
+                        weights=[1.0, 0.5, 2.0], rescale=False)),
+])
+def test_dare_ties_drops_per_slice_as_the_dropped_copy(dtype, hp):
+  # threshold 1 (default): each TIES pass recomputes the survivors from
+  # the bool masks (`prep`); equal bit for bit to TIES on a dropped copy.
+  from mtmerge import transforms as tx
+  base = testing.random_params(0, dtype=dtype)
+  tvs = jax.tree.map(lambda x: jnp.asarray(x, dtype), task_vectors.from_models(
+      base, testing.random_models(base, 3, 1)))
+  got = methods.merge("dare_ties", base, tvs, seed=3, scaling_factor=0.7,
+                      **hp)
+
+  @jax.jit
+  def reference(base, tvs):
+    dropped = tx.run(tx.drop_and_rescale(
+        hp["drop_rate"], jax.random.key(3), hp.get("rescale", True)), tvs)
+    tau = arithmetic.ties_vector(dropped, 1.0, hp["merge_func"],
+                                 weights=hp.get("weights"))
+    return task_vectors.apply(base, tau, 0.7)
+  _assert_same(got, reference(base, tvs))

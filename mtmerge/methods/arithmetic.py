@@ -81,19 +81,24 @@ def _ties_flat_thresholds(tvs: Tree, threshold: float, scope: str,
 
 def ties_vector(tvs: Tree, threshold: float = 0.2, merge_func: str = "sum",
                 scope: str = "global", sign_method: str = "sum",
-                zero_sign: str = "majority", weights: Any = None) -> Tree:
+                zero_sign: str = "majority", weights: Any = None,
+                prep: Tree | None = None) -> Tree:
   """The unscaled TIES vector: trim -> (weight) -> elect sign -> disjoint merge.
 
   Runs as `selection.topk_thresholds` plus one fused two-pass kernel
   (`transforms.trimmed_disjoint_merge`), equal to the primitive chain
   `trim_by_magnitude -> scale_per_task -> elect_sign -> disjoint_merge`.
+  `prep` (threshold 1 only: the search would read the raw slices) as
+  `trimmed_disjoint_merge`.
   """
+  if prep is not None and threshold < 1.0:
+    raise ValueError("ties_vector: prep needs threshold=1.0")
   T = task_vectors.num_tasks(tvs)
   if weights is not None:
     weights = tx.check_coeffs(weights, T, "weights")
   thr = _ties_thresholds(tvs, threshold, scope)
   return tx.trimmed_disjoint_merge(tvs, thr, sign_method, zero_sign,
-                                   merge_func, weights)
+                                   merge_func, weights, prep)
 
 
 _TIES_STATIC = ("threshold", "merge_func", "scope", "sign_method",
@@ -203,10 +208,18 @@ def dare_ties(base: Tree, tvs: Tree, drop_rate: float = 0.5,
   """DARE followed by TIES (Yu et al. 2024).
 
   With `threshold=1.0` (default) the random drop replaces TIES' magnitude
-  trim, as in mergekit's `dare_ties`; a threshold < 1 trims as well.
+  trim, as in mergekit's `dare_ties`, and each TIES pass recomputes the
+  survivors from the bool drop masks (no dropped copy of the task vectors
+  is kept across the model-wide vote); a threshold < 1 trims the dropped
+  vectors as well.
   """
-  dropped = tx.run(
-      tx.drop_and_rescale(drop_rate, jax.random.key(seed), rescale), tvs)
+  key = jax.random.key(seed)
+  if threshold >= 1.0:
+    prep = sparsify.drop_and_rescale_slices(drop_rate, key, tvs, rescale)
+    return task_vectors.apply(base, ties_vector(
+        tvs, threshold, merge_func, scope, sign_method, zero_sign, weights,
+        prep), scaling_factor)
+  dropped = tx.run(tx.drop_and_rescale(drop_rate, key, rescale), tvs)
   tau = ties_vector(dropped, threshold, merge_func, scope, sign_method,
                     zero_sign, weights)
   return task_vectors.apply(base, tau, scaling_factor)

@@ -82,12 +82,15 @@ def slerp_ends(b: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _pairwise_mean_cos(x: jax.Array, eps: float) -> jax.Array:
-  """Mean cosine over task pairs i < j of the flattened rows of `x` [T, n].
+  """Mean cosine over task pairs i < j of the task vectors `x` [T, ...].
 
   Each cosine divides by `max(|x_i| |x_j|, eps)` and is clipped to [-1, 1]
   (mergekit's convention).
   """
-  return mean_cos_from_gram(x @ x.T, jnp.linalg.norm(x, axis=1), eps)
+  axes = tuple(range(1, x.ndim))  # reduced in place: no flattening (which
+  # would gather a sharded leaf)
+  return mean_cos_from_gram(jnp.tensordot(x, x, axes=(axes, axes)),
+                            jnp.sqrt(jnp.sum(x * x, axis=axes)), eps)
 
 
 def mean_cos_from_gram(gram: jax.Array, norms: jax.Array, eps: float
@@ -113,7 +116,7 @@ def model_stock(base: Tree, tvs: Tree, epsilon: float = 1e-6) -> Tree:
   `epsilon`, as mergekit).
   """
   def one(b, x):
-    xf = x.astype(jnp.float32).reshape(x.shape[0], -1)
+    xf = x.astype(jnp.float32)
     return model_stock_apply(b, x, _pairwise_mean_cos(xf, epsilon))
   return jax.tree.map(one, base, tvs)
 

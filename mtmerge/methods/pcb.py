@@ -39,16 +39,19 @@ from mtmerge.methods import validate as v
 Tree = Any
 
 
-def _flat(x):
-  return x.reshape(x.shape[0], -1)
+def _rest(x, lead):
+  """The axes after the `lead` leading ones. Statistics reduce over them
+  in place: flattening a sharded leaf first would gather it."""
+  return tuple(range(lead, x.ndim))
 
 
 def _task_min_max(tree, lead=1):
   """Per-(leading index) min and max over all entries of all leaves."""
   leaves = jax.tree.leaves(tree)
-  shp = lambda x: x.reshape(x.shape[:lead] + (-1,))
-  mn = jnp.min(jnp.stack([jnp.min(shp(x), axis=-1) for x in leaves]), axis=0)
-  mx = jnp.max(jnp.stack([jnp.max(shp(x), axis=-1) for x in leaves]), axis=0)
+  mn = jnp.min(jnp.stack([jnp.min(x, axis=_rest(x, lead)) for x in leaves]),
+               axis=0)
+  mx = jnp.max(jnp.stack([jnp.max(x, axis=_rest(x, lead)) for x in leaves]),
+               axis=0)
   return mn, mx
 
 
@@ -70,8 +73,7 @@ def exp_leaf(x, mx, lead=1):
 
 def exp_sum(x, mx, lead=1):
   """One leaf's part of a softmax's denominator."""
-  return jnp.sum(exp_leaf(x, mx, lead).reshape(x.shape[:lead] + (-1,)),
-                 axis=-1)
+  return jnp.sum(exp_leaf(x, mx, lead), axis=_rest(x, lead))
 
 
 def intra_logits(x, sq_min, sq_max, T):

@@ -196,11 +196,12 @@ def _task_thr(thr, t, x):
   return thr[t] if thr.ndim and thr.shape[0] == x.shape[0] else thr
 
 
-def _leaf_vote(x, thr, w, sign_method, split=False):
+def _leaf_vote(x, thr, w, sign_method, split=False, prep=None):
   """Pass 1 on one leaf: float32 sign (+1, -1 or 0) of the trimmed vote,
   the votes summed in task order; `split`: read x apart from pass 2
-  (`_fold`)."""
+  (`_fold`); `prep(t, x[t])`: each slice before the trim."""
   def term(t, xt):
+    xt = xt if prep is None else prep(t, xt)
     y = _trim(xt, _task_thr(thr, t, x), None if w is None else w[t])
     y = y.astype(jnp.float32)
     return y if sign_method == "sum" else jnp.sign(y)
@@ -215,10 +216,12 @@ def _fill(total, zero_sign):
   return jnp.where(fill == 0, 1.0, fill)
 
 
-def _leaf_merge(x, thr, s, w, merge_func, split=False):
+def _leaf_merge(x, thr, s, w, merge_func, split=False, prep=None):
   """Pass 2 on one leaf: disjoint merge of entries agreeing with signs `s`,
-  accumulated in task order; `split`: read x apart from pass 1 (`_fold`)."""
+  accumulated in task order; `split`: read x apart from pass 1 (`_fold`);
+  `prep` as `_leaf_vote`."""
   def term(t, xt):
+    xt = xt if prep is None else prep(t, xt)
     y = _trim(xt, _task_thr(thr, t, x), None if w is None else w[t])
     yf = jnp.where(jnp.sign(y) == s.astype(y.dtype), y, 0).astype(
         jnp.float32)
@@ -245,7 +248,8 @@ def trimmed_disjoint_merge(tvs: Tree, thresholds: Tree,
                            sign_method: str = "sum",
                            zero_sign: str = "majority",
                            merge_func: Literal["mean", "sum", "max"] = "mean",
-                           weights: Sequence[float] | None = None) -> Tree:
+                           weights: Sequence[float] | None = None,
+                           prep: Tree | None = None) -> Tree:
   """TIES' trim -> (weight) -> elect sign -> disjoint merge in two passes.
 
   Computes exactly `chain(trim(thresholds), scale_per_task(weights),
@@ -264,6 +268,10 @@ def trimmed_disjoint_merge(tvs: Tree, thresholds: Tree,
     sign_method, zero_sign: as `elected_signs`.
     merge_func, weights: as `disjoint_merge`; weights also scale each task's
       trimmed vector before the vote (mergekit's `ties`).
+    prep: optional tree (like `tvs`) of functions `f(t, x[t])` applied to
+      each task's slice before the trim, in both passes (DARE-TIES' drop:
+      the survivors are recomputed in each pass from a bool mask instead of
+      being kept as a second copy of the task vectors).
 
   Returns:
     The merged vector (no task axis), in each leaf's dtype.
@@ -271,14 +279,16 @@ def trimmed_disjoint_merge(tvs: Tree, thresholds: Tree,
   _check_sign_args(sign_method, zero_sign)
   _check_merge_func(merge_func)
   w = _weights(weights, jax.tree.leaves(tvs)[0].shape[0])
-  votes = jax.tree.map(
-      lambda x, thr: _leaf_vote(x, thr, w, sign_method, split=True),
-      tvs, thresholds)
+  xs, treedef = jax.tree.flatten(tvs)
+  ths = treedef.flatten_up_to(thresholds)
+  preps = [None] * len(xs) if prep is None else treedef.flatten_up_to(prep)
+  votes = [_leaf_vote(x, thr, w, sign_method, split=True, prep=f)
+           for x, thr, f in zip(xs, ths, preps)]
   fill = _fill(tree_lib.tree_sum(votes), zero_sign)
-  return jax.tree.map(
-      lambda x, thr, v: _leaf_merge(x, thr, jnp.where(v == 0, fill, v), w,
-                                    merge_func, split=True),
-      tvs, thresholds, votes)
+  return jax.tree.unflatten(treedef, [
+      _leaf_merge(x, thr, jnp.where(v == 0, fill, v), w, merge_func,
+                  split=True, prep=f)
+      for x, thr, v, f in zip(xs, ths, votes, preps)])
 
 
 # Kernels of `ties_apply`, one program per (leaf shape, dtype, sharding,

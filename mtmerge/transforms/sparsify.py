@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from mtmerge import selection
+from mtmerge import selection, sharding
 from mtmerge.transforms import base
 
 Tree = Any
@@ -83,6 +83,24 @@ def drop_and_rescale(drop_rate: float, key: jax.Array,
                            rescale)
     return jax.tree.map(one, tvs, _leaf_keys(key, tvs))
   return base.stateless(fn)
+
+
+def drop_and_rescale_slices(drop_rate: float, key: jax.Array, tvs: Tree,
+                            rescale: bool = True) -> Tree:
+  """`drop_and_rescale` as per-slice functions `f(t, x[t])` (a tree like
+  `tvs`), for `combine.trimmed_disjoint_merge(prep=...)`.
+
+  The same Bernoulli masks (same keys and shapes), kept as bools (1 byte
+  per entry); each pass recomputes the survivors of the slice it reads
+  instead of holding a dropped copy of the task vectors.
+  """
+  check_fraction("drop_rate", drop_rate, allow_zero=True)
+  keep = 1.0 - drop_rate
+
+  def one(x, k):
+    kept = jax.random.bernoulli(k, keep, x.shape)
+    return lambda t, xt: keep_rescaled(xt, kept[t], keep, rescale)
+  return jax.tree.map(one, tvs, _leaf_keys(key, tvs))
 
 
 def keep_rescaled(x: jax.Array, kept: jax.Array, keep: float,
@@ -220,7 +238,9 @@ def magprune(x: jax.Array, u: jax.Array, drop_rate: float, epsilon: float,
   for the whole leaf, the streamed executor the same floats block by block
   (rows are never split, so a block's ranks are the leaf's).
   """
-  x2 = della_rows(x)
+  # Each row's ranks need the whole row: under a mesh, rows go to devices
+  # whole (split by rows instead of along them).
+  x2 = sharding.rows_sharded(della_rows(x), 1, whole_rows=True)
   r = _ascending_rank_fraction(jnp.abs(x2).astype(jnp.float32))
   p_keep = jnp.clip((1.0 - drop_rate - epsilon) + 2.0 * epsilon * r, 0, 1)
   kept = u < p_keep
