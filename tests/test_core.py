@@ -284,6 +284,15 @@ def test_fraction_validation():
     tx.drop_and_rescale(1.0, jax.random.key(0))
 
 
+@pytest.mark.parametrize("fn", ["kth_largest", "kth_largest_signed"])
+def test_kth_largest_refuses_uint32_overflow_by_name(fn):
+  # 2**32 entries per task (abstract: nothing is allocated).
+  tree = {"a": jax.ShapeDtypeStruct((2, 2 ** 16, 2 ** 16), jnp.bfloat16)}
+  with pytest.raises(ValueError, match=fn + r": 4294967296 entries per "
+                     r"task.*streamed executor"):
+    jax.eval_shape(lambda t: getattr(selection, fn)(t, lambda n: 1), tree)
+
+
 @pytest.mark.parametrize("k", [1, 5, 60, 99, 100, 150, 200])
 def test_kth_largest_signed_is_exact(k):
   rng = np.random.default_rng(k)

@@ -22,6 +22,18 @@ def _kth_largest_views(leaves: list, k: jax.Array, n: int) -> jax.Array:
   return jnp.min(jnp.stack(mins), axis=0)
 
 
+def _entries(leaves: list, what: str) -> int:
+  """Entries per task; refuses counts a uint32 cannot hold, by name."""
+  n = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
+  if n >= 2 ** 32:
+    raise ValueError(
+        f"{what}: {n} entries per task; the in-memory k-th largest counts "
+        f"in uint32 (fewer than 2**32 entries per task). Merge files with "
+        f"the streamed executor (`mtmerge merge`, "
+        f"`streaming.merge_files`), which counts in 64 bits")
+  return n
+
+
 def kth_largest(tvs: Tree, count: Callable[[int], int]) -> jax.Array:
   """Exact k-th largest |x| per task over all leaves (global scope), `[T]`.
 
@@ -29,7 +41,7 @@ def kth_largest(tvs: Tree, count: Callable[[int], int]) -> jax.Array:
   after the threshold search: the smallest magnitude that is kept.
   """
   leaves = jax.tree.leaves(tvs)
-  n = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
+  n = _entries(leaves, "kth_largest")
   k = jnp.full((leaves[0].shape[0],), int(count(n)), jnp.uint32)
   return _kth_largest_views(leaves, k, n)
 
@@ -66,7 +78,7 @@ def kth_largest_signed(tree: Tree, count: Callable[[int], int]) -> jax.Array:
   """
   leaves = jax.tree.leaves(tree)
   T = leaves[0].shape[0]
-  n = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
+  n = _entries(leaves, "kth_largest_signed")
   k = jnp.full((T,), int(count(n)), jnp.uint32)
   views = [_view3(x).astype(jnp.float32) for x in leaves]
   n_pos = sum(jnp.sum((v > 0).reshape(T, -1), axis=1, dtype=jnp.uint32)
