@@ -87,10 +87,13 @@ def _pairwise_mean_cos(x: jax.Array, eps: float) -> jax.Array:
   Each cosine divides by `max(|x_i| |x_j|, eps)` and is clipped to [-1, 1]
   (mergekit's convention).
   """
-  axes = tuple(range(1, x.ndim))  # reduced in place: no flattening (which
-  # would gather a sharded leaf)
-  return mean_cos_from_gram(jnp.tensordot(x, x, axes=(axes, axes)),
-                            jnp.sqrt(jnp.sum(x * x, axis=axes)), eps)
+  # Reduced over the leaf's axes in place (flattening would gather a
+  # sharded leaf), in float32 from x as it is (bf16 products are exact in
+  # float32), so no float32 copy of the leaf is made.
+  axes = tuple(range(1, x.ndim))
+  gram = jnp.tensordot(x, x, axes=(axes, axes),
+                       preferred_element_type=jnp.float32)
+  return mean_cos_from_gram(gram, jnp.sqrt(jnp.diagonal(gram)), eps)
 
 
 def mean_cos_from_gram(gram: jax.Array, norms: jax.Array, eps: float
@@ -116,8 +119,7 @@ def model_stock(base: Tree, tvs: Tree, epsilon: float = 1e-6) -> Tree:
   `epsilon`, as mergekit).
   """
   def one(b, x):
-    xf = x.astype(jnp.float32)
-    return model_stock_apply(b, x, _pairwise_mean_cos(xf, epsilon))
+    return model_stock_apply(b, x, _pairwise_mean_cos(x, epsilon))
   return jax.tree.map(one, base, tvs)
 
 
