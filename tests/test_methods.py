@@ -340,6 +340,29 @@ def test_sharded_equals_unsharded(mesh8, name, mode):
                                np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)
 
 
+# Shapes whose last axis splits over 8 devices, so row-wise work (DELLA's
+# per-row ranks, TALL's packed rows) must move rows to devices whole.
+MESH_SHAPES = {"block/kernel": (16, 24), "block/bias": (24,),
+               "out/kernel": (8, 16)}
+
+
+@pytest.mark.parametrize("name", ["della", "model_stock", "pcb_merging",
+                                  "dare_ties", "ties_merging"])
+def test_under_set_mesh_equals_unsharded(mesh8, name):
+  # Under `jax.set_mesh` the memory-bounded sharded forms run (aot_check's
+  # setting): DELLA ranks by a second sort, Model Stock's Gram matrix by a
+  # float32-accumulating dot, TIES passes through integer views.
+  base = testing.random_params(2, MESH_SHAPES)
+  tvs = task_vectors.from_models(base, testing.random_models(base, 4, 3))
+  want = methods.merge(name, base, tvs)
+  with jax.set_mesh(mesh8):
+    got = methods.merge(name, testing.shard(base, mesh8, "param", lead=0),
+                        testing.shard(tvs, mesh8, "param"))
+  for a, b in zip(_outputs(got), _outputs(want)):
+    np.testing.assert_allclose(np.asarray(a, np.float32),
+                               np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)
+
+
 # Few leaves (each shape compiles once per merge, and this test merges twice
 # per method), one of each rank, large enough for 1-in-200 to mean something.
 BF16_SHAPES = {"block/kernel": (32, 48), "block/bias": (48,),
