@@ -46,8 +46,8 @@ table has the before/after of every method.
   tall_mask, TIES base       -             6.58 GiB            2.30 GiB
   emr_merging                173.0 GiB     8.46 GiB            2.45 GiB
   breadcrumbs                -             -                   2.65 GiB
-  model_stock                15.1 GiB      -                   5.50 GiB (2.99x)
-  della                      41.2 GiB      -                   42.2 GiB
+  model_stock                15.1 GiB      -                   2.10 GiB
+  della                      41.2 GiB      -                   3.87 GiB (2.10x)
   pcb_merging (paper)        584.8 GiB     -                   32.2 GiB
   pcb_merging (official)     refused (one line: over 2**32 entries per task)
   tsv_merging                11.0 GiB      -                   11.0 GiB
@@ -73,8 +73,11 @@ in place instead of over a flattened leaf. TIES' two passes read the
 task vectors through different integer views (`combine._fold`), so XLA no
 longer shares every leaf's per-task slices across the model-wide vote sum
 (3.49 -> 2.40 GiB); DARE-TIES recomputes its survivors in each pass from
-bool masks. Still over 2x: model stock, DELLA (per-row sorts), PCB (its
-[T, T] pairwise scores) and TSV (SVDs of whole matrices); see the README.
+bool masks; Model Stock's Gram matrix no longer needs float32 copies of
+the leaves; DELLA sorts whole rows on their devices and inverts the sort
+by a second sort (a scatter was replicated). Still over 2x: DELLA (its
+dropped copy, 2.10x), PCB (its [T, T] pairwise scores) and TSV (SVDs of
+whole matrices); see the README.
 
 Caveat: the numbers are XLA:CPU's buffer assignment for the same sharded
 program. They track per-device argument/output sizes exactly and temporaries
