@@ -191,9 +191,13 @@ def _fold(x, term, add, view=None):
   return acc
 
 
-def _task_thr(thr, t, x):
-  """Task t's threshold: `thr[t]` for per-task thresholds, else `thr`."""
-  return thr[t] if thr.ndim and thr.shape[0] == x.shape[0] else thr
+def _task_slice(x, thr, w, prep, t, xt):
+  """Task t's slice `xt` of leaf `x` as both passes use it: prepared
+  (`prep(t, xt)`), trimmed at its threshold (`thr[t]` for per-task
+  thresholds, else `thr`) and weighted."""
+  xt = xt if prep is None else prep(t, xt)
+  th = thr[t] if thr.ndim and thr.shape[0] == x.shape[0] else thr
+  return _trim(xt, th, None if w is None else w[t])
 
 
 def _leaf_vote(x, thr, w, sign_method, split=False, prep=None):
@@ -201,9 +205,7 @@ def _leaf_vote(x, thr, w, sign_method, split=False, prep=None):
   the votes summed in task order; `split`: read x apart from pass 2
   (`_fold`); `prep(t, x[t])`: each slice before the trim."""
   def term(t, xt):
-    xt = xt if prep is None else prep(t, xt)
-    y = _trim(xt, _task_thr(thr, t, x), None if w is None else w[t])
-    y = y.astype(jnp.float32)
+    y = _task_slice(x, thr, w, prep, t, xt).astype(jnp.float32)
     return y if sign_method == "sum" else jnp.sign(y)
   return jnp.sign(_fold(x, term, jnp.add, "uint" if split else None))
 
@@ -221,8 +223,7 @@ def _leaf_merge(x, thr, s, w, merge_func, split=False, prep=None):
   accumulated in task order; `split`: read x apart from pass 1 (`_fold`);
   `prep` as `_leaf_vote`."""
   def term(t, xt):
-    xt = xt if prep is None else prep(t, xt)
-    y = _trim(xt, _task_thr(thr, t, x), None if w is None else w[t])
+    y = _task_slice(x, thr, w, prep, t, xt)
     yf = jnp.where(jnp.sign(y) == s.astype(y.dtype), y, 0).astype(
         jnp.float32)
     if merge_func != "mean":
