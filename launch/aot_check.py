@@ -106,29 +106,42 @@ _COUNT_FLAG = "--xla_force_host_platform_device_count"
 # scheduler unless `--concurrency_scheduler` is given.
 _SCHEDULER_FLAG = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 _SCHEDULER_NAME = _SCHEDULER_FLAG.split("=")[0]
+# XLA:CPU hands reductions and elementwise kernels to YNNPACK ("library
+# fusions"), whose kernels take their operands as buffers: a producer that
+# XLA would fuse into the reduction (PCB's [T, T, ...] pairwise softmax
+# terms, the statistics it broadcasts to a leaf's shape) is materialized
+# per leaf, and shared buffers then stay live across passes (PCB paper:
+# 15.9 GiB per device at 7B x 8 on 64 devices with them, 2.9 GiB without).
+# TPU and GPU fuse producers into reductions, so `main` keeps YNNPACK for
+# dots only unless `--cpu_library_fusions` is given.
+_LIBRARY_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
+_LIBRARY_NAME = _LIBRARY_FLAG.split("=")[0]
 
 
-def _ensure_devices(n: int, argv: list[str], memory_scheduler: bool = True
-                    ) -> None:
+def _ensure_devices(n: int, argv: list[str], memory_scheduler: bool = True,
+                    library_fusions: bool = False) -> None:
   """Re-execs this script with N fake CPU devices unless already set up.
 
-  With `memory_scheduler`, also with XLA:CPU's memory scheduler (unless
+  With `memory_scheduler`, also with XLA:CPU's memory scheduler, and
+  without `library_fusions` with YNNPACK for dots only (each unless
   `XLA_FLAGS` names that option already, or JAX is already imported: a
   caller such as a test that set its own devices).
   """
   flags = os.environ.get("XLA_FLAGS", "")
-  want_sched = (memory_scheduler and _SCHEDULER_NAME not in flags
-                and "jax" not in sys.modules)
+  fresh = "jax" not in sys.modules
+  extra = [f for f, want, name in (
+      (_SCHEDULER_FLAG, memory_scheduler, _SCHEDULER_NAME),
+      (_LIBRARY_FLAG, not library_fusions, _LIBRARY_NAME))
+           if want and fresh and name not in flags]
   if f"{_COUNT_FLAG}={n}" in flags.split() and os.environ.get(
-      "JAX_PLATFORMS") == "cpu" and not want_sched:
+      "JAX_PLATFORMS") == "cpu" and not extra:
     return
   if os.environ.get("MTMERGE_AOT_REEXEC"):
     raise RuntimeError(f"re-exec did not give {n} CPU devices (XLA_FLAGS="
                        f"{flags!r})")
   flags = re.sub(rf"{_COUNT_FLAG}=\d+", "", flags).strip()
   flags = f"{flags} {_COUNT_FLAG}={n}".strip()
-  if want_sched:
-    flags = f"{flags} {_SCHEDULER_FLAG}"
+  flags = " ".join([flags] + extra)
   os.environ["XLA_FLAGS"] = flags
   os.environ["JAX_PLATFORMS"] = "cpu"
   os.environ["MTMERGE_AOT_REEXEC"] = "1"
@@ -389,9 +402,10 @@ def _tpu_threefry_lowering() -> None:
 def check(config, mesh, step: str = "merge") -> dict[str, Any]:
   """Lowers and compiles `step` on `mesh`; returns per-device byte counts.
 
-  XLA:CPU's scheduler is the one the process's `XLA_FLAGS` chose (`main`
-  picks the memory-minimizing one, `_SCHEDULER_FLAG`); `scheduler` in the
-  result says which.
+  XLA:CPU's scheduler and library fusions are the ones the process's
+  `XLA_FLAGS` chose (`main` picks the memory-minimizing scheduler,
+  `_SCHEDULER_FLAG`, and dots-only library fusions, `_LIBRARY_FLAG`);
+  `scheduler` and `library_fusions` in the result say which.
   """
   import jax
   fn, args = resolve_step(step)(config, mesh)
@@ -411,8 +425,11 @@ def check(config, mesh, step: str = "merge") -> dict[str, Any]:
   out["global_argument_bytes"] = sum(
       math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(args)
       if hasattr(x, "shape") and hasattr(x, "dtype"))
-  out["scheduler"] = ("memory" if _SCHEDULER_FLAG in os.environ.get(
-      "XLA_FLAGS", "").split() else "concurrency")
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  out["scheduler"] = ("memory" if _SCHEDULER_FLAG in flags
+                      else "concurrency")
+  out["library_fusions"] = ("dots only" if _LIBRARY_FLAG in flags
+                            else "default")
   out["num_devices"] = mesh.size
   out["mesh"] = dict(mesh.shape)
   return out
@@ -446,8 +463,12 @@ def main(argv=None) -> int:
   p.add_argument("--concurrency_scheduler", action="store_true",
                  help="compile with XLA:CPU's default (concurrency-"
                  "optimized) scheduler instead of its memory scheduler")
+  p.add_argument("--cpu_library_fusions", action="store_true",
+                 help="keep XLA:CPU's default YNNPACK library fusions "
+                 "(reductions and elementwise kernels too, not just dots)")
   args = p.parse_args(argv)
-  _ensure_devices(args.num_devices, argv, not args.concurrency_scheduler)
+  _ensure_devices(args.num_devices, argv, not args.concurrency_scheduler,
+                  args.cpu_library_fusions)
 
   import jax  # after XLA_FLAGS are final
   import ml_collections
@@ -473,7 +494,8 @@ def main(argv=None) -> int:
     return 2
   total = _gib(res["global_argument_bytes"]).strip()
   print(f"step {args.step} on {res['num_devices']} devices, mesh "
-        f"{res['mesh']}, XLA:CPU {res['scheduler']} scheduler; arguments "
+        f"{res['mesh']}, XLA:CPU {res['scheduler']} scheduler, library "
+        f"fusions {res['library_fusions']}; arguments "
         f"{total} in all; per device:")
   for k, v in res.items():
     if k.endswith("bytes") and not k.startswith("global"):

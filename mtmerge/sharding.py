@@ -29,6 +29,7 @@ import math
 from typing import Any, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -316,3 +317,31 @@ def rows_sharded(x: jax.Array, lead: int, whole_rows: bool = False
   rest = [U] * (x.ndim - lead - 2) + [None if whole_rows else U]
   return jax.lax.with_sharding_constraint(x, P(*([U] * lead + [tuple(axes)]
                                                   + rest)))
+
+
+def integer_view(x: jax.Array, view: str) -> jax.Array:
+  """`x`'s bits as `view` ('uint' or 'int') integers of its width."""
+  return jax.lax.bitcast_convert_type(
+      x, np.dtype(f"{view}{8 * x.dtype.itemsize}"))
+
+
+def pass_view(x: jax.Array, after: jax.Array) -> jax.Array:
+  """`x`, bit for bit, as a value of its own: read after `after`.
+
+  A whole-model program that reads the same leaves in several passes, each
+  waiting on a model-wide statistic of the pass before, would have XLA
+  compute each leaf's shared subexpressions (float32 copies, PCB's
+  `[T, T, ...]` exponentials) once and keep them alive for every leaf
+  across the statistic. Each later pass reads the leaves through this
+  function with that statistic as `after`: x's bits are xored with a zero
+  computed from `after` (`(v != v) & (v == v)`, which XLA cannot fold), so
+  the reads differ to XLA, and each pass's work fuses into that pass.
+  """
+  v = jnp.ravel(after)[0]
+  bits = integer_view(x, "uint")
+  zero = ((v != v) & (v == v)).astype(bits.dtype)
+  return jax.lax.bitcast_convert_type(bits ^ zero, x.dtype)
+
+def under_mesh() -> bool:
+  """True while tracing under `jax.set_mesh` (a sharded program)."""
+  return not jax.sharding.get_abstract_mesh().empty

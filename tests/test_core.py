@@ -205,6 +205,37 @@ def test_topk_sharded_equals_unsharded(mesh8):
     jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
+def test_topk_of_mapped_values_equals_topk_of_the_mapped_tree(mesh8):
+  # `values=` ranks a positionwise map of the leaves (PCB's balancing
+  # scores); under a mesh it is recomputed in each counting pass.
+  _, tvs = _tvs(T=4)
+  values = lambda x: x * x[::-1] + 0.5 * x  # mixes the tasks at a position
+  want = jax.jit(lambda t: selection.topk_thresholds(
+      jax.tree.map(values, t), 0.2))(tvs)
+  one = jax.jit(lambda t: selection.topk_thresholds(t, 0.2,
+                                                    values=values))(tvs)
+  with jax.set_mesh(mesh8):
+    sharded = jax.jit(lambda t: selection.topk_thresholds(
+        t, 0.2, values=values))(testing.shard(tvs, mesh8, "param"))
+  jax.tree.map(np.testing.assert_array_equal, one, want)
+  jax.tree.map(np.testing.assert_array_equal, sharded, want)
+  with pytest.raises(ValueError, match="global scope only"):
+    selection.topk_thresholds(tvs, 0.2, "per_tensor", values=values)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pass_view_is_bit_exact(dtype):
+  from mtmerge import sharding
+  x = jnp.asarray([0.0, -0.0, 1.5, -2.25, np.inf, -np.inf, np.nan, 1e-30],
+                  dtype)
+  for after in (jnp.float32(3.0), jnp.float32(np.nan), jnp.zeros((2, 2))):
+    got = jax.jit(sharding.pass_view)(x, after)
+    assert got.dtype == x.dtype
+    np.testing.assert_array_equal(
+        np.asarray(sharding.integer_view(got, "uint")),
+        np.asarray(sharding.integer_view(x, "uint")))
+
+
 # --- transforms --------------------------------------------------------------
 
 def test_chain_state_and_run():

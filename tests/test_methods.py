@@ -363,6 +363,39 @@ def test_under_set_mesh_equals_unsharded(mesh8, name):
                                np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_pcb_softmax_maxima_equal_the_logits_maxima(dtype):
+  # `with_softmax_maxima` takes them from the min/max statistics (the logits
+  # are monotone in the products); a pass over the logits finds the same
+  # (exactly for bf16 task vectors, to an ulp for float32 ones).
+  from mtmerge.methods import pcb
+  rng = np.random.default_rng(0)
+  leaves = [jnp.asarray(rng.normal(size=(3, 7, 5)), dtype),
+            jnp.asarray(rng.normal(size=(3, 11)) * 1e-3, dtype)]
+  leaves[1] = leaves[1].at[2].set(0.0)     # a task that is 0 in one leaf
+  leaves.append(jnp.full((3, 4), 0.25, dtype))
+
+  @jax.jit
+  def both(leaves):
+    st = pcb.paper_stats(leaves, 3)
+    xs = [x.astype(jnp.float32) for x in leaves]
+    il = [pcb.intra_logits(x, st.sq_min, st.sq_max, 3) for x in xs]
+    pl = [pcb.inter_logits(x, st.pair_min, st.pair_max) for x in xs]
+    return (st.intra_max, st.inter_max,
+            jnp.max(jnp.stack([jnp.max(x, axis=(1, 2)) if x.ndim == 3 else
+                               jnp.max(x, axis=1) for x in il]), 0),
+            jnp.max(jnp.stack([jnp.max(x.reshape(3, 3, -1), axis=2)
+                               for x in pl]), 0))
+  intra, inter, intra_want, inter_want = both(leaves)
+  if dtype == jnp.bfloat16:  # products of bf16 values are exact: equal
+    np.testing.assert_array_equal(intra, intra_want)
+    np.testing.assert_array_equal(inter, inter_want)
+  else:  # an FMA-contracted logit may land an ulp from its monotone image
+    np.testing.assert_allclose(intra, intra_want, rtol=3e-7, atol=0)
+    np.testing.assert_allclose(inter, inter_want, rtol=3e-7, atol=0)
+  np.testing.assert_array_equal(np.asarray(intra), [3.0, 3.0, 3.0])
+
+
 # Few leaves (each shape compiles once per merge, and this test merges twice
 # per method), one of each rank, large enough for 1-in-200 to mean something.
 BF16_SHAPES = {"block/kernel": (32, 48), "block/bias": (48,),

@@ -59,13 +59,15 @@ def _global_thresholds(groups: _Groups, k: jax.Array, n: int) -> jax.Array:
   return _search(count_fn, k, maxval, lo, hi)
 
 
-def _wide_global_thresholds(leaves, kn: int, n: int) -> jax.Array:
+def _wide_global_thresholds(leaves, kn: int, n: int,
+                            values=None) -> jax.Array:
   """`[T]` global thresholds counted leaf by leaf in wide pairs.
 
   For a model of 2**32 or more entries per task, or a sharded program:
   every leaf is counted where it lies (no concatenated copy, no gather),
   each leaf's uint32 count split into a `wide_count` pair, so the model
   may hold up to 2**48 entries per task (one leaf: under 2**32).
+  `values` (see `flat_thresholds`) is recomputed in every counting pass.
   """
   T = leaves[0].shape[0]
   for x in leaves:
@@ -76,19 +78,25 @@ def _wide_global_thresholds(leaves, kn: int, n: int) -> jax.Array:
     raise ValueError(f"global top-k over {n} entries per task: at most "
                      "2**48 are counted exactly")
   groups = _unstacked(leaves)
+  mag = jnp.abs if values is None else (
+      lambda a: jnp.abs(values(a[0]))[None])
 
   def count_fn(bits):
     thr = _float(bits)[None, :, None, None]
-    per_leaf = [jnp.sum(_row_counts(jnp.abs(a), thr), axis=(0, 2),
+    per_leaf = [jnp.sum(_row_counts(mag(a), thr), axis=(0, 2),
                         dtype=jnp.uint32)
                 for a in _in_loop(groups.arrays, bits)]
     return wide_count(jnp.stack(per_leaf, axis=-1))       # [T, 2]
-  maxval = _upper(groups.arrays, (0, 2, 3))
+  if values is None or _sharded():
+    maxval = _upper(groups.arrays, (0, 2, 3))
+  else:
+    maxval = jnp.max(jnp.stack([jnp.max(mag(a), axis=(0, 2, 3))
+                                for a in groups.arrays]), axis=0)
   samples = []
   for a in groups.arrays:
     _, _, R, C = a.shape
     m = max(1, int(_GLOBAL_SAMPLE * R * C / n))
-    samples.append(_sample_sorted(a, m)[0])                # [T, m_leaf]
+    samples.append(_sample_sorted(a, m, values)[0])        # [T, m_leaf]
   sample = jnp.sort(jnp.concatenate(samples, axis=1), axis=1)
   k = jnp.broadcast_to(jnp.asarray([kn >> 16, kn & 0xffff], jnp.uint32),
                        (T, 2))
@@ -118,12 +126,20 @@ def threshold_offsets(tvs: Tree, scope: Scope = "global") -> list[int]:
 
 def flat_thresholds(tvs: Tree, fraction: float | Tree,
                     scope: Scope = "global",
-                    count: Callable[[int], int] | None = None) -> jax.Array:
+                    count: Callable[[int], int] | None = None,
+                    values: Callable | None = None) -> jax.Array:
   """`topk_thresholds` as one float32 vector; see `threshold_offsets`.
 
   A jitted caller gets one output instead of one per leaf: at 152 leaves the
   per-leaf outputs of a per-tensor search are ~150 slicing fusions, which
   take most of its XLA compile time.
+
+  `values` (global scope): a positionwise map of a stacked leaf
+  `[T, ...] -> [T, ...]` (each output entry a function of the T entries at
+  its position) whose magnitudes are ranked instead of the leaves'. Under
+  a mesh it is recomputed in every counting pass, so the mapped values are
+  never held for the whole model (PCB's balancing scores); on one device
+  they are computed once.
   """
   leaves = jax.tree.leaves(tvs)
   if not leaves:
@@ -139,15 +155,20 @@ def flat_thresholds(tvs: Tree, fraction: float | Tree,
   else:
     kf = [count] * len(leaves)
 
+  if values is not None and scope != "global":
+    raise ValueError(f"values= ranks mapped entries over the global scope "
+                     f"only, not {scope!r}")
   if scope == "global":
     n = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
     kn = int(kf[0](n))
     if kn <= 0:
       return jnp.full((T,), jnp.inf, jnp.float32)
     if n < 2 ** 32 and not _sharded():
+      if values is not None:
+        leaves = [values(x) for x in leaves]
       return _global_thresholds(_flat_group(leaves),
                                 jnp.full((T,), kn, jnp.uint32), n)
-    return _wide_global_thresholds(leaves, kn, n)
+    return _wide_global_thresholds(leaves, kn, n, values)
 
   # Per-tensor and per-row searches run jointly over one flat vector of
   # search groups, so one pass counts every group of every leaf.
@@ -212,7 +233,8 @@ def leaf_thresholds(flat: jax.Array, offset: Any, shape) -> jax.Array:
 
 def topk_thresholds(tvs: Tree, fraction: float | Tree,
                     scope: Scope = "global",
-                    count: Callable[[int], int] | None = None) -> Tree:
+                    count: Callable[[int], int] | None = None,
+                    values: Callable | None = None) -> Tree:
   """Per-leaf magnitude thresholds keeping the top `fraction` of entries.
 
   Args:
@@ -225,6 +247,8 @@ def topk_thresholds(tvs: Tree, fraction: float | Tree,
     count: optional `n -> k` giving the number kept out of a group of `n`
       entries, overriding `fraction`'s `keep_count`; k = 0 keeps nothing
       (threshold +inf).
+    values: rank `|values(leaf)|` instead of `|leaf|` (global scope; see
+      `flat_thresholds`).
 
   Returns:
     A tree whose leaves are float32 thresholds broadcastable against the
@@ -232,7 +256,7 @@ def topk_thresholds(tvs: Tree, fraction: float | Tree,
     Keep `|tau| >= thr`.
   """
   leaves, treedef = jax.tree.flatten(tvs)
-  flat = flat_thresholds(tvs, fraction, scope, count)
+  flat = flat_thresholds(tvs, fraction, scope, count, values)
   out = []
   for x, off in zip(leaves, threshold_offsets(tvs, scope)):
     if scope != "row" or x.ndim <= 2:

@@ -53,12 +53,14 @@ def _float(b):
   return jax.lax.bitcast_convert_type(b, jnp.float32)
 
 
-def _sample_sorted(a: jax.Array, m: int) -> jax.Array:
+def _sample_sorted(a: jax.Array, m: int, values=None) -> jax.Array:
   """Sorted strided sample `[G, T, <=m]` of each (member, task) of `|a|`.
 
   Entry i of the sample is flat entry `i * stride` of `[R * C]`, taken as
   row `i * stride // C`, column `i * stride % C` of `a` (a gather of m
   entries): flattening `[R, C]` first would all-gather a sharded leaf.
+  `values`: a positionwise map `[T, ...] -> [T, ...]` applied to the
+  gathered entries (of each member) before their magnitudes are taken.
   """
   G, T, R, C = a.shape
   stride = max(1, (R * C) // max(m, 1))
@@ -67,7 +69,10 @@ def _sample_sorted(a: jax.Array, m: int) -> jax.Array:
   flat = np.arange(0, R * C, stride, dtype=np.int64)
   rows, cols = jnp.asarray(flat // C, jnp.int32), jnp.asarray(flat % C,
                                                                jnp.int32)
-  return jnp.sort(jnp.abs(a[:, :, rows, cols].astype(jnp.float32)), axis=-1)
+  got = a[:, :, rows, cols]
+  if values is not None:
+    got = jnp.stack([values(g) for g in got])
+  return jnp.sort(jnp.abs(got.astype(jnp.float32)), axis=-1)
 
 
 def _bracket(sample: jax.Array, k: jax.Array, n: int):

@@ -5,8 +5,9 @@ Merging"; `methods.pcb`):
 
 * `paper`: min-max normalizations and softmaxes over each task's whole
   vector and a global top-k of the balancing scores are model-wide: passes
-  for the min/max, the softmax maxima, the softmax sums, the two
-  radix-select passes, then the writing pass. The pairwise products hold
+  for the min/max, the softmax sums, the two radix-select passes, then the
+  writing pass (the softmax maxima follow from the min/max,
+  `pcb.with_softmax_maxima`). The pairwise products hold
   `[T, T]` float32 per entry, so its row blocks are cut T-fold
   (`Pcb.blocks`).
 * `official` (the released code): |tau|'s clip bounds are order
@@ -50,15 +51,6 @@ def _pcb_minmax(b, ms):
 
 
 @jax.jit
-def _pcb_logit_max(b, ms, st):
-  x = kernels.tvs(b, ms)
-  il = pcb.intra_logits(x, st.sq_min, st.sq_max, x.shape[0])
-  pl = pcb.inter_logits(x, st.pair_min, st.pair_max)
-  return (jnp.max(il.reshape(x.shape[0], -1), -1),
-          jnp.max(pl.reshape(pl.shape[:2] + (-1,)), -1))
-
-
-@jax.jit
 def _pcb_exp_sums(b, ms, st):
   x = kernels.tvs(b, ms)
   il = pcb.intra_logits(x, st.sq_min, st.sq_max, x.shape[0])
@@ -82,7 +74,7 @@ def _pcb_apply(b, ms, st, thr, scale):
 
 
 class Pcb(recipes.Recipe):
-  """PCB-Merging (paper variant): five statistics passes, then the merge."""
+  """PCB-Merging (paper variant): four statistics passes, then the merge."""
 
   def __init__(self, name, full, T, place=None):
     super().__init__(name, full, T, place)
@@ -121,17 +113,8 @@ class Pcb(recipes.Recipe):
       for i, f in enumerate((np.minimum, np.maximum) * 2):
         acc[i] = f(acc[i], r[i])
     yield recipes.Pass("PCB min/max", blocks, minmax)
-    st = pcb.PaperStats(*[jnp.asarray(a) for a in acc], None, None, None,
-                        None)
-    mx = [np.full((T,), -np.inf, np.float32),
-          np.full((T, T), -np.inf, np.float32)]
-
-    def logit_max(blk, b, ms):
-      r = [placement.host(a) for a in _pcb_logit_max(b, ms, st)]
-      mx[0], mx[1] = np.maximum(mx[0], r[0]), np.maximum(mx[1], r[1])
-    yield recipes.Pass("PCB softmax maxima", blocks, logit_max)
-    st = st._replace(intra_max=jnp.asarray(mx[0]),
-                     inter_max=jnp.asarray(mx[1]))
+    st = pcb.with_softmax_maxima(pcb.PaperStats(
+        *[jnp.asarray(a) for a in acc], None, None, None, None), T)
     leaf_sums: dict = {}
 
     def exp_sums(blk, b, ms):  # float32 per leaf, leaves in order: as memory

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtmerge import selection
+from mtmerge import sharding
 from mtmerge import tree as tree_lib
 from mtmerge.transforms import base
 
@@ -182,8 +183,7 @@ def _fold(x, term, add, view=None):
   if view is None:
     read = lambda t: x[t]
   else:
-    bits = jax.lax.bitcast_convert_type(
-        x, jnp.dtype(f"{view}{8 * x.dtype.itemsize}"))
+    bits = sharding.integer_view(x, view)
     read = lambda t: jax.lax.bitcast_convert_type(bits[t], x.dtype)
   acc = term(0, read(0))
   for t in range(1, x.shape[0]):
