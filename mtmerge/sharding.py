@@ -325,8 +325,9 @@ def integer_view(x: jax.Array, view: str) -> jax.Array:
       x, np.dtype(f"{view}{8 * x.dtype.itemsize}"))
 
 
-def pass_view(x: jax.Array, after: jax.Array) -> jax.Array:
-  """`x`, bit for bit, as a value of its own: read after `after`.
+def pass_view(x: jax.Array, after: Any) -> jax.Array:
+  """`x`, bit for bit, as a value of its own: read after `after` (an array
+  or a tree of them).
 
   A whole-model program that reads the same leaves in several passes, each
   waiting on a model-wide statistic of the pass before, would have XLA
@@ -334,13 +335,17 @@ def pass_view(x: jax.Array, after: jax.Array) -> jax.Array:
   `[T, T, ...]` exponentials) once and keep them alive for every leaf
   across the statistic. Each later pass reads the leaves through this
   function with that statistic as `after`: x's bits are xored with a zero
-  computed from `after` (`(v != v) & (v == v)`, which XLA cannot fold), so
-  the reads differ to XLA, and each pass's work fuses into that pass.
+  computed from `after` (`(v != v) & (v == v)` of its sum, which XLA
+  cannot fold), so the reads differ to XLA, and each pass's work fuses
+  into that pass.
   """
-  v = jnp.ravel(after)[0]
+  # A sum, not an element: picking one entry of a sharded `after` makes
+  # XLA all-gather it (a whole leaf, when TSV chains its leaves).
+  v = sum(jnp.sum(a, dtype=jnp.float32) for a in jax.tree.leaves(after))
   bits = integer_view(x, "uint")
   zero = ((v != v) & (v == v)).astype(bits.dtype)
   return jax.lax.bitcast_convert_type(bits ^ zero, x.dtype)
+
 
 def under_mesh() -> bool:
   """True while tracing under `jax.set_mesh` (a sharded program)."""

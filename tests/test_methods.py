@@ -243,6 +243,30 @@ def test_tsv_thin_svd_and_polar_factor_match_numpy(shape):
     tsv.polar_factor(jnp.zeros((2,) + shape))
 
 
+@pytest.mark.parametrize("shape", [(40, 6), (6, 40), (12, 12)])
+def test_tsv_gram_factorizations_match_numpy(shape):
+  """The mesh's Gram-matrix route (top-k triplets, polar factor) against
+  NumPy's float64 SVD, on a matrix with a decaying spectrum."""
+  from mtmerge.methods import tsv
+  rng = np.random.default_rng(5)
+  r = min(shape)
+  p, _ = np.linalg.qr(rng.standard_normal((shape[0], r)))
+  q, _ = np.linalg.qr(rng.standard_normal((shape[1], r)))
+  a = ((p * 0.7 ** np.arange(r)) @ q.T).astype(np.float32)
+  k = r // 2
+  u, s, vt = (np.asarray(x, np.float64)
+              for x in tsv.gram_top_svd(jnp.asarray(a), k))
+  pw, sw, qtw = np.linalg.svd(a.astype(np.float64), full_matrices=False)
+  assert u.shape == (shape[0], k) and vt.shape == (k, shape[1])
+  np.testing.assert_allclose(s, sw[:k], rtol=1e-5)
+  np.testing.assert_allclose(u @ np.diag(s) @ vt,
+                             pw[:, :k] @ np.diag(sw[:k]) @ qtw[:k], atol=1e-5)
+  np.testing.assert_allclose(np.abs(np.sum(u * pw[:, :k], axis=0)), 1.0,
+                             atol=1e-4)
+  np.testing.assert_allclose(np.asarray(tsv.gram_polar(jnp.asarray(a))),
+                             pw @ qtw, atol=1e-4)
+
+
 @pytest.mark.parametrize("lam", [0.4, [0.2, 0.4, 0.6]])
 def test_tall_mask_reconstructs_each_task(setup, lam):
   base, models, tvs = setup
@@ -347,11 +371,13 @@ MESH_SHAPES = {"block/kernel": (16, 24), "block/bias": (24,),
 
 
 @pytest.mark.parametrize("name", ["della", "model_stock", "pcb_merging",
-                                  "dare_ties", "ties_merging"])
+                                  "dare_ties", "ties_merging", "tsv_merging"])
 def test_under_set_mesh_equals_unsharded(mesh8, name):
   # Under `jax.set_mesh` the memory-bounded sharded forms run (aot_check's
   # setting): DELLA ranks by a second sort, Model Stock's Gram matrix by a
-  # float32-accumulating dot, TIES passes through integer views.
+  # float32-accumulating dot, TIES passes through integer views, PCB
+  # recomputes its scores in each pass, TSV factorizes through Gram
+  # matrices leaf after leaf (equal to LAPACK's SVDs to ~1e-5).
   base = testing.random_params(2, MESH_SHAPES)
   tvs = task_vectors.from_models(base, testing.random_models(base, 4, 3))
   want = methods.merge(name, base, tvs)
