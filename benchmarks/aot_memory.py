@@ -22,6 +22,7 @@ text and JSON:
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -104,6 +105,9 @@ def main(argv=None) -> int:
   p.add_argument("--timeout", type=int, default=1800)
   p.add_argument("--out", default="",
                  help="write OUT.txt and OUT.json (atomically)")
+  p.add_argument("--previous", default="",
+                 help="a results JSON of this script: its rows, with the "
+                 "rows run now replacing theirs (same config and settings)")
   a = p.parse_args(argv)
   rows = METHODS
   if a.methods:
@@ -114,6 +118,14 @@ def main(argv=None) -> int:
   for s in settings:
     if s not in SETTINGS:
       p.error(f"unknown setting {s!r}; expected one of {list(SETTINGS)}")
+  if a.previous:  # checked before anything runs
+    with open(a.previous) as f:
+      prev = json.load(f)
+    meta = {k: getattr(a, k) for k in ("num_params", "num_tasks",
+                                       "num_devices", "dtype")}
+    if prev["config"] != meta or list(prev["settings"]) != settings:
+      p.error(f"{a.previous} was run with {prev['config']} and settings "
+              f"{list(prev['settings'])}, not {meta} and {settings}")
   results = []
   for label, spec in rows:
     row = {"method": label, "spec": spec}
@@ -122,6 +134,10 @@ def main(argv=None) -> int:
       print(f"{label:22s} {s:17s} {_cell(row[s])}", file=sys.stderr,
             flush=True)
     results.append(row)
+  if a.previous:
+    now = {r["spec"]: r for r in results}
+    results = [now.pop(r["spec"], r) for r in prev["results"]] + list(
+        now.values())
   head = (f"aot_check: {a.num_params} parameters x {a.num_tasks} tasks, "
           f"{a.dtype}, {a.num_devices} devices (fsdp); peak per device "
           f"(arguments + outputs + temporaries) and its ratio to the "

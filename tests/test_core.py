@@ -316,12 +316,40 @@ def test_fraction_validation():
 
 
 @pytest.mark.parametrize("fn", ["kth_largest", "kth_largest_signed"])
-def test_kth_largest_refuses_uint32_overflow_by_name(fn):
-  # 2**32 entries per task (abstract: nothing is allocated).
-  tree = {"a": jax.ShapeDtypeStruct((2, 2 ** 16, 2 ** 16), jnp.bfloat16)}
-  with pytest.raises(ValueError, match=fn + r": 4294967296 entries per "
-                     r"task.*streamed executor"):
-    jax.eval_shape(lambda t: getattr(selection, fn)(t, lambda n: 1), tree)
+def test_kth_largest_counts_past_uint32(fn):
+  # 2**32 entries per task (abstract: nothing is allocated): counted leaf
+  # by leaf in 64-bit pairs; a single leaf that large is refused by shape.
+  f = lambda t: getattr(selection, fn)(t, lambda n: n // 3)
+  two = {k: jax.ShapeDtypeStruct((2, 2 ** 15, 2 ** 16), jnp.bfloat16)
+         for k in "ab"}
+  assert jax.eval_shape(f, two).shape == (2,)
+  one = {"a": jax.ShapeDtypeStruct((2, 2 ** 16, 2 ** 16), jnp.bfloat16)}
+  with pytest.raises(ValueError, match=r"shape \(65536, 65536\) has 2\*\*32 "
+                     r"or more entries per task"):
+    jax.eval_shape(f, one)
+
+
+@pytest.mark.parametrize("fn", ["kth_largest", "kth_largest_signed"])
+def test_kth_largest_wide_path_is_exact(mesh8, fn):
+  # Under a mesh (and past 2**32 entries) the k-th largest is counted leaf
+  # by leaf; `values` is recomputed in each pass. Same numbers as the flat
+  # one-device search.
+  rng = np.random.default_rng(3)
+  x = rng.standard_normal((2, 8, 48)).astype(np.float32)
+  x[0, :2] = 0.0
+  tree = {"a": jnp.asarray(x), "b": jnp.asarray(x[:, 0, :16] * 3.0)}
+  values = lambda v: v * v[::-1] - 0.1
+  sel = getattr(selection, fn)
+  flat = lambda t: np.concatenate([np.asarray(v, np.float32).reshape(2, -1)
+                                   for v in jax.tree.leaves(t)], axis=1)
+  key = np.abs if fn == "kth_largest" else (lambda v: v)
+  for k, t, v in ((7, tree, values), (399, tree, None)):
+    ranked = np.sort(key(flat(jax.tree.map(v or (lambda a: a), t))),
+                     axis=1)[:, ::-1]
+    with jax.set_mesh(mesh8):
+      got = jax.jit(lambda t: sel(t, lambda n: k, values=v))(
+          testing.shard(t, mesh8, "param"))
+    np.testing.assert_array_equal(got, ranked[:, k - 1], err_msg=str(k))
 
 
 @pytest.mark.parametrize("k", [1, 5, 60, 99, 100, 150, 200])

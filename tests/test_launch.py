@@ -206,3 +206,35 @@ def test_aot_check_indivisible_batch_is_one_line(capsys):
   assert err == ("aot_check: error: global batch size 12 is not a positive "
                  "multiple of the 8 batch shards of data axes (fsdp=8); use "
                  "a multiple of 8")
+
+
+def test_aot_memory_table_and_previous_rows(tmp_path):
+  """benchmarks/aot_memory.py: one aot_check process per method and
+  setting, a table of peak / arguments, and `--previous` rows kept."""
+  script = os.path.join(ROOT, "benchmarks", "aot_memory.py")
+  common = ["--num_params", "2M", "--num_devices", "8", "--num_tasks", "2",
+            "--settings", "accelerator-like"]
+  first = str(tmp_path / "first")
+  subprocess.run([sys.executable, script, *common, "--methods",
+                  "task_arithmetic,weight_averaging", "--out", first],
+                 check=True, capture_output=True, timeout=600)
+  second = str(tmp_path / "second")
+  subprocess.run([sys.executable, script, *common, "--methods",
+                  "weight_averaging", "--previous", first + ".json",
+                  "--out", second], check=True, capture_output=True,
+                 timeout=600)
+  import json
+  with open(second + ".json") as f:
+    res = json.load(f)
+  assert [r["spec"] for r in res["results"]] == ["task_arithmetic",
+                                                 "weight_averaging"]
+  for r in res["results"]:
+    cell = r["accelerator-like"]
+    assert 0 < cell["argument_size_in_gib"] <= cell["peak_estimate_gib"]
+  with open(second + ".txt") as f:
+    text = f.read()
+  assert "| task arithmetic | " in text and "x) |" in text
+  bad = subprocess.run([sys.executable, script, *common[:2], "--methods",
+                        "task_arithmetic", "--previous", first + ".json"],
+                       capture_output=True, text=True, timeout=600)
+  assert bad.returncode == 2 and "was run with" in bad.stderr

@@ -371,19 +371,22 @@ MESH_SHAPES = {"block/kernel": (16, 24), "block/bias": (24,),
 
 
 @pytest.mark.parametrize("name", ["della", "model_stock", "pcb_merging",
+                                  "pcb_merging(variant='official')",
                                   "dare_ties", "ties_merging", "tsv_merging"])
 def test_under_set_mesh_equals_unsharded(mesh8, name):
   # Under `jax.set_mesh` the memory-bounded sharded forms run (aot_check's
   # setting): DELLA ranks by a second sort, Model Stock's Gram matrix by a
   # float32-accumulating dot, TIES passes through integer views, PCB
-  # recomputes its scores in each pass, TSV factorizes through Gram
-  # matrices leaf after leaf (equal to LAPACK's SVDs to ~1e-5).
+  # recomputes its scores in each pass and counts its order statistics
+  # leaf by leaf, TSV factorizes through Gram matrices leaf after leaf
+  # (equal to LAPACK's SVDs to ~1e-5).
   base = testing.random_params(2, MESH_SHAPES)
   tvs = task_vectors.from_models(base, testing.random_models(base, 4, 3))
-  want = methods.merge(name, base, tvs)
+  name, hp = methods.parse(name)
+  want = methods.merge(name, base, tvs, **hp)
   with jax.set_mesh(mesh8):
     got = methods.merge(name, testing.shard(base, mesh8, "param", lead=0),
-                        testing.shard(tvs, mesh8, "param"))
+                        testing.shard(tvs, mesh8, "param"), **hp)
   for a, b in zip(_outputs(got), _outputs(want)):
     np.testing.assert_allclose(np.asarray(a, np.float32),
                                np.asarray(b, np.float32), rtol=1e-5, atol=1e-6)

@@ -229,22 +229,34 @@ def official_merge(x, a, score, q, s_min, s_max):
 
 
 def _official(tvs, T, ratio):
-  tv32 = jax.tree.map(lambda x: x.astype(jnp.float32), tvs)
+  """The official variant's merged task vector, one statistic per pass.
+
+  The clipped vectors and the scores are recomputed from the task vectors
+  in every pass (each pass reads them after the statistic it waits on,
+  `sharding.pass_view`), never held for the whole model; the order
+  statistics count in 64-bit pairs past 2**32 entries per task or under a
+  mesh (`selection.kth_largest`).
+  """
+  leaves, treedef = jax.tree.flatten(tvs)
+  f32 = lambda x: x.astype(jnp.float32)
   k_lo, k_hi, k_q = official_ranks(sum(
-      int(np.prod(x.shape[1:], dtype=np.int64))
-      for x in jax.tree.leaves(tv32)), ratio)
-  lo = selection.kth_largest(tv32, lambda n: k_lo)
-  hi = selection.kth_largest(tv32, lambda n: k_hi)
-  a = jax.tree.map(lambda x: official_clip(x, lo, hi), tv32)
-  a_min, a_max = _task_min_max(a)
-  score = jax.tree.map(lambda x, c: official_score(x, c, a_min, a_max, T),
-                       tv32, a)
+      int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves), ratio)
+  lo = selection.kth_largest(leaves, lambda n: k_lo)
+  hi = selection.kth_largest(leaves, lambda n: k_hi)
+  clip = lambda x: official_clip(f32(x), lo, hi)
+  a_min, a_max = _task_min_max(
+      [clip(sharding.pass_view(x, (lo, hi))) for x in leaves])
+  score_of = lambda x: official_score(f32(x), clip(x), a_min, a_max, T)
   # Scores are signed: the quantile is a signed k-th largest.
-  q = selection.kth_largest_signed(score, lambda n: k_q)
-  s_min, s_max = _task_min_max(score)
-  return jax.tree.map(
-      lambda x, c, sc: official_merge(x, c, sc, q, s_min, s_max), tv32, a,
-      score)
+  # (The leaves go in as they are: the search's loop would hold a viewed
+  # copy of the whole model as its operand.)
+  q = selection.kth_largest_signed(leaves, lambda n: k_q, values=score_of)
+  s_min, s_max = _task_min_max(
+      [score_of(sharding.pass_view(x, q)) for x in leaves])
+  xs = [sharding.pass_view(x, (s_min, s_max)) for x in leaves]
+  return jax.tree.unflatten(treedef, [
+      official_merge(f32(x), clip(x), score_of(x), q, s_min, s_max)
+      for x in xs])
 
 
 @registry.register("pcb_merging", static=("ratio", "variant"),
