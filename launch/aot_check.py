@@ -31,26 +31,29 @@ Merges of a 7B-parameter model x 8 tasks in bf16 on 64 devices (mesh
 fsdp:64, `--num_params 7B --num_tasks 8 --dtype bfloat16`; 1.84 GiB of
 arguments per device, 1.64 GiB for TALL masks and EMR, which do not read
 the base), peak per device (arguments + outputs + temporaries), XLA:CPU
-analysis; "default scheduler" is `--concurrency_scheduler`, "now" the
-memory scheduler this script uses (see `_SCHEDULER_FLAG`); the README's
-table has the before/after of every method.
+analysis. "now" is this script's default compilation (the memory
+scheduler, `_SCHEDULER_FLAG`, and library fusions for dots only,
+`_LIBRARY_FLAG`); "XLA:CPU defaults" adds `--concurrency_scheduler
+--cpu_library_fusions`. `benchmarks/aot_memory.py` measures every row
+(`benchmarks/results/aot_memory_7B_8tasks_64dev.txt`); the README's table
+has the history.
 
-  method                     first         default scheduler   now
+  method                     first         XLA:CPU defaults    now
   task_arithmetic            2.05 GiB      2.05 GiB            2.05 GiB
-  ties_merging per_tensor    125.2 GiB     -                   2.31 GiB
-  ties_merging global        refused       4.73 GiB            2.40 GiB
+  ties_merging per_tensor    125.2 GiB     4.47 GiB            2.15 GiB
+  ties_merging global        refused       4.73 GiB            2.15 GiB
   dare(drop_rate=0.9)        8.77 GiB      2.05 GiB            2.05 GiB
-  dare_ties                  -             -                   3.56 GiB (1.93x)
+  dare_ties                  3.72 GiB      6.35 GiB            3.56 GiB (1.93x)
   tall_mask                  36.7 GiB      4.28 GiB            2.16 GiB
   consensus                  2.15 GiB      2.15 GiB            2.05 GiB
-  tall_mask, TIES base       -             6.58 GiB            2.30 GiB
-  emr_merging                173.0 GiB     8.46 GiB            2.45 GiB
-  breadcrumbs                -             -                   2.65 GiB
-  model_stock                15.1 GiB      -                   2.10 GiB
-  della                      41.2 GiB      -                   3.87 GiB (2.10x)
-  pcb_merging (paper)        584.8 GiB     -                   32.2 GiB
-  pcb_merging (official)     refused (one line: over 2**32 entries per task)
-  tsv_merging                11.0 GiB      -                   11.0 GiB
+  tall_mask, TIES base       3.57 GiB      6.58 GiB            2.16 GiB
+  emr_merging                173.0 GiB     8.46 GiB            2.86 GiB
+  breadcrumbs                2.65 GiB      3.30 GiB            2.57 GiB
+  model_stock                15.1 GiB      3.67 GiB            2.25 GiB
+  della                      41.2 GiB      7.57 GiB            3.64 GiB (1.98x)
+  pcb_merging (paper)        584.8 GiB     25.5 GiB            2.86 GiB
+  pcb_merging (official)     refused       10.6 GiB            2.17 GiB
+  tsv_merging                11.0 GiB      3.20 GiB            2.79 GiB
 
 Why they gathered: the top-k search's strided sample flattened each
 (sharded) leaf, which XLA does with an all-gather of the whole stacked
@@ -75,9 +78,15 @@ longer shares every leaf's per-task slices across the model-wide vote sum
 (3.49 -> 2.40 GiB); DARE-TIES recomputes its survivors in each pass from
 bool masks; Model Stock's Gram matrix no longer needs float32 copies of
 the leaves; DELLA sorts whole rows on their devices and inverts the sort
-by a second sort (a scatter was replicated). Still over 2x: DELLA (its
-dropped copy, 2.10x), PCB (its [T, T] pairwise scores) and TSV (SVDs of
-whole matrices); see the README.
+by a second sort (a scatter was replicated). Passes that wait on a
+model-wide statistic read the leaves through `sharding.pass_view`, so XLA
+cannot share per-leaf work across it: DELLA redoes MagPrune in its merge
+pass instead of keeping a pruned copy; PCB recomputes its balancing
+scores in every pass (`selection.topk_thresholds(values=...)`), and its
+official variant counts its order statistics leaf by leaf in 64-bit pairs
+(`selection.kth_largest`); TSV
+factorizes through Gram matrices leaf after leaf instead of gathering
+each matrix for LAPACK's SVD.
 
 Caveat: the numbers are XLA:CPU's buffer assignment for the same sharded
 program. They track per-device argument/output sizes exactly and temporaries
