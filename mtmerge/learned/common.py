@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mtmerge import sharding
+from mtmerge import task_vectors
 from mtmerge import train
 from mtmerge.learned import problem as problem_lib
 
@@ -111,11 +112,11 @@ def weighted_merge(base: Tree, tvs: Tree, coeffs: Any,
   """
   if not isinstance(coeffs, (dict, list, tuple)):
     coeffs = jax.tree.map(lambda _: coeffs, base)
-  one = lambda b, v, c, g=None: (b.astype(jnp.float32) + _combine(v, c, g)
-                                 ).astype(b.dtype)
   if groups is None:
-    return jax.tree.map(one, base, tvs, coeffs)
-  return jax.tree.map(one, base, tvs, coeffs, groups)
+    delta = jax.tree.map(lambda v, c: _combine(v, c, None), tvs, coeffs)
+  else:
+    delta = jax.tree.map(_combine, tvs, coeffs, groups)
+  return task_vectors.apply(base, delta)
 
 
 def task_logits(problem: problem_lib.MergeProblem, head: dict, params: Tree,

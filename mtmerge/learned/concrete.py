@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtmerge import sharding
+from mtmerge import task_vectors
 from mtmerge import train
 from mtmerge.learned import adamerging
 from mtmerge.learned import common
@@ -100,10 +101,8 @@ def _merge(base, tvs, mask, coeffs):
   """theta_0 + m * sum_t c_t tau_t (c: `[T]` or a tree of `[T]`)."""
   if not isinstance(coeffs, dict):
     coeffs = jax.tree.map(lambda _: coeffs, base)
-  def one(b, v, m, c):
-    delta = common.task_mix(c, v)
-    return (b.astype(jnp.float32) + m * delta).astype(b.dtype)
-  return jax.tree.map(one, base, tvs, mask, coeffs)
+  return task_vectors.apply(base, jax.tree.map(
+      lambda v, m, c: m * common.task_mix(c, v), tvs, mask, coeffs))
 
 
 def _entropy(problem, heads, params, batch):

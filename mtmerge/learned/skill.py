@@ -127,9 +127,9 @@ def _graft(base, tvs, masks, t):
 @jax.jit
 def union(base: Tree, tvs: Tree, masks: Tree) -> Tree:
   """The multi-task graft theta_0 + sum_t mask_t * tau_t."""
-  return jax.tree.map(lambda b, v, m: (b.astype(jnp.float32) + jnp.sum(
-      jnp.where(m, v.astype(jnp.float32), 0), axis=0)).astype(b.dtype),
-                      base, tvs, masks)
+  return task_vectors.apply(base, jax.tree.map(
+      lambda v, m: jnp.sum(jnp.where(m, v.astype(jnp.float32), 0), axis=0),
+      tvs, masks))
 
 
 def storage_bytes(masks: Tree) -> int:
