@@ -137,12 +137,15 @@ def kth_largest_signed(tree: Tree, count: Callable[[int], int],
   zero if the non-negatives reach k, else the j-th largest negative, which
   is minus the (n_neg - j + 1)-th largest magnitude among the negatives
   (`signed_ranks`, `signed_kth`). `values`: of a positionwise map of the
-  leaves, recomputed in each pass (see `kth_largest`); with it, 2**32 or
-  more entries per task, or under a mesh, the counts are 64-bit pairs.
+  leaves, recomputed in each pass under a mesh (see `kth_largest`); with
+  2**32 or more entries per task, or under a mesh, the counts are 64-bit
+  pairs.
   """
   leaves = jax.tree.leaves(tree)
-  if _wide(leaves) or values is not None:
+  if _wide(leaves):
     return _wide_kth_signed(leaves, count, values)
+  if values is not None:  # one device: the mapped values computed once
+    leaves = [values(x) for x in leaves]
   T = leaves[0].shape[0]
   n = _count_entries(leaves)
   k = jnp.full((T,), int(count(n)), jnp.uint32)
