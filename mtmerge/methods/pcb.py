@@ -239,8 +239,8 @@ def _official(tvs, T, ratio):
   """
   leaves, treedef = jax.tree.flatten(tvs)
   f32 = lambda x: x.astype(jnp.float32)
-  k_lo, k_hi, k_q = official_ranks(sum(
-      int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves), ratio)
+  k_lo, k_hi, k_q = official_ranks(selection.entries_per_task(leaves),
+                                   ratio)
   lo = selection.kth_largest(leaves, lambda n: k_lo)
   hi = selection.kth_largest(leaves, lambda n: k_hi)
   clip = lambda x: official_clip(f32(x), lo, hi)

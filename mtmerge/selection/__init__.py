@@ -37,6 +37,7 @@ k-th largest value of a whole tree). Everything public is re-exported
 here.
 """
 
+from mtmerge.selection.groups import entries_per_task
 from mtmerge.selection.kth import (kth_largest, kth_largest_signed,
                                    signed_kth, signed_ranks)
 from mtmerge.selection.scopes import (
@@ -44,7 +45,7 @@ from mtmerge.selection.scopes import (
     threshold_offsets, topk_mask, topk_thresholds)
 from mtmerge.selection.search import _TINY, _TINY_BITS, wide_count
 
-__all__ = ["Scope", "flat_thresholds", "keep_count", "kth_largest",
+__all__ = ["Scope", "entries_per_task", "flat_thresholds", "keep_count", "kth_largest",
            "kth_largest_signed", "leaf_thresholds", "signed_kth",
            "signed_ranks", "threshold_offsets", "topk_mask",
            "topk_thresholds", "wide_count"]

@@ -15,6 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def entries_per_task(leaves) -> int:
+  """Entries per task of stacked leaves `[T, ...]` (a Python int: may
+  exceed 2**32)."""
+  return sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
+
+
 def _view3(x: jax.Array) -> jax.Array:
   """`[T, rows, cols]` view of a stacked leaf, cols = the param's last dim."""
   if x.ndim <= 2:
@@ -109,7 +115,7 @@ def _flat_group(leaves) -> _Groups:
   leaves; it is the same single copy of the task vectors as `_group`'s.
   """
   T = leaves[0].shape[0]
-  n = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
+  n = entries_per_task(leaves)
   rows = max(1, -(-n // _FLAT_COLS))
   cols = max(1, -(-n // rows))  # padding < rows entries per task
   parts = [x.reshape(T, -1).astype(jnp.float32) for x in leaves]

@@ -6,10 +6,10 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from mtmerge import sharding
-from mtmerge.selection.groups import _flat_group, _sharded, _view3
+from mtmerge.selection.groups import (_flat_group, _sharded, _view3,
+                                      entries_per_task)
 from mtmerge.selection.scopes import (Tree, _global_thresholds,
                                       _wide_global_thresholds)
 from mtmerge.selection.search import wide_count
@@ -25,14 +25,10 @@ def _kth_largest_views(leaves: list, k: jax.Array, n: int) -> jax.Array:
   return jnp.min(jnp.stack(mins), axis=0)
 
 
-def _count_entries(leaves: list) -> int:
-  return sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
-
-
 def _wide(leaves: list) -> bool:
   """Count leaf by leaf in wide pairs: 2**32 or more entries per task, or
   a sharded program (no concatenated copy, no gather)."""
-  return _count_entries(leaves) >= 2 ** 32 or _sharded()
+  return entries_per_task(leaves) >= 2 ** 32 or _sharded()
 
 
 def _wide_kth(leaves: list, kn: int, n: int, values=None) -> jax.Array:
@@ -63,11 +59,11 @@ def kth_largest(tvs: Tree, count: Callable[[int], int],
   """
   leaves = jax.tree.leaves(tvs)
   if _wide(leaves):
-    n = _count_entries(leaves)
+    n = entries_per_task(leaves)
     return _wide_kth(leaves, int(count(n)), n, values)
   if values is not None:
     leaves = [values(x) for x in leaves]
-  n = _count_entries(leaves)
+  n = entries_per_task(leaves)
   k = jnp.full((leaves[0].shape[0],), int(count(n)), jnp.uint32)
   return _kth_largest_views(leaves, k, n)
 
@@ -102,7 +98,7 @@ def _wide_kth_signed(leaves: list, count, values) -> jax.Array:
   (`signed_ranks` gives exactly these ranks there), so only the branch
   tests compare the 64-bit counts with static numbers.
   """
-  n = _count_entries(leaves)
+  n = entries_per_task(leaves)
   k = int(count(n))
   val = (lambda x: x.astype(jnp.float32)) if values is None else (
       lambda x: values(x).astype(jnp.float32))
@@ -147,7 +143,7 @@ def kth_largest_signed(tree: Tree, count: Callable[[int], int],
   if values is not None:  # one device: the mapped values computed once
     leaves = [values(x) for x in leaves]
   T = leaves[0].shape[0]
-  n = _count_entries(leaves)
+  n = entries_per_task(leaves)
   k = jnp.full((T,), int(count(n)), jnp.uint32)
   views = [_view3(x).astype(jnp.float32) for x in leaves]
   n_pos = sum(jnp.sum((v > 0).reshape(T, -1), axis=1, dtype=jnp.uint32)

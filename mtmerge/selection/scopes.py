@@ -17,7 +17,7 @@ import numpy as np
 from mtmerge.selection.search import (
     _bracket, _float, _row_counts, _sample_sorted, _search, wide_count)
 from mtmerge.selection.groups import (
-    _Groups, _flat_group, _group, _in_loop, _members, _sharded, _unstacked,
+    _Groups, _flat_group, entries_per_task, _group, _in_loop, _members, _sharded, _unstacked,
     _upper, _view3_shape)
 
 
@@ -159,7 +159,7 @@ def flat_thresholds(tvs: Tree, fraction: float | Tree,
     raise ValueError(f"values= ranks mapped entries over the global scope "
                      f"only, not {scope!r}")
   if scope == "global":
-    n = sum(int(np.prod(x.shape[1:], dtype=np.int64)) for x in leaves)
+    n = entries_per_task(leaves)
     kn = int(kf[0](n))
     if kn <= 0:
       return jnp.full((T,), jnp.inf, jnp.float32)
