@@ -118,11 +118,11 @@ def main(argv=None) -> int:
   for s in settings:
     if s not in SETTINGS:
       p.error(f"unknown setting {s!r}; expected one of {list(SETTINGS)}")
+  meta = {k: getattr(a, k) for k in ("num_params", "num_tasks",
+                                     "num_devices", "dtype")}
   if a.previous:  # checked before anything runs
     with open(a.previous) as f:
       prev = json.load(f)
-    meta = {k: getattr(a, k) for k in ("num_params", "num_tasks",
-                                       "num_devices", "dtype")}
     if prev["config"] != meta or list(prev["settings"]) != settings:
       p.error(f"{a.previous} was run with {prev['config']} and settings "
               f"{list(prev['settings'])}, not {meta} and {settings}")
@@ -155,8 +155,6 @@ def main(argv=None) -> int:
   text = "\n".join(lines) + "\n"
   print(text)
   if a.out:
-    meta = {k: getattr(a, k) for k in ("num_params", "num_tasks",
-                                       "num_devices", "dtype")}
     results_lib.atomic_write_text(a.out + ".txt", text)
     results_lib.write_json(a.out + ".json", {
         "config": meta, "settings": {s: SETTINGS[s] for s in settings},

@@ -91,9 +91,8 @@ def _della_two_passes(tvs: Tree, drop_rate: float, epsilon: float,
       tx.sparsify._leaf_keys(key, tvs))]
 
   def pruned(x, k):
-    u = jax.random.uniform(jax.random.wrap_key_data(k),
-                           tx.sparsify.della_rows(x).shape)
-    return tx.sparsify.magprune(x, u, drop_rate, epsilon, rescale)
+    return tx.sparsify.magprune_drawn(x, jax.random.wrap_key_data(k),
+                                      drop_rate, epsilon, rescale)
 
   total = tree_lib.tree_sum([tx.combine.vote_signs(pruned(x, k))
                              for x, k in zip(leaves, keys)])

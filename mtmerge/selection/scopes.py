@@ -17,8 +17,8 @@ import numpy as np
 from mtmerge.selection.search import (
     _bracket, _float, _row_counts, _sample_sorted, _search, wide_count)
 from mtmerge.selection.groups import (
-    _Groups, _flat_group, entries_per_task, _group, _in_loop, _members, _sharded, _unstacked,
-    _upper, _view3_shape)
+    _Groups, _flat_group, _group, _in_loop, _members, _sharded, _unstacked,
+    _upper, _view3_shape, entries_per_task)
 
 
 Tree = Any
@@ -87,11 +87,7 @@ def _wide_global_thresholds(leaves, kn: int, n: int,
                         dtype=jnp.uint32)
                 for a in _in_loop(groups.arrays, bits)]
     return wide_count(jnp.stack(per_leaf, axis=-1))       # [T, 2]
-  if values is None or _sharded():
-    maxval = _upper(groups.arrays, (0, 2, 3))
-  else:
-    maxval = jnp.max(jnp.stack([jnp.max(mag(a), axis=(0, 2, 3))
-                                for a in groups.arrays]), axis=0)
+  maxval = _upper([mag(a) for a in groups.arrays], (0, 2, 3))
   samples = []
   for a in groups.arrays:
     _, _, R, C = a.shape

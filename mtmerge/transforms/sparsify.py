@@ -222,11 +222,18 @@ def magnitude_rank_drop(drop_rate: float, epsilon: float, key: jax.Array,
                      f"drop_rate={drop_rate}")
 
   def fn(tvs):
-    def one(x, k):
-      u = jax.random.uniform(k, della_rows(x).shape)
-      return magprune(x, u, drop_rate, epsilon, rescale)
-    return jax.tree.map(one, tvs, _leaf_keys(key, tvs))
+    return jax.tree.map(
+        lambda x, k: magprune_drawn(x, k, drop_rate, epsilon, rescale),
+        tvs, _leaf_keys(key, tvs))
   return base.stateless(fn)
+
+
+def magprune_drawn(x: jax.Array, key: jax.Array, drop_rate: float,
+                   epsilon: float, rescale: bool = True) -> jax.Array:
+  """`magprune` of one leaf with its uniform draws from `key` (the leaf's
+  key from `_leaf_keys`, as `magnitude_rank_drop` gives it)."""
+  u = jax.random.uniform(key, della_rows(x).shape)
+  return magprune(x, u, drop_rate, epsilon, rescale)
 
 
 def della_rows(x: jax.Array) -> jax.Array:
